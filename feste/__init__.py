@@ -1,0 +1,31 @@
+"""feste: run large compositions of LLM calls as an optimized, batched, lazy task graph.
+
+Write ordinary Python: render prompts, call backends, feed one call's output into the
+next. Nothing runs until :func:`compute`, which optimizes the graph (batching,
+deduplication) and executes it (by default on an async scheduler that keeps many
+requests in flight within each provider's limits).
+"""
+
+from feste import context
+from feste.compute import compute, explain
+from feste.errors import Failure, FesteError
+from feste.graph import FesteGraph
+from feste.prompt import FesteEnvironment, LanguageMismatch, Prompt
+from feste.task import FesteBase, FesteDelayed, feste_task
+
+__version__ = "0.2.0.dev0"
+
+__all__ = [
+    "Failure",
+    "FesteBase",
+    "FesteDelayed",
+    "FesteEnvironment",
+    "FesteError",
+    "FesteGraph",
+    "LanguageMismatch",
+    "Prompt",
+    "compute",
+    "context",
+    "explain",
+    "feste_task",
+]

@@ -1,0 +1,364 @@
+"""The backend base class: method declarations, request building, response parsing.
+
+Design
+------
+A backend knows how to talk to one provider *without doing I/O*: it declares its
+methods (:class:`MethodSpec`), turns a call into a provider-neutral
+:class:`~feste.backend.types.Request`, and turns a
+:class:`~feste.backend.types.Response` into values. Sending is the transport's job
+(:mod:`feste.backend.transports`), and retries, limits and batching belong to the
+scheduler (:mod:`feste._calls`, :mod:`feste.limits`, :mod:`feste.optimization`), which
+read only the declarations made here, never provider-specific code.
+
+In a graph, a call is a ``Task`` whose function is a :class:`BackendCall` (one item) or
+a :class:`BatchCall` (a list of items, built by the batching pass). The batched item is
+always the call's first positional argument; every other argument is a keyword
+parameter, and two calls may share a batch only when their backend identity, method
+and all keyword parameters are equal (:meth:`BackendCall.batch_group`).
+
+Secrets: the API key is kept in a private attribute, left out of ``repr``, of
+``__dask_tokenize__`` (so out of graph keys and cache tokens) and of every request
+payload; the transports add it to headers at send time. A key given explicitly is
+pickled with the backend (so it reaches Dask workers); a key read from the environment
+is not stored at all and is re-read where the call runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from dask.base import tokenize
+
+from feste import context
+from feste.backend.types import ItemFailure, Parsed, Request, Response
+from feste.errors import ConfigurationError, MalformedResponseError
+from feste.task import FesteBase, FesteDelayed, is_eager, lazy_call
+
+__all__ = [
+    "Backend",
+    "BackendCall",
+    "BaseTransport",
+    "BatchCall",
+    "MethodSpec",
+    "take_item",
+]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How one backend method may be sent.
+
+    ``batch_size`` > 1 makes the method batchable: up to that many calls (their first
+    positional arguments) go in one request. ``batch_tokens`` additionally caps the
+    estimated tokens of one batched request. ``params`` lists the keyword parameters the
+    method accepts (unknown names are refused before anything is sent).
+    """
+
+    name: str
+    params: frozenset[str] = field(default_factory=frozenset)
+    batch_size: int = 1
+    batch_tokens: int | None = None
+
+    @property
+    def batchable(self) -> bool:
+        return self.batch_size > 1
+
+
+class BaseTransport:
+    """Sends requests for one backend on one event loop.
+
+    ``send`` returns a 2xx :class:`Response` or raises a :mod:`feste.errors` error
+    (mapped from HTTP statuses and from the client library's exceptions).
+    """
+
+    async def send(self, request: Request) -> Response:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release connections. Called before the event loop that used it closes."""
+
+
+def estimate_tokens(text: str) -> int:
+    """A cheap token estimate (about four characters a token) for limits and batching."""
+    return (len(text) + 3) // 4 if text else 0
+
+
+class Backend(FesteBase):
+    """Base class of model providers.
+
+    Subclasses set ``provider``, ``methods``, ``api_key_env`` and implement
+    :meth:`build_request` and :meth:`parse_response`. Their public methods call
+    :meth:`_call`, which builds a graph node (or, in eager mode, sends at once).
+    """
+
+    provider: ClassVar[str] = ""
+    methods: ClassVar[Mapping[str, MethodSpec]] = {}
+    api_key_env: ClassVar[str] = ""
+    default_base_url: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 60.0,
+        transport: str | None = None,
+        client: Any = None,
+        max_concurrency: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self.base_url = (base_url or self.default_base_url).rstrip("/")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ConfigurationError(
+                f"timeout must be a positive number of seconds, got {timeout!r}",
+                backend=self.provider,
+            )
+        self.timeout = float(timeout)
+        if transport is None:
+            transport = "sdk" if client is not None else "http"
+        if transport not in ("http", "sdk"):
+            raise ConfigurationError(
+                f"unknown transport {transport!r}; valid transports: 'http', 'sdk'",
+                backend=self.provider,
+            )
+        if client is not None and transport != "sdk":
+            raise ConfigurationError(
+                "a client object is used by the 'sdk' transport; drop transport='http' or client=",
+                backend=self.provider,
+            )
+        self.transport = transport
+        self._client = client
+        for name, value in (
+            ("max_concurrency", max_concurrency),
+            ("requests_per_minute", requests_per_minute),
+            ("tokens_per_minute", tokens_per_minute),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+            ):
+                raise ConfigurationError(
+                    f"{name} must be a positive number or None, got {value!r}",
+                    backend=self.provider,
+                )
+        self.max_concurrency = max_concurrency
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
+        # Live connection pools, one per event loop; never pickled or tokenized.
+        self._transports: dict[Any, BaseTransport] = {}
+
+    # -- identity and secrets ---------------------------------------------------------
+
+    def identity(self) -> str:
+        """A token naming where requests go: class, base URL and settings, never the key.
+
+        Limiters, batch groups and (later) cache entries are keyed by it.
+        """
+        return tokenize(type(self).__module__, type(self).__qualname__, self._token_state())
+
+    def _token_state(self) -> Any:
+        state = {
+            name: value
+            for name, value in vars(self).items()
+            if not name.startswith("_")
+            and name
+            not in ("timeout", "max_concurrency", "requests_per_minute", "tokens_per_minute")
+        }
+        if self._client is not None:
+            # A configured client is identified by its type and address only.
+            state["client"] = (
+                type(self._client).__qualname__,
+                str(getattr(self._client, "base_url", "")),
+            )
+        return state
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        shown["api_key"] = "***" if self._api_key else f"${self.api_key_env}"
+        fields = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        return f"{type(self).__name__}({fields})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_transports"] = {}
+        if state.get("_client") is not None:
+            # Official client objects hold sockets and locks; they cannot travel.
+            state["_client"] = None
+            state["_client_was_set"] = True
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def api_key(self) -> str:
+        """The key to send: the explicit one, else read now from ``api_key_env``."""
+        if self._api_key:
+            return self._api_key
+        key = os.environ.get(self.api_key_env, "")
+        if not key:
+            raise ConfigurationError(
+                f"no API key: pass api_key= to {type(self).__name__}(...) or set the "
+                f"{self.api_key_env} environment variable where the call runs",
+                backend=self.provider,
+            )
+        return key
+
+    # -- calls ------------------------------------------------------------------------
+
+    def spec(self, method: str) -> MethodSpec:
+        try:
+            return self.methods[method]
+        except KeyError:
+            raise ConfigurationError(
+                f"{type(self).__name__} has no method {method!r}; methods: {', '.join(sorted(self.methods))}",
+                backend=self.provider,
+            ) from None
+
+    def check_params(self, method: str, params: Mapping[str, Any]) -> None:
+        """Refuse parameter names the method does not know, listing the valid ones."""
+        spec = self.spec(method)
+        unknown = sorted(set(params) - spec.params)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                f"for {type(self).__name__}.{method}; valid parameters: {', '.join(sorted(spec.params))}",
+                backend=self.provider,
+                method=method,
+            )
+
+    def _call(self, method: str, item: Any, params: dict[str, Any], *, pure: bool = True) -> Any:
+        """A lazy node for ``method(item, **params)``, or its value in eager mode."""
+        self.check_params(method, params)
+        call = BackendCall(self, method)
+        if is_eager():
+            from feste._calls import run_call
+            from feste._loop import run_sync
+            from feste.task import _compute_if_lazy
+
+            (item,), params = _compute_if_lazy((item,), params)
+            return run_sync(run_call(self, method, item, params))
+        return lazy_call(call, item, name=f"{self.provider}-{method}", pure=pure, **params)
+
+    # -- to implement -----------------------------------------------------------------
+
+    def build_request(self, method: str, items: list[Any], params: Mapping[str, Any]) -> Request:
+        """The request for ``items`` (one item, or a batch for batchable methods)."""
+        raise NotImplementedError
+
+    def parse_response(self, request: Request, response: Response) -> Parsed:
+        """One value per item of ``request``, and the usage. Raise
+        :class:`~feste.errors.MalformedResponseError` for a body that does not fit."""
+        raise NotImplementedError
+
+    def make_transport(self) -> BaseTransport:
+        """A new transport for the current event loop (``self.transport`` names the kind)."""
+        from feste.backend.transports import make_transport
+
+        return make_transport(self)
+
+    def malformed(self, request: Request, detail: str) -> MalformedResponseError:
+        return MalformedResponseError(
+            f"unexpected response body: {detail}",
+            backend=self.provider,
+            method=request.method,
+            model=request.model,
+        )
+
+
+class BackendCall:
+    """The function of a graph node that calls ``backend.method(item, **params)``.
+
+    Called directly (sync, threads and processes schedulers) it sends the request on
+    this thread's event loop; the async scheduler recognizes it and awaits the call
+    itself, coalescing calls of one batch group.
+    """
+
+    __slots__ = ("backend", "method")
+
+    def __init__(self, backend: Backend, method: str) -> None:
+        self.backend = backend
+        self.method = method
+
+    @property
+    def __name__(self) -> str:  # used by dask's funcname() in reprs and keys
+        return f"{self.backend.provider}-{self.method}"
+
+    @property
+    def spec(self) -> MethodSpec:
+        return self.backend.spec(self.method)
+
+    def batch_group(self, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """Calls with equal groups may share one request; None if not batchable."""
+        if not self.spec.batchable:
+            return None
+        return (self.backend.identity(), self.method, tokenize(sorted(params.items())))
+
+    def __call__(self, item: Any, **params: Any) -> Any:
+        from feste._calls import run_call
+        from feste._loop import run_sync
+
+        return run_sync(run_call(self.backend, self.method, item, params))
+
+    def __dask_tokenize__(self) -> Any:
+        return ("feste.BackendCall", self.backend.identity(), self.method)
+
+    def __repr__(self) -> str:
+        return f"<{self.backend.provider}.{self.method}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BackendCall, (self.backend, self.method))
+
+
+class BatchCall:
+    """The function of a batched node: ``backend.method`` over a list of items.
+
+    Returns one entry per item: its value, or an :class:`ItemFailure` when the provider
+    rejected that item alone (the batch is split to find it).
+    """
+
+    __slots__ = ("backend", "method")
+
+    def __init__(self, backend: Backend, method: str) -> None:
+        self.backend = backend
+        self.method = method
+
+    @property
+    def __name__(self) -> str:
+        return f"{self.backend.provider}-{self.method}-batch"
+
+    def __call__(self, items: list[Any], **params: Any) -> list[Any]:
+        from feste._calls import run_batch
+        from feste._loop import run_sync
+
+        return run_sync(run_batch(self.backend, self.method, list(items), params))
+
+    def __dask_tokenize__(self) -> Any:
+        return ("feste.BatchCall", self.backend.identity(), self.method)
+
+    def __repr__(self) -> str:
+        return f"<{self.backend.provider}.{self.method} batch>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BatchCall, (self.backend, self.method))
+
+
+def take_item(batch_result: list[Any], index: int) -> Any:
+    """Pick one item's value out of a batch result (re-raising that item's own error)."""
+    value = batch_result[index]
+    if isinstance(value, ItemFailure):
+        value.raise_error()
+    return value
+
+
+def lazy_or_value(value: Any) -> bool:
+    return isinstance(value, FesteDelayed)
+
+
+def backend_option(backend: Backend, name: str) -> Any:
+    """A limit for ``backend``: the context's value if set, else the backend's own."""
+    value = context.get(name)
+    return value if value is not None else getattr(backend, name)

@@ -1,0 +1,270 @@
+"""Ambient settings: one registry of option names, values held in a ``ContextVar``.
+
+Design
+------
+* Every option feste reads is declared once, in :data:`OPTIONS` below, with its
+  default, a one-line description and a validator. Nothing else in feste
+  defines option names, so ``feste.context.describe()`` is the full list.
+* The current values live in a single :class:`contextvars.ContextVar` holding an
+  immutable mapping of the options set so far. ``set(**options)`` validates, merges
+  and installs a new mapping, and restores the previous one with the token in a
+  ``finally`` block, so nesting works (inner values win, exit restores) and two
+  threads or two asyncio tasks never see each other's settings.
+* A new thread starts with an empty context; feste's schedulers therefore run their
+  work inside ``contextvars.copy_context()`` taken where ``compute`` was called.
+  Code that starts its own threads should do the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from feste.errors import OptionError
+
+__all__ = ["OPTIONS", "Option", "describe", "get", "set", "snapshot"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One named setting: its default, what it does, and how a value is checked."""
+
+    name: str
+    default: Any
+    doc: str
+    validate: Callable[[Any], Any] | None = None
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected True or False, got {value!r}")
+    return value
+
+
+def _positive_int_or_none(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected a positive integer or None, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"must be a positive integer (> 0), got {value}")
+    return value
+
+
+def _positive_number_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a positive number or None, got {value!r}")
+    if not value > 0 or math.isinf(value) or math.isnan(value):
+        raise ValueError(f"must be a positive finite number (> 0), got {value}")
+    return float(value)
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number >= 0, got {value!r}")
+    if value < 0 or math.isnan(value):
+        raise ValueError(f"must be >= 0, got {value}")
+    return float(value)
+
+
+def _one_of(*choices: Any) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        return value
+
+    return check
+
+
+def _optional_bool(value: Any) -> bool | None:
+    if value is None:
+        return None
+    return _bool(value)
+
+
+def _optional_callable(value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError(f"expected a callable or None, got {value!r}")
+    return value
+
+
+def _scheduler(value: Any) -> Any:
+    # Names are checked against the scheduler registry when a graph is computed, so
+    # that this module does not import the schedulers (which import this module).
+    if value is None or isinstance(value, str) or callable(value) or hasattr(value, "get"):
+        return value
+    raise TypeError(
+        f"expected a scheduler name, a get function or a distributed Client, got {value!r}"
+    )
+
+
+_OPTION_LIST = [
+    Option(
+        "eager", False, "Run every feste task at once and return plain values (debugging).", _bool
+    ),
+    Option(
+        "scheduler",
+        None,
+        "Scheduler used by feste.compute: a name ('async', 'sync', 'threads', 'processes'), "
+        "a get function, or a distributed Client. None means 'async'.",
+        _scheduler,
+    ),
+    Option(
+        "num_workers",
+        None,
+        "Worker threads or processes for the 'threads' and 'processes' schedulers, and the "
+        "thread pool that runs plain Python tasks under 'async'. None: one per core (at least 4 "
+        "threads for I/O).",
+        _positive_int_or_none,
+    ),
+    Option(
+        "max_concurrency",
+        None,
+        "Requests in flight at once, per backend (overrides the backend's own setting).",
+        _positive_int_or_none,
+    ),
+    Option(
+        "requests_per_minute",
+        None,
+        "Requests started per minute, per backend (overrides the backend's own setting).",
+        _positive_number_or_none,
+    ),
+    Option(
+        "tokens_per_minute",
+        None,
+        "Tokens per minute, per backend: estimated before each call, corrected with the usage "
+        "the provider returns (overrides the backend's own setting).",
+        _positive_number_or_none,
+    ),
+    Option(
+        "max_retries",
+        5,
+        "Retries of a call that failed with a transient error or a rate limit.",
+        _non_negative_int,
+    ),
+    Option(
+        "retry_backoff",
+        0.5,
+        "Base delay in seconds of the exponential backoff between retries (with full jitter).",
+        _non_negative_number,
+    ),
+    Option(
+        "task_timeout",
+        None,
+        "Seconds one backend request may take before it is abandoned and retried as transient.",
+        _positive_number_or_none,
+    ),
+    Option(
+        "batch_window",
+        0.005,
+        "Seconds the async scheduler waits to gather ready calls of one batch group into a "
+        "single request (runtime coalescing). 0 sends what is ready at once.",
+        _non_negative_number,
+    ),
+    Option(
+        "errors",
+        "raise",
+        "'raise': the first failure stops the run and is raised; 'return': each failed output "
+        "becomes a feste.Failure and independent work finishes.",
+        _one_of("raise", "return"),
+    ),
+    Option(
+        "progress",
+        None,
+        "Show a progress bar: None shows it when stderr is a terminal.",
+        _optional_bool,
+    ),
+    Option(
+        "on_task_done", None, "Callback(key, value) after each task finishes.", _optional_callable
+    ),
+    Option(
+        "on_task_failed",
+        None,
+        "Callback(key, exception) after each task fails.",
+        _optional_callable,
+    ),
+    Option("on_progress", None, "Callback(done, total) after each task ends.", _optional_callable),
+]
+
+OPTIONS: Mapping[str, Option] = MappingProxyType({o.name: o for o in _OPTION_LIST})
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_current: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "feste_options", default=_EMPTY
+)
+
+
+def _unknown(name: str) -> OptionError:
+    known = ", ".join(sorted(OPTIONS))
+    return OptionError(f"unknown feste option {name!r}; known options: {known}")
+
+
+def _validated(name: str, value: Any) -> Any:
+    option = OPTIONS.get(name)
+    if option is None:
+        raise _unknown(name)
+    if option.validate is None:
+        return value
+    try:
+        return option.validate(value)
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"invalid value for feste option {name!r}: {exc}") from None
+
+
+@contextlib.contextmanager
+def set(**options: Any) -> Iterator[None]:
+    """Set options for the code inside the ``with`` block.
+
+    >>> from feste import context
+    >>> with context.set(eager=True):
+    ...     context.get("eager")
+    True
+    """
+    checked = {name: _validated(name, value) for name, value in options.items()}
+    merged = dict(_current.get())
+    merged.update(checked)
+    token = _current.set(MappingProxyType(merged))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def get(key: str) -> Any:
+    """The current value of option ``key`` (its default when nothing set it)."""
+    values = _current.get()
+    if key in values:
+        return values[key]
+    option = OPTIONS.get(key)
+    if option is None:
+        raise _unknown(key)
+    return option.default
+
+
+def snapshot() -> dict[str, Any]:
+    """Every option with its current value."""
+    values = _current.get()
+    return {name: values.get(name, option.default) for name, option in OPTIONS.items()}
+
+
+def describe() -> str:
+    """A plain-text table of the options: name, default and description."""
+    lines = []
+    for option in OPTIONS.values():
+        lines.append(f"{option.name} (default {option.default!r})\n    {option.doc}")
+    return "\n".join(lines)

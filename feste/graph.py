@@ -1,0 +1,248 @@
+"""``FesteGraph``: the task graph of some lazy values, and tools to look at it.
+
+A graph is a plain dict from key to ``dask.task_spec`` node (``Task``, ``DataNode``,
+``Alias``...). :meth:`FesteGraph.collect` merges the graphs of any Dask collections
+(feste values, ``dask.delayed`` values) found in its arguments and converts old-style
+tuple tasks, so everything downstream sees one representation. ``FesteGraph`` is a
+mutable mapping over that dict; its tools never run a task.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import io
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from dask._task_spec import convert_legacy_graph  # graphs of older collections hold tuples
+from dask.base import unpack_collections
+from dask.order import order as dask_order
+from dask.task_spec import Alias, DataNode, Task
+from dask.utils import ensure_dict, funcname
+
+from feste.errors import GraphError
+
+__all__ = ["FesteGraph", "GraphStats"]
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    """Counts that describe a graph before it runs.
+
+    ``calls`` counts backend calls per ``"provider.method"``; ``requests`` counts the
+    requests they become (a batched node is one request per chunk, as planned by the
+    optimizer); ``depth`` is the longest chain of dependencies.
+    """
+
+    nodes: int
+    depth: int
+    calls: dict[str, int] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"{self.nodes} nodes, depth {self.depth}"]
+        for method in sorted(set(self.calls) | set(self.requests)):
+            lines.append(
+                f"  {method}: {self.calls.get(method, 0)} calls -> "
+                f"{self.requests.get(method, 0)} requests"
+            )
+        return "\n".join(lines)
+
+
+def _node_label(node: Any) -> str:
+    if isinstance(node, Task):
+        return funcname(node.func)
+    if isinstance(node, Alias):
+        return "alias"
+    if isinstance(node, DataNode):
+        return "data"
+    return type(node).__name__
+
+
+def _backend_calls(node: Any) -> tuple[str, int, int] | None:
+    """(``provider.method``, calls, requests) for a backend node, else None."""
+    from feste.backend.base import BackendCall, BatchCall
+
+    if not isinstance(node, Task):
+        return None
+    func = node.func
+    if isinstance(func, BackendCall):
+        return f"{func.backend.provider}.{func.method}", 1, 1
+    if isinstance(func, BatchCall):
+        items = node.args[0]
+        n_items = len(items) if hasattr(items, "__len__") else 1
+        spec = func.backend.spec(func.method)
+        n_requests = -(-n_items // spec.batch_size)
+        return f"{func.backend.provider}.{func.method}", n_items, n_requests
+    return None
+
+
+class FesteGraph(MutableMapping[Any, Any]):
+    """A task graph: key -> ``dask.task_spec`` node."""
+
+    def __init__(self, graph: Mapping[Any, Any] | None = None) -> None:
+        self._graph: dict[Any, Any] = convert_legacy_graph(ensure_dict(graph or {}))
+
+    # -- building ---------------------------------------------------------------------
+
+    @classmethod
+    def collect(
+        cls, *objs: Any, traverse: bool = True
+    ) -> tuple[FesteGraph, tuple[Any, ...], Callable[[Any], Any]]:
+        """The merged graph of every lazy value in ``objs``.
+
+        Returns ``(graph, collections, repack)``: ``collections`` are the lazy values
+        found (also inside lists, tuples, dicts when ``traverse``), and
+        ``repack(results)`` rebuilds ``objs`` with one result per collection.
+        """
+        collections, repack = unpack_collections(*objs, traverse=traverse)
+        merged: dict[Any, Any] = {}
+        for collection in collections:
+            merged.update(ensure_dict(collection.__dask_graph__()))
+        return cls(merged), collections, repack
+
+    # -- mapping ----------------------------------------------------------------------
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._graph[key]
+
+    def __setitem__(self, key: Any, node: Any) -> None:
+        self._graph[key] = node
+
+    def __delitem__(self, key: Any) -> None:
+        del self._graph[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._graph)
+
+    def __len__(self) -> int:
+        return len(self._graph)
+
+    def __repr__(self) -> str:
+        return f"<FesteGraph: {len(self._graph)} nodes>"
+
+    def to_dict(self) -> dict[Any, Any]:
+        """A shallow copy of the underlying dict."""
+        return dict(self._graph)
+
+    # -- structure --------------------------------------------------------------------
+
+    def get_all_dependencies(self) -> dict[Any, set[Any]]:
+        """key -> keys it depends on directly (only keys inside this graph)."""
+        deps: dict[Any, set[Any]] = {}
+        for key, node in self._graph.items():
+            node_deps = getattr(node, "dependencies", frozenset())
+            missing = [d for d in node_deps if d not in self._graph]
+            if missing:
+                raise GraphError(
+                    f"task {key!r} depends on {missing[0]!r}, which is not in the graph"
+                )
+            deps[key] = set(node_deps)
+        return deps
+
+    def get_all_dependents(self) -> dict[Any, set[Any]]:
+        dependents: dict[Any, set[Any]] = {key: set() for key in self._graph}
+        for key, deps in self.get_all_dependencies().items():
+            for dep in deps:
+                dependents[dep].add(key)
+        return dependents
+
+    def topological_sorter(self) -> graphlib.TopologicalSorter[Any]:
+        """A ``graphlib.TopologicalSorter`` over the graph (dependencies first)."""
+        return graphlib.TopologicalSorter(self.get_all_dependencies())
+
+    def topological_order(self) -> list[Any]:
+        try:
+            return list(self.topological_sorter().static_order())
+        except graphlib.CycleError as exc:
+            raise GraphError(f"the graph has a cycle through {exc.args[1]!r}") from None
+
+    def order(self) -> dict[Any, int]:
+        """``dask.order`` priorities: lower runs first, following the critical path."""
+        return dict(dask_order(self._graph))
+
+    def depth(self) -> int:
+        levels: dict[Any, int] = {}
+        deps = self.get_all_dependencies()
+        for key in self.topological_order():
+            levels[key] = 1 + max((levels[d] for d in deps[key]), default=0)
+        return max(levels.values(), default=0)
+
+    def stats(self) -> GraphStats:
+        """Node count, depth, backend calls and the requests they become."""
+        calls: Counter[str] = Counter()
+        requests: Counter[str] = Counter()
+        for node in self._graph.values():
+            found = _backend_calls(node)
+            if found is not None:
+                method, n_calls, n_requests = found
+                calls[method] += n_calls
+                requests[method] += n_requests
+        return GraphStats(len(self._graph), self.depth(), dict(calls), dict(requests))
+
+    # -- display ----------------------------------------------------------------------
+
+    def _describe(self, key: Any) -> str:
+        node = self._graph[key]
+        deps = sorted(map(str, getattr(node, "dependencies", ())))
+        arrow = f" <- {', '.join(deps)}" if deps else ""
+        return f"{key} = {_node_label(node)}{arrow}"
+
+    def print(self, file: IO[str] | None = None) -> None:
+        """Print one line per node, dependencies first."""
+        out = file or sys.stdout
+        for key in self.topological_order():
+            print(self._describe(key), file=out)
+
+    def __str__(self) -> str:
+        buffer = io.StringIO()
+        self.print(file=buffer)
+        return buffer.getvalue()
+
+    def to_dot(self) -> str:
+        """The graph in Graphviz's dot language (labels show function names, never values)."""
+        lines = ["digraph feste {", "  rankdir=BT;", '  node [shape=box, fontname="Helvetica"];']
+        ids = {key: f"n{index}" for index, key in enumerate(self._graph)}
+        for key, node in self._graph.items():
+            label = f"{_node_label(node)}\\n{str(key)[:48]}".replace('"', "'")
+            lines.append(f'  {ids[key]} [label="{label}"];')
+        for key, deps in self.get_all_dependencies().items():
+            for dep in sorted(deps, key=str):
+                lines.append(f"  {ids[dep]} -> {ids[key]};")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def visualize(
+        self, filename: str | Path = "feste-graph.png", format: str | None = None
+    ) -> Path:
+        """Render the graph with Graphviz to ``filename`` (png, svg, pdf or dot)."""
+        path = Path(filename)
+        fmt = (format or path.suffix.lstrip(".") or "png").lower()
+        if fmt not in ("png", "svg", "pdf", "dot"):
+            raise ValueError(f"cannot render format {fmt!r}; use png, svg, pdf or dot")
+        dot_source = self.to_dot()
+        if fmt == "dot":
+            path.write_text(dot_source)
+            return path
+        if shutil.which("dot") is None:
+            raise RuntimeError(
+                "rendering needs Graphviz's `dot` program, which is not on PATH: install "
+                "Graphviz (e.g. `apt-get install graphviz` or `brew install graphviz`), "
+                "or save the source with visualize('graph.dot')"
+            )
+        import subprocess
+
+        result = subprocess.run(
+            ["dot", f"-T{fmt}", "-o", str(path)],
+            input=dot_source.encode(),
+            capture_output=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"dot failed: {result.stderr.decode(errors='replace').strip()}")
+        return path

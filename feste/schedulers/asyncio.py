@@ -1,0 +1,3 @@
+"""TEMPORARY: replaced by the async engine."""
+
+from feste.schedulers.sync import get  # noqa: F401

@@ -1,0 +1,23 @@
+"""The process scheduler: dask's process pool, one worker per core by default.
+
+This is the original feste design's multiprocessing scheduler. It suits CPU-bound
+Python tasks; for LLM calls, which wait on the network, the async scheduler is far
+faster. Options set around ``feste.compute`` (except callbacks) travel to the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dask import multiprocessing
+
+from feste import context
+from feste.schedulers._local import keyed_graph, portable_options
+
+
+def get(graph: Mapping[Any, Any], keys: Any, num_workers: int | None = None, **kwargs: Any) -> Any:
+    num_workers = num_workers or context.get("num_workers")
+    return multiprocessing.get(
+        keyed_graph(graph, portable_options()), keys, num_workers=num_workers, **kwargs
+    )

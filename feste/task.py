@@ -1,0 +1,395 @@
+"""Lazy feste tasks: ``feste_task`` and the values it returns.
+
+Design
+------
+* ``feste_task(fn)`` wraps a function (or a method, through the descriptor protocol).
+  Calling the wrapper checks the *current* context: in eager mode it runs ``fn`` at once
+  and returns a plain value; otherwise it adds one ``dask.task_spec.Task`` node to a new
+  graph layer and returns a :class:`FesteDelayed` pointing at it. The check happens at
+  call time, so an object created outside ``context.set(eager=True)`` still runs eagerly
+  inside it.
+* :class:`FesteDelayed` is a subclass of ``dask.delayed.Delayed``: a real Dask collection
+  that ``dask.compute`` and ``dask.delayed`` accept, whose operators, attribute access and
+  indexing build further feste nodes, and whose ``compute()`` goes through
+  ``feste.compute`` (optimizer, then feste's schedulers). Instances are immutable.
+* Keys are ``"<name>-<token>"``. For pure calls the token is ``dask.tokenize`` of the
+  function and its arguments, so identical calls share one node; impure calls (the
+  default for plain functions, as in dask) get a random token. Objects embedded in
+  a graph decide their own token through ``__dask_tokenize__`` (backends leave their
+  API key out of it).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import types
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar, overload
+
+from dask.base import is_dask_collection, tokenize
+from dask.delayed import Delayed, unpack_collections
+from dask.highlevelgraph import HighLevelGraph
+from dask.task_spec import Task, TaskRef
+from dask.utils import funcname
+
+from feste import context
+
+__all__ = ["FesteBase", "FesteDelayed", "FesteTaskFunction", "feste_task", "is_eager"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def is_eager() -> bool:
+    """True inside ``context.set(eager=True)``."""
+    return bool(context.get("eager"))
+
+
+def _feste_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """``dask.compute(feste_value)`` lands here: optimize and run on feste's scheduler.
+
+    Dask hands over an expression or a graph; both become a plain dict first. The
+    optimizer runs here because dask does not apply ``__dask_optimize__`` everywhere.
+    """
+    from dask._task_spec import convert_legacy_graph
+    from dask.utils import ensure_dict
+
+    from feste.optimization import default_optimizer
+    from feste.schedulers import get_scheduler
+
+    if hasattr(dsk, "__dask_graph__"):
+        dsk = dsk.__dask_graph__()
+    graph = convert_legacy_graph(ensure_dict(dsk))
+    graph = default_optimizer().optimize(graph, keys)
+    return get_scheduler(None)(graph, keys, **kwargs)
+
+
+class FesteDelayed(Delayed):
+    """A lazy value: the output of one node of a feste task graph.
+
+    Behaves like ``dask.delayed.Delayed``: ``x.compute()``, ``x.key``, arithmetic and
+    comparison operators, ``x[i]``, ``x.attr`` and ``x.method(...)`` all return new lazy
+    values; ``len()`` and iteration work when ``nout`` was given. It refuses ``bool()``,
+    since the truth of a value that has not been computed is unknown.
+    """
+
+    __slots__ = ()
+
+    __dask_scheduler__ = staticmethod(_feste_get)
+
+    def compute(self, **kwargs: Any) -> Any:
+        """Compute this value with ``feste.compute`` and return it."""
+        from feste.compute import compute
+
+        (result,) = compute(self, **kwargs)
+        return result
+
+    def _rebuild(self, dsk: Any, *, rename: Any = None) -> FesteDelayed:
+        rebuilt = super()._rebuild(dsk, rename=rename)
+        return FesteDelayed(rebuilt.key, rebuilt.dask, rebuilt._length, layer=rebuilt._layer)
+
+    def __repr__(self) -> str:
+        return f"FesteDelayed({self.key!r})"
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            "the truth value of a lazy feste value is unknown until it is computed; "
+            "compute it first (feste.compute(x)) or use context.set(eager=True)"
+        )
+
+    def __getattr__(self, attr: str) -> FesteDelayed:
+        if attr.startswith("_"):
+            raise AttributeError(f"FesteDelayed has no attribute {attr!r}")
+        return FesteAttribute(self, attr)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FesteDelayed:
+        return _call_lazily(_apply, (self, args, kwargs), {}, name="call", pure=False)
+
+    def __iter__(self) -> Any:
+        if self._length is None:
+            raise TypeError(
+                "a lazy feste value of unknown length is not iterable; "
+                "give nout= to feste_task to unpack its result"
+            )
+        for index in range(self._length):
+            yield self[index]
+
+    def __len__(self) -> int:
+        if self._length is None:
+            raise TypeError(
+                "a lazy feste value of unknown length has no len(); give nout= to feste_task"
+            )
+        return int(self._length)
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        raise TypeError("lazy feste values are immutable")
+
+    @classmethod
+    def _get_binary_operator(cls, op: Callable[..., Any], inv: bool = False) -> Callable[..., Any]:
+        def lazy_operator(*args: Any) -> Any:
+            if inv:
+                args = args[::-1]
+            if is_eager():
+                plain_args, _ = _compute_if_lazy(args, {})
+                return op(*plain_args)
+            return _call_lazily(op, args, {}, name=funcname(op), pure=True)
+
+        return lazy_operator
+
+    _get_unary_operator = _get_binary_operator
+
+
+def _apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return func(*args, **kwargs)
+
+
+class FesteAttribute(FesteDelayed):
+    """``x.attr`` of a lazy value. Its graph is built only when asked for: Dask probes
+    attributes (``x.expr``) to classify objects, and a probe must stay cheap."""
+
+    __slots__ = ("_attr", "_obj")
+
+    def __init__(self, obj: FesteDelayed, attr: str) -> None:
+        super().__init__(f"getattr-{tokenize(obj.key, attr)}", None)
+        self._obj = obj
+        self._attr = attr
+
+    @property
+    def dask(self) -> HighLevelGraph:
+        node = Task(self._key, getattr, TaskRef(self._obj.key), self._attr)
+        return HighLevelGraph.from_collections(
+            self._key, {self._key: node}, dependencies=[self._obj]
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> FesteDelayed:
+        # x.method(...) calls the method in one node instead of fetching it first.
+        return _call_lazily(
+            _call_method, (self._obj, self._attr, args, kwargs), {}, name=self._attr, pure=True
+        )
+
+
+def _call_method(obj: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return getattr(obj, name)(*args, **kwargs)
+
+
+for _op in (
+    operator.abs,
+    operator.neg,
+    operator.pos,
+    operator.invert,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.matmul,
+    operator.floordiv,
+    operator.truediv,
+    operator.mod,
+    operator.pow,
+    operator.and_,
+    operator.or_,
+    operator.xor,
+    operator.lshift,
+    operator.rshift,
+    operator.eq,
+    operator.ne,
+    operator.ge,
+    operator.gt,
+    operator.le,
+    operator.lt,
+    operator.getitem,
+):
+    FesteDelayed._bind_operator(_op)
+
+
+def _contains_lazy(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    _, collections = unpack_collections([list(args), kwargs])
+    return bool(collections)
+
+
+def _compute_if_lazy(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """In eager mode, lazy values built earlier are computed before use."""
+    if not _contains_lazy(args, kwargs):
+        return args, kwargs
+    from feste.compute import compute
+
+    computed_args, computed_kwargs = compute(list(args), kwargs, scheduler="sync")
+    return tuple(computed_args), computed_kwargs
+
+
+def _call_lazily(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    name: str | None = None,
+    pure: bool | None = None,
+    nout: int | None = None,
+    key: Hashable | None = None,
+    token_source: Any = None,
+) -> FesteDelayed:
+    """Add one node calling ``func(*args, **kwargs)`` and return the lazy value for it.
+
+    ``token_source`` replaces ``func`` in the token when the function object itself is
+    not what identifies the call (a backend method bound to its declaration).
+    """
+    if key is None:
+        prefix = name or funcname(func)
+        if pure:
+            token = tokenize(token_source if token_source is not None else func, args, kwargs)
+        else:
+            token = tokenize(object())  # random: every impure call is its own node
+        key = f"{prefix}-{token}"
+
+    unpacked_args = []
+    collections: list[Any] = []
+    for argument in args:
+        unpacked, found = unpack_collections(argument)
+        unpacked_args.append(unpacked)
+        collections.extend(found)
+    unpacked_kwargs, found_in_kwargs = unpack_collections(kwargs)
+    collections.extend(found_in_kwargs)
+
+    node = Task(key, func, *unpacked_args, **unpacked_kwargs)
+    graph = HighLevelGraph.from_collections(key, {key: node}, dependencies=collections)
+    return FesteDelayed(key, graph, length=nout)
+
+
+class FesteTaskFunction:
+    """A function whose calls build graph nodes (or run at once in eager mode).
+
+    Created by :func:`feste_task`. Works as a plain function and, through ``__get__``,
+    as a method: ``self`` then becomes the first argument of the node.
+    """
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        *,
+        name: str | None = None,
+        pure: bool | None = None,
+        nout: int | None = None,
+    ) -> None:
+        self.func = func
+        self.name = name
+        self.pure = pure
+        self.nout = nout
+        functools.update_wrapper(self, func)
+
+    def __repr__(self) -> str:
+        return f"feste_task({funcname(self.func)})"
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        pure = kwargs.pop("pure", self.pure)
+        key = kwargs.pop("dask_key_name", None)
+        if is_eager():
+            args, kwargs = _compute_if_lazy(args, kwargs)
+            return self.func(*args, **kwargs)
+        return _call_lazily(
+            self.func,
+            args,
+            kwargs,
+            name=self.name,
+            pure=pure,
+            nout=self.nout,
+            key=key,
+        )
+
+    def __dask_tokenize__(self) -> Any:
+        return ("feste_task", tokenize(self.func), self.name, self.nout)
+
+
+@overload
+def feste_task(
+    func: Callable[..., Any],
+    *,
+    name: str | None = ...,
+    pure: bool | None = ...,
+    nout: int | None = ...,
+) -> FesteTaskFunction: ...
+
+
+@overload
+def feste_task(
+    func: None = ..., *, name: str | None = ..., pure: bool | None = ..., nout: int | None = ...
+) -> Callable[[Callable[..., Any]], FesteTaskFunction]: ...
+
+
+def feste_task(
+    func: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    pure: bool | None = None,
+    nout: int | None = None,
+) -> Any:
+    """Make ``func`` lazy: calling it builds a graph node instead of running it.
+
+    Use as ``@feste_task``, ``@feste_task(pure=True, nout=2)`` or ``feste_task(fn)``, on
+    functions and on methods. ``pure=True`` gives identical calls one shared node (the key
+    is a hash of the function and its arguments); ``name`` is the key prefix; ``nout``
+    makes the result unpackable (``a, b = f(x)``). Call-time keywords ``pure=`` and
+    ``dask_key_name=`` override per call, as in ``dask.delayed``.
+    """
+    if nout is not None:
+        if isinstance(nout, bool) or not isinstance(nout, int):
+            raise TypeError(
+                f"feste_task: nout must be a non-negative integer or None, got {nout!r}"
+            )
+        if nout < 0:
+            raise ValueError(f"feste_task: nout must be a non-negative integer, got {nout}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"feste_task: name must be a string, got {name!r}")
+    if func is None:
+        return functools.partial(feste_task, name=name, pure=pure, nout=nout)
+    if not callable(func):
+        raise TypeError(
+            f"feste_task expects a function or method to wrap, got {type(func).__name__} "
+            f"{func!r}; use it as @feste_task above a def, or feste_task(some_function)"
+        )
+    if isinstance(func, FesteTaskFunction):
+        return func
+    return FesteTaskFunction(func, name=name, pure=pure, nout=nout)
+
+
+class FesteBase:
+    """Base class for objects whose methods are feste tasks (backends, prompts).
+
+    Methods decorated with :func:`feste_task` check eager mode each time they are called,
+    so an object created anywhere behaves eagerly inside ``context.set(eager=True)``.
+    Subclasses say what identifies them in graph keys by overriding
+    :meth:`_token_state`; by default it is every public attribute.
+    """
+
+    def _token_state(self) -> Any:
+        return {
+            name: value for name, value in sorted(vars(self).items()) if not name.startswith("_")
+        }
+
+    def __dask_tokenize__(self) -> Any:
+        return (type(self).__module__, type(self).__qualname__, tokenize(self._token_state()))
+
+
+def lazy_values_in(obj: Any) -> bool:
+    """True when ``obj`` is, or contains, a lazy Dask/feste value."""
+    if is_dask_collection(obj):
+        return True
+    _, collections = unpack_collections(obj)
+    return bool(collections)
+
+
+def lazy_call(
+    func: Callable[..., Any],
+    *args: Any,
+    name: str | None = None,
+    pure: bool | None = None,
+    token_source: Any = None,
+    **kwargs: Any,
+) -> FesteDelayed:
+    """Internal: build a node for ``func(*args, **kwargs)`` (used by prompts and backends)."""
+    return _call_lazily(func, args, kwargs, name=name, pure=pure, token_source=token_source)
