@@ -1,0 +1,648 @@
+"""Tests of feste.testing: the local OpenAI/Cohere imitation server.
+
+Every answer is deterministic, so the assertions compare exact values. Calls
+go through the official ``openai`` and ``cohere`` clients (to prove their
+parsers accept the shapes) and through raw aiohttp (to see status codes,
+headers and bodies exactly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import cohere
+import openai
+import pytest
+
+from feste.testing import (
+    ServerConfig,
+    TestServer,
+    chat_text,
+    completion_text,
+    count_tokens,
+    embedding,
+    embedding_base64,
+    rerank_order,
+    rerank_scores,
+)
+from feste.testing.__main__ import main as cli_main
+
+CHAT = "/v1/chat/completions"
+
+
+# Clients made by the helpers below are closed after each test, so their
+# sockets never leak into a later test as ResourceWarnings.
+_clients = contextlib.ExitStack()
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    _clients.close()
+
+
+def openai_client(server: TestServer, api_key: str = "test-key") -> openai.OpenAI:
+    client = openai.OpenAI(base_url=server.openai_base_url, api_key=api_key, max_retries=0)
+    return _clients.enter_context(client)
+
+
+def cohere_client(server: TestServer, api_key: str = "test-key") -> cohere.ClientV2:
+    client = cohere.ClientV2(api_key=api_key, base_url=server.cohere_base_url, max_retries=0)
+    return _clients.enter_context(client)
+
+
+def chat_body(content: str, model: str = "gpt-x") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}]}
+
+
+async def _post(
+    url: str, body: Any, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers) as response,
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
+def post(
+    url: str, body: Any, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    """Raw POST: (status, headers, parsed JSON body)."""
+    status, response_headers, raw = asyncio.run(_post(url, body, headers))
+    return status, response_headers, json.loads(raw)
+
+
+# --- the pure deterministic functions ---------------------------------------
+
+
+def test_deterministic_functions_have_simple_literal_formats() -> None:
+    assert [count_tokens(text) for text in ("", "a", "abcd", "abcde", "x" * 9000)] == [
+        0,
+        1,
+        1,
+        2,
+        2250,
+    ]
+    assert chat_text("gpt-x", "hi") == "echo(gpt-x): hi"
+    assert completion_text("gpt-x", "hi") == "complete(gpt-x): hi"
+
+    vector = embedding("m", "hello", 8)
+    assert vector == embedding("m", "hello")  # default dim is 8
+    assert all(-1.0 <= value <= 1.0 and round(value, 6) == value for value in vector)
+    assert embedding("m", "hello", 20)[:8] == vector  # longer vectors extend shorter ones
+    assert embedding("m2", "hello") != vector and embedding("m", "hello!") != vector
+    assert struct.unpack("<8f", base64.b64decode(embedding_base64(vector))) == pytest.approx(
+        vector, abs=1e-6
+    )
+
+    documents = ["the dog", "a cat sat on the mat", "Cat", "nothing here"]
+    assert rerank_scores("the cat", documents) == [0.5, 1.0, 0.5, 0.0]
+    assert rerank_order("the cat", documents) == [(1, 1.0), (0, 0.5), (2, 0.5), (3, 0.0)]
+    assert rerank_order("the cat", documents, top_n=2) == [(1, 1.0), (0, 0.5)]
+
+
+# --- OpenAI endpoints ----------------------------------------------------------
+
+
+def test_openai_chat_exact_text_and_usage(llm_server: TestServer) -> None:
+    client = openai_client(llm_server)
+    reply = client.chat.completions.create(
+        model="gpt-x",
+        messages=[
+            {"role": "system", "content": "be brief"},  # 8 chars: 2 tokens
+            {"role": "user", "content": "first"},  # 5 chars: 2 tokens
+            {"role": "assistant", "content": "ok"},  # 1 token
+            {"role": "user", "content": "hello there"},  # 11 chars: 3 tokens
+        ],
+        temperature=0.3,
+        n=1,
+    )
+    assert reply.object == "chat.completion"
+    assert reply.model == "gpt-x"
+    assert len(reply.choices) == 1
+    choice = reply.choices[0]
+    assert (choice.index, choice.finish_reason) == (0, "stop")
+    assert choice.message.role == "assistant"
+    assert choice.message.content == "echo(gpt-x): hello there"
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (8, 6)
+    assert reply.usage.total_tokens == 14
+
+
+def test_openai_chat_content_parts_and_max_tokens(llm_server: TestServer) -> None:
+    client = openai_client(llm_server)
+    parts = client.chat.completions.create(
+        model="gpt-x",
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}],
+            }
+        ],
+    )
+    assert parts.choices[0].message.content == "echo(gpt-x): hello"
+
+    cut = client.chat.completions.create(
+        model="gpt-x", messages=[{"role": "user", "content": "hello"}], max_tokens=2
+    )
+    assert cut.choices[0].message.content == "echo(gpt"  # 2 tokens of 4 characters
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.usage is not None and cut.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([], "messages"),
+        ([{"content": "no role"}], "messages[0].role"),
+        (
+            [{"role": "user", "content": "ok"}, {"role": "robot", "content": "x"}],
+            "messages[1].role",
+        ),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": 42}], "messages[0].content"),
+    ],
+)
+def test_openai_chat_rejects_invalid_messages(
+    llm_server: TestServer, messages: list[Any], param: str
+) -> None:
+    status, _, body = post(llm_server.url + CHAT, {"model": "gpt-x", "messages": messages})
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["param"] == param
+    assert llm_server.stats()["faults"]["400"] == 1
+
+
+def test_openai_completions_one_choice_per_prompt(llm_server: TestServer) -> None:
+    client = openai_client(llm_server)
+    reply = client.completions.create(model="gpt-x", prompt=["a", "bb", "ccccc"])
+    assert [(choice.index, choice.text) for choice in reply.choices] == [
+        (0, "complete(gpt-x): a"),
+        (1, "complete(gpt-x): bb"),
+        (2, "complete(gpt-x): ccccc"),
+    ]
+    assert all(choice.finish_reason == "stop" for choice in reply.choices)
+    assert reply.usage is not None
+    # prompts: 1 + 1 + 2 tokens; answers: 18, 19 and 22 characters = 5 + 5 + 6 tokens
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (4, 16)
+
+    single = client.completions.create(model="gpt-x", prompt="solo")
+    assert [choice.text for choice in single.choices] == ["complete(gpt-x): solo"]
+
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model="gpt-x", prompt=[])
+    assert error.value.status_code == 400
+    assert llm_server.stats()["items_per_request"]["/v1/completions"] == [3, 1]
+
+
+def test_openai_embeddings_base64_by_default_and_float(llm_server: TestServer) -> None:
+    client = openai_client(llm_server)
+    texts = ["alpha", "beta gamma"]
+    # The official client asks for base64 unless told otherwise, and decodes it.
+    default = client.embeddings.create(model="text-embedding-3-small", input=texts)
+    assert [item.index for item in default.data] == [0, 1]
+    for item, text in zip(default.data, texts):
+        assert item.object == "embedding"
+        assert item.embedding == pytest.approx(embedding("text-embedding-3-small", text), abs=1e-6)
+    assert default.usage.prompt_tokens == default.usage.total_tokens == 2 + 3
+
+    floats = client.embeddings.create(
+        model="text-embedding-3-small", input="alpha", encoding_format="float"
+    )
+    assert floats.data[0].embedding == embedding("text-embedding-3-small", "alpha")
+
+    status, _, body = post(
+        llm_server.openai_base_url + "/embeddings",
+        {"model": "m", "input": ["x"], "encoding_format": "base64", "dimensions": 12},
+    )
+    assert status == 200
+    raw = base64.b64decode(body["data"][0]["embedding"])
+    assert len(raw) == 12 * 4
+    assert list(struct.unpack("<12f", raw)) == pytest.approx(embedding("m", "x", 12), abs=1e-6)
+
+
+def test_openai_embeddings_limits_name_the_item(llm_server_factory: Any) -> None:
+    server = llm_server_factory(max_batch_openai_embed=4)
+    url = server.openai_base_url + "/embeddings"
+    model = "text-embedding-3-small"
+
+    status, _, body = post(url, {"model": model, "input": ["a", "b", "c", "x" * 36_000]})
+    assert status == 400
+    assert body["error"]["message"] == (
+        "input[3] has 9000 tokens, over the 8191-token limit of model text-embedding-3-small"
+    )
+    assert body["error"]["param"] == "input"
+
+    for bad_input in ([], "", ["ok", ""]):
+        status, _, body = post(url, {"model": model, "input": bad_input})
+        assert status == 400, bad_input
+        assert body["error"]["param"] == "input"
+
+    status, _, body = post(url, {"model": model, "input": ["a"] * 5})
+    assert status == 400
+    assert "limit of 4" in body["error"]["message"]
+    assert server.stats()["faults"]["400"] == 5
+
+
+def test_openai_models_list(llm_server: TestServer) -> None:
+    ids = [model.id for model in openai_client(llm_server).models.list()]
+    assert "text-embedding-3-small" in ids
+
+
+# --- Cohere endpoints ------------------------------------------------------------
+
+
+def test_cohere_chat_exact_text_and_usage(llm_server: TestServer) -> None:
+    reply = cohere_client(llm_server).chat(
+        model="command-x",
+        messages=[
+            {"role": "system", "content": "sys!"},  # 1 token
+            {"role": "user", "content": "hello there"},  # 3 tokens
+        ],
+    )
+    assert reply.finish_reason == "COMPLETE"
+    assert reply.message.role == "assistant"
+    assert reply.message.content is not None
+    assert [part.text for part in reply.message.content] == ["echo(command-x): hello there"]
+    assert reply.usage is not None and reply.usage.tokens is not None
+    assert reply.usage.billed_units is not None
+    assert (reply.usage.tokens.input_tokens, reply.usage.tokens.output_tokens) == (4, 7)
+    assert reply.usage.billed_units.input_tokens == 4
+    assert reply.usage.billed_units.output_tokens == 7
+
+
+def test_cohere_embed_matches_openai_vectors(llm_server: TestServer) -> None:
+    texts = ["alpha", "beta gamma"]
+    reply = cohere_client(llm_server).embed(
+        model="embed-v4", texts=texts, input_type="search_document", embedding_types=["float"]
+    )
+    assert reply.response_type == "embeddings_by_type"
+    assert reply.embeddings.float_ == [embedding("embed-v4", text) for text in texts]
+    assert reply.texts == texts
+    assert reply.meta is not None and reply.meta.billed_units is not None
+    assert reply.meta.billed_units.input_tokens == 5
+    assert reply.meta.api_version is not None and reply.meta.api_version.version == "2"
+
+    same = openai_client(llm_server).embeddings.create(
+        model="embed-v4", input=texts, encoding_format="float"
+    )
+    assert [item.embedding for item in same.data] == reply.embeddings.float_
+
+
+def test_cohere_embed_validation(llm_server: TestServer) -> None:
+    client = cohere_client(llm_server)
+    with pytest.raises(cohere.BadRequestError) as too_many:
+        client.embed(model="embed-v4", texts=["t"] * 97, input_type="search_query")
+    assert too_many.value.body == {
+        "message": "texts has 97 items, over the limit of 96 per request"
+    }
+
+    status, _, body = post(llm_server.url + "/v2/embed", {"model": "embed-v4", "texts": ["t"]})
+    assert status == 400
+    assert "input_type" in body["message"]
+
+
+def test_cohere_rerank_sorted_by_score(llm_server: TestServer) -> None:
+    documents = ["the dog", "a cat sat on the mat", "Cat", "nothing here"]
+    reply = cohere_client(llm_server).rerank(
+        model="rerank-v3.5", query="The cat", documents=documents, top_n=3
+    )
+    assert [(result.index, result.relevance_score) for result in reply.results] == [
+        (1, 1.0),
+        (0, 0.5),
+        (2, 0.5),
+    ]
+    assert reply.meta is not None and reply.meta.billed_units is not None
+    assert reply.meta.billed_units.search_units == 1
+    assert llm_server.stats()["inputs"]["/v2/rerank"] == [documents]
+
+
+# --- statistics ---------------------------------------------------------------
+
+
+def test_stats_count_requests_items_and_inputs(llm_server: TestServer) -> None:
+    client = openai_client(llm_server)
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "one"}])
+    client.embeddings.create(model="m", input=["a", "b", "c"])
+    client.embeddings.create(model="m", input="d")
+    post(llm_server.url + CHAT, {"model": "m", "messages": []})  # a 400: no items recorded
+
+    stats = llm_server.stats()
+    assert stats["requests"] == 4
+    assert stats["by_route"] == {CHAT: 2, "/v1/embeddings": 2}
+    assert stats["items"] == 1 + 3 + 1
+    assert stats["items_per_request"] == {CHAT: [1], "/v1/embeddings": [3, 1]}
+    assert stats["inputs"] == {CHAT: [["one"]], "/v1/embeddings": [["a", "b", "c"], ["d"]]}
+    assert stats["status_counts"] == {"200": 3, "400": 1}
+    assert stats["max_in_flight"] == 1 and stats["in_flight"] == 0
+    assert set(stats) == {
+        "requests",
+        "by_route",
+        "items",
+        "items_per_request",
+        "max_in_flight",
+        "in_flight",
+        "faults",
+        "status_counts",
+        "inputs",
+    }
+
+    status, _, over_http = asyncio.run(_get_json(llm_server.url + "/_stats"))
+    assert status == 200 and over_http == stats
+
+    llm_server.reset_stats()
+    cleared = llm_server.stats()
+    assert (cleared["requests"], cleared["items"], cleared["by_route"]) == (0, 0, {})
+    assert llm_server.config == ServerConfig()  # knobs survive a reset
+
+
+async def _get_json(url: str) -> tuple[int, dict[str, str], Any]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, dict(response.headers), await response.json()
+
+
+def test_concurrency_limit_admits_exactly_the_limit(llm_server_factory: Any) -> None:
+    server = llm_server_factory(max_concurrency=5, latency=0.5)
+
+    async def burst() -> list[tuple[int, dict[str, str], bytes]]:
+        # Every request is refused or admitted on arrival, long before the
+        # first admitted one finishes its 0.5 s latency.
+        return await asyncio.gather(
+            *(_post(server.url + CHAT, chat_body(f"q{i}")) for i in range(20))
+        )
+
+    results = asyncio.run(burst())
+    assert sorted(status for status, _, _ in results) == [200] * 5 + [429] * 15
+    refused_headers = next(headers for status, headers, _ in results if status == 429)
+    assert refused_headers["retry-after-ms"] == "50"
+    assert refused_headers["Retry-After"] == "0.05"
+
+    stats = server.stats()
+    assert stats["max_in_flight"] == 5
+    assert stats["faults"]["limit_429"] == 15
+    assert stats["status_counts"] == {"200": 5, "429": 15}
+    assert stats["items_per_request"][CHAT] == [1] * 5
+
+
+def test_requests_per_minute_window(llm_server_factory: Any) -> None:
+    server = llm_server_factory(requests_per_minute=3)
+    client = openai_client(server)
+    for _ in range(3):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    retry_after = float(refused.value.response.headers["Retry-After"])
+    retry_after_ms = int(refused.value.response.headers["retry-after-ms"])
+    assert 55 < retry_after <= 60
+    assert retry_after_ms == pytest.approx(retry_after * 1000, abs=1)
+    assert server.stats()["faults"]["limit_429"] == 1
+
+
+def test_latency_and_latency_per_item(llm_server_factory: Any) -> None:
+    server = llm_server_factory(latency=0.1, latency_per_item=0.02)
+    client = openai_client(server)
+    started = time.perf_counter()
+    client.embeddings.create(model="m", input=["x"] * 10, encoding_format="float")
+    assert time.perf_counter() - started >= 0.1 + 10 * 0.02
+
+
+# --- triggers and faults -----------------------------------------------------------
+
+
+def test_status_trigger_names_the_poisoned_item(llm_server: TestServer) -> None:
+    status, _, body = post(
+        llm_server.openai_base_url + "/embeddings",
+        {"model": "m", "input": ["fine", "fine", "bad [[status:400]]", "fine"]},
+    )
+    assert status == 400
+    assert "triggered by input[2]" in body["error"]["message"]
+    assert body["error"]["type"] == "invalid_request_error"
+
+    with pytest.raises(cohere.ServiceUnavailableError) as unavailable:
+        cohere_client(llm_server).embed(
+            model="e", texts=["ok", "[[status:503]]"], input_type="search_document"
+        )
+    assert unavailable.value.body == {"message": "Injected error 503 triggered by input[1]"}
+
+    with pytest.raises(openai.RateLimitError) as limited:
+        openai_client(llm_server).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "please [[status:429]]"}]
+        )
+    assert limited.value.response.headers["retry-after-ms"] == "50"
+    assert limited.value.response.headers["Retry-After"] == "0.05"
+
+    faults = llm_server.stats()["faults"]
+    assert (faults["400"], faults["503"], faults["429"]) == (1, 1, 1)
+
+
+def test_malformed_trigger_answers_200_with_invalid_json(llm_server: TestServer) -> None:
+    status, _, raw = asyncio.run(_post(llm_server.url + CHAT, chat_body("[[malformed]]")))
+    assert status == 200
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(raw)
+    stats = llm_server.stats()
+    assert stats["faults"]["malformed"] == 1
+    assert stats["items"] == 0
+
+
+def test_hang_trigger_delays_then_answers(llm_server_factory: Any) -> None:
+    server = llm_server_factory(hang_seconds=0.2)
+    started = time.perf_counter()
+    status, _, body = post(server.url + CHAT, chat_body("slow [[hang]]"))
+    assert time.perf_counter() - started >= 0.2
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == "echo(gpt-x): slow [[hang]]"
+    assert server.stats()["faults"]["hang"] == 1
+
+
+def test_api_key_required_and_never_echoed(llm_server_factory: Any) -> None:
+    server = llm_server_factory(api_key="right-key")
+    assert "right-key" not in repr(server) and "***" in repr(server)
+    assert "right-key" not in repr(server.config)
+
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        openai_client(server, api_key="wrong-key-123").chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        )
+    assert wrong.value.status_code == 401
+    assert wrong.value.code == "invalid_api_key"
+    assert wrong.value.type == "invalid_request_error"
+    assert "wrong-key-123" not in wrong.value.response.text
+
+    with pytest.raises(cohere.UnauthorizedError):
+        cohere_client(server, api_key="wrong-key-123").chat(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        )
+    status, _, _ = post(server.url + CHAT, chat_body("x"))  # no Authorization header
+    assert status == 401
+
+    ok = openai_client(server, api_key="right-key").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}]
+    )
+    assert ok.choices[0].message.content == "echo(m): x"
+    stats = server.stats()
+    assert stats["faults"]["401"] == 3
+    assert stats["status_counts"] == {"401": 3, "200": 1}
+
+
+def test_fault_drop_is_a_disconnect(llm_server_factory: Any) -> None:
+    server = llm_server_factory(fault_drop=1.0)
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        asyncio.run(_post(server.url + CHAT, chat_body("x")))
+    with pytest.raises(openai.APIConnectionError):
+        openai_client(server).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        )
+    stats = server.stats()
+    assert stats["faults"]["drop"] == 2
+    assert stats["status_counts"] == {}
+
+    server.configure(fault_drop=0.0)
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        asyncio.run(_post(server.url + CHAT, chat_body("x [[drop]]")))
+
+
+def test_fault_hang_times_out_the_client_and_stop_is_prompt() -> None:
+    server = TestServer(fault_hang=1.0, hang_seconds=30.0).start()
+
+    async def ask(timeout: float) -> None:
+        async with openai.AsyncOpenAI(
+            base_url=server.openai_base_url, api_key="k", max_retries=0, timeout=timeout
+        ) as client:
+            await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}]
+            )
+
+    async def stop_while_hanging() -> BaseException | None:
+        pending = asyncio.ensure_future(ask(timeout=30))
+        deadline = time.monotonic() + 5
+        while server.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        stop_started = time.perf_counter()
+        await asyncio.to_thread(server.stop)
+        assert time.perf_counter() - stop_started < 2
+        (outcome,) = await asyncio.gather(pending, return_exceptions=True)
+        return outcome if isinstance(outcome, BaseException) else None
+
+    try:
+        started = time.perf_counter()
+        with pytest.raises(openai.APITimeoutError):
+            asyncio.run(ask(timeout=0.2))
+        assert time.perf_counter() - started < 5
+        # The client hung up, so the server cancels the hanging request.
+        deadline = time.monotonic() + 5
+        while server.stats()["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.stats()["in_flight"] == 0
+        assert server.stats()["faults"]["hang"] == 1
+
+        # A request still hanging when the server stops is cut off at once.
+        assert isinstance(asyncio.run(stop_while_hanging()), openai.APIConnectionError)
+    finally:
+        server.stop()
+        server.stop()  # stopping twice is harmless
+
+
+def test_random_faults_replay_with_the_same_seed() -> None:
+    def statuses(seed: int) -> list[int]:
+        with TestServer(fault_429=0.3, fault_500=0.3, seed=seed, retry_after=0) as server:
+            return [post(server.url + CHAT, chat_body("x"))[0] for _ in range(30)]
+
+    first = statuses(7)
+    assert first == statuses(7)
+    assert set(first) == {200, 429, 500}
+    assert first != statuses(8)
+
+
+# --- knobs -------------------------------------------------------------------------
+
+
+def test_configure_validates_knobs(llm_server: TestServer) -> None:
+    with pytest.raises(ValueError, match="valid knobs: latency, latency_per_item") as unknown:
+        llm_server.configure(latencyy=1.0)
+    assert "max_concurrency" in str(unknown.value)
+    with pytest.raises(ValueError, match="fault_500 must be at most 1"):
+        llm_server.configure(fault_500=1.5)
+    with pytest.raises(ValueError, match="at most 1"):
+        llm_server.configure(fault_429=0.6, fault_drop=0.6)
+    with pytest.raises(ValueError, match="max_concurrency must be at least 1"):
+        llm_server.configure(max_concurrency=0)
+
+    changed = llm_server.configure(latency=0.01, max_concurrency=3)
+    assert (changed.latency, changed.max_concurrency) == (0.01, 3)
+    assert llm_server.config == changed
+
+    status, _, body = post(llm_server.url + "/_config", {"nope": 1})
+    assert status == 400 and "valid knobs" in body["error"]
+    status, _, body = post(llm_server.url + "/_config", {"embedding_dim": 4})
+    assert status == 200 and body["embedding_dim"] == 4
+    assert llm_server.config.embedding_dim == 4
+
+
+def test_only_loopback_hosts_are_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        TestServer(host="0.0.0.0")
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["--host", "0.0.0.0", "--port", "0"])
+    assert exited.value.code == 2
+    assert "loopback" in capsys.readouterr().err
+
+
+def test_async_context_manager_and_restart() -> None:
+    async def use() -> str:
+        async with TestServer(latency=0.01) as server:
+            async with openai.AsyncOpenAI(
+                base_url=server.openai_base_url, api_key="k", max_retries=0
+            ) as client:
+                reply = await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "async"}]
+                )
+            assert server.stats()["requests"] == 1
+            return reply.choices[0].message.content or ""
+
+    assert asyncio.run(use()) == "echo(m): async"
+
+    server = TestServer()
+    server.start()
+    server.start()  # starting twice is harmless
+    first_url = server.url
+    server.stop()
+    with pytest.raises(RuntimeError):
+        _ = server.url
+    assert server.stats()["requests"] == 0
+    server.start()
+    assert server.url.startswith("http://127.0.0.1:") and first_url
+    server.stop()
+
+
+@pytest.mark.slow
+def test_process_mode_serves_and_reports_stats() -> None:
+    with TestServer(mode="process", latency=0.01, api_key="proc-key") as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        reply = openai_client(server, api_key="proc-key").chat.completions.create(
+            model="gpt-p", messages=[{"role": "user", "content": "from afar"}]
+        )
+        assert reply.choices[0].message.content == "echo(gpt-p): from afar"
+        stats = server.stats()
+        assert stats["requests"] == 1 and stats["inputs"] == {CHAT: [["from afar"]]}
+
+        server.configure(embedding_dim=3)
+        assert server.config.embedding_dim == 3
+        floats = openai_client(server, api_key="proc-key").embeddings.create(
+            model="m", input="x", encoding_format="float"
+        )
+        assert floats.data[0].embedding == embedding("m", "x", 3)
+        with pytest.raises(ValueError, match="valid knobs"):
+            server.configure(bogus=1)
+        server.reset_stats()
+        assert server.stats()["requests"] == 0
+    assert not server.running
