@@ -31,7 +31,7 @@ def prepare(
 
 def finish(results: Any, repack: Any, postcomputes: list[Any]) -> tuple[Any, ...]:
     values = [finalize(result, *args) for result, (finalize, args) in zip(results, postcomputes)]
-    return repack(values)  # type: ignore[no-any-return]
+    return repack(values)
 
 
 def compute(
@@ -61,14 +61,15 @@ def compute(
 def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
     """What computing ``objs`` would do, without running anything.
 
-    Reports the node count, the depth, and per backend method how many calls the graph
-    holds and how many requests they become after optimization.
+    Reports the node count and depth of the graph that would run, and per backend
+    method how many calls the graph holds and how many requests they become after
+    optimization (``str()`` of the result: ``"openai.embed: 5000 calls -> 3 requests"``).
     """
     graph, _, _, _ = prepare(*objs, optimize_graph=optimize_graph)
-    optimized = FesteGraph(graph).stats()
+    to_run = FesteGraph(graph).stats(optimize=False)
     if not optimize_graph:
-        return optimized
+        return to_run
     raw_graph, _, _ = FesteGraph.collect(*objs)
-    raw = raw_graph.stats()
-    # Calls are counted in the graph as written (the optimizer merges duplicates).
-    return GraphStats(optimized.nodes, optimized.depth, raw.calls, optimized.requests)
+    # Calls are counted in the graph as written; requests in the optimized one.
+    written = raw_graph.stats(optimize=False)
+    return GraphStats(to_run.nodes, to_run.depth, written.calls, to_run.requests)

@@ -149,11 +149,13 @@ class BackendError(FesteError):
         return (_rebuild_backend_error, (type(self), self.message, self.__dict__.copy()))
 
 
-def _rebuild_backend_error(cls: type, message: str, state: dict[str, Any]) -> BackendError:
+def _rebuild_backend_error(
+    cls: type[BackendError], message: str, state: dict[str, Any]
+) -> BackendError:
     error = cls.__new__(cls)
     Exception.__init__(error, message)
     error.__dict__.update(state)
-    return error  # type: ignore[no-any-return]
+    return error
 
 
 class ConfigurationError(BackendError, ValueError):

@@ -22,7 +22,7 @@ from typing import IO, Any
 from dask._task_spec import convert_legacy_graph  # graphs of older collections hold tuples
 from dask.base import unpack_collections
 from dask.order import order as dask_order
-from dask.task_spec import Alias, DataNode, Task
+from dask.task_spec import Alias, DataNode, Task, TaskRef
 from dask.utils import ensure_dict, funcname
 
 from feste.errors import GraphError
@@ -65,7 +65,12 @@ def _node_label(node: Any) -> str:
 
 
 def _backend_calls(node: Any) -> tuple[str, int, int] | None:
-    """(``provider.method``, calls, requests) for a backend node, else None."""
+    """(``provider.method``, items, requests) for a backend-call node, else None.
+
+    A batched node holds several items and is sent as one request per chunk, cut by
+    the same rule as at run time (items not known yet count as zero tokens).
+    """
+    from feste._calls import _chunks
     from feste.backend.base import BackendCall, BatchCall
 
     if not isinstance(node, Task):
@@ -74,12 +79,36 @@ def _backend_calls(node: Any) -> tuple[str, int, int] | None:
     if isinstance(func, BackendCall):
         return f"{func.backend.provider}.{func.method}", 1, 1
     if isinstance(func, BatchCall):
-        items = node.args[0]
-        n_items = len(items) if hasattr(items, "__len__") else 1
-        spec = func.backend.spec(func.method)
-        n_requests = -(-n_items // spec.batch_size)
-        return f"{func.backend.provider}.{func.method}", n_items, n_requests
+        items = node.args[0] if node.args else ()
+        batch = list(items.args) if isinstance(items, Task) else list(items)
+        n_requests = len(_chunks(func.backend, func.method, batch)) if batch else 0
+        return f"{func.backend.provider}.{func.method}", len(batch), n_requests
     return None
+
+
+def _count_calls(graph: Mapping[Any, Any]) -> tuple[dict[str, int], dict[str, int]]:
+    """Calls and requests per ``provider.method`` in ``graph`` as it stands.
+
+    A batched node counts one call per key that takes an item out of it (duplicates
+    share an item but are still calls), or one per item when nothing takes from it.
+    """
+    from feste.backend.base import take_item
+
+    takers: Counter[Any] = Counter()
+    for node in graph.values():
+        if isinstance(node, Task) and node.func is take_item and node.args:
+            source = node.args[0]
+            if isinstance(source, TaskRef):
+                takers[source.key] += 1
+    calls: Counter[str] = Counter()
+    requests: Counter[str] = Counter()
+    for key, node in graph.items():
+        found = _backend_calls(node)
+        if found is not None:
+            method, n_items, n_requests = found
+            calls[method] += takers.get(key) or n_items
+            requests[method] += n_requests
+    return dict(calls), dict(requests)
 
 
 class FesteGraph(MutableMapping[Any, Any]):
@@ -93,7 +122,7 @@ class FesteGraph(MutableMapping[Any, Any]):
     @classmethod
     def collect(
         cls, *objs: Any, traverse: bool = True
-    ) -> tuple[FesteGraph, tuple[Any, ...], Callable[[Any], Any]]:
+    ) -> tuple[FesteGraph, list[Any], Callable[[Any], Any]]:
         """The merged graph of every lazy value in ``objs``.
 
         Returns ``(graph, collections, repack)``: ``collections`` are the lazy values
@@ -136,7 +165,7 @@ class FesteGraph(MutableMapping[Any, Any]):
         """key -> keys it depends on directly (only keys inside this graph)."""
         deps: dict[Any, set[Any]] = {}
         for key, node in self._graph.items():
-            node_deps = getattr(node, "dependencies", frozenset())
+            node_deps: frozenset[Any] = getattr(node, "dependencies", frozenset())
             missing = [d for d in node_deps if d not in self._graph]
             if missing:
                 raise GraphError(
@@ -173,17 +202,20 @@ class FesteGraph(MutableMapping[Any, Any]):
             levels[key] = 1 + max((levels[d] for d in deps[key]), default=0)
         return max(levels.values(), default=0)
 
-    def stats(self) -> GraphStats:
-        """Node count, depth, backend calls and the requests they become."""
-        calls: Counter[str] = Counter()
-        requests: Counter[str] = Counter()
-        for node in self._graph.values():
-            found = _backend_calls(node)
-            if found is not None:
-                method, n_calls, n_requests = found
-                calls[method] += n_calls
-                requests[method] += n_requests
-        return GraphStats(len(self._graph), self.depth(), dict(calls), dict(requests))
+    def stats(self, optimize: bool = True) -> GraphStats:
+        """Node count, depth, backend calls and the requests they become.
+
+        ``nodes``, ``depth`` and ``calls`` describe this graph; ``requests`` is counted
+        on the graph the default optimizer makes of it (batching, deduplication), or on
+        this graph as it stands when ``optimize`` is false. Nothing runs.
+        """
+        calls, requests = _count_calls(self._graph)
+        if optimize and calls:
+            from feste.optimization import default_optimizer
+
+            optimized = default_optimizer().optimize(self._graph, list(self._graph))
+            _, requests = _count_calls(optimized)
+        return GraphStats(len(self._graph), self.depth(), calls, requests)
 
     # -- display ----------------------------------------------------------------------
 

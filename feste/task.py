@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import operator
 import types
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from dask.base import is_dask_collection, tokenize
@@ -102,7 +102,10 @@ class FesteDelayed(Delayed):
             raise AttributeError(f"FesteDelayed has no attribute {attr!r}")
         return FesteAttribute(self, attr)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> FesteDelayed:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if is_eager():
+            (func, plain_args, plain_kwargs), _ = _compute_if_lazy((self, args, kwargs), {})
+            return func(*plain_args, **plain_kwargs)
         return _call_lazily(_apply, (self, args, kwargs), {}, name="call", pure=False)
 
     def __iter__(self) -> Any:
@@ -111,8 +114,8 @@ class FesteDelayed(Delayed):
                 "a lazy feste value of unknown length is not iterable; "
                 "give nout= to feste_task to unpack its result"
             )
-        for index in range(self._length):
-            yield self[index]
+        # A list, not a generator: iter() itself must raise when the length is unknown.
+        return iter([self[index] for index in range(self._length)])  # type: ignore[index]
 
     def __len__(self) -> int:
         if self._length is None:
@@ -157,11 +160,16 @@ class FesteAttribute(FesteDelayed):
     @property
     def dask(self) -> HighLevelGraph:
         node = Task(self._key, getattr, TaskRef(self._obj.key), self._attr)
+        # Typed loosely: dask's DaskCollection protocol rejects a staticmethod scheduler.
+        dependencies: list[Any] = [self._obj]
         return HighLevelGraph.from_collections(
-            self._key, {self._key: node}, dependencies=[self._obj]
+            self._key, {self._key: node}, dependencies=dependencies
         )
 
-    def __call__(self, *args: Any, **kwargs: Any) -> FesteDelayed:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if is_eager():
+            (obj, plain_args, plain_kwargs), _ = _compute_if_lazy((self._obj, args, kwargs), {})
+            return _call_method(obj, self._attr, plain_args, plain_kwargs)
         # x.method(...) calls the method in one node instead of fetching it first.
         return _call_lazily(
             _call_method, (self._obj, self._attr, args, kwargs), {}, name=self._attr, pure=True
@@ -226,7 +234,7 @@ def _call_lazily(
     name: str | None = None,
     pure: bool | None = None,
     nout: int | None = None,
-    key: Hashable | None = None,
+    key: Any = None,
     token_source: Any = None,
 ) -> FesteDelayed:
     """Add one node calling ``func(*args, **kwargs)`` and return the lazy value for it.
@@ -353,7 +361,15 @@ def feste_task(
             f"{func!r}; use it as @feste_task above a def, or feste_task(some_function)"
         )
     if isinstance(func, FesteTaskFunction):
-        return func
+        # Wrapping again keeps the function once; options given now override the old ones.
+        if name is None and pure is None and nout is None:
+            return func
+        return FesteTaskFunction(
+            func.func,
+            name=func.name if name is None else name,
+            pure=func.pure if pure is None else pure,
+            nout=func.nout if nout is None else nout,
+        )
     return FesteTaskFunction(func, name=name, pure=pure, nout=nout)
 
 

@@ -50,12 +50,12 @@ def get_scheduler(scheduler: Any = None) -> Callable[..., Any]:
                 f"unknown scheduler {scheduler!r}; valid schedulers: {valid}, "
                 "or a distributed.Client"
             )
-        return importlib.import_module(module_name).get  # type: ignore[no-any-return]
+        return importlib.import_module(module_name).get
     client_get = getattr(scheduler, "get", None)
     if type(scheduler).__name__ == "Client" and callable(client_get):
-        return client_get  # type: ignore[no-any-return]
+        return client_get
     if callable(scheduler):
-        return scheduler  # type: ignore[no-any-return]
+        return scheduler
     raise SchedulerError(
         f"cannot schedule with {scheduler!r}: pass a scheduler name "
         f"({', '.join(sorted(SCHEDULERS))}), a get function or a distributed.Client"

@@ -15,6 +15,8 @@ from dask import multiprocessing
 from feste import context
 from feste.schedulers._local import keyed_graph, portable_options
 
+__all__ = ["get"]
+
 
 def get(graph: Mapping[Any, Any], keys: Any, num_workers: int | None = None, **kwargs: Any) -> Any:
     num_workers = num_workers or context.get("num_workers")

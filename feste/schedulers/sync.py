@@ -9,6 +9,8 @@ from dask.local import get_sync
 
 from feste.schedulers._local import keyed_graph
 
+__all__ = ["get"]
+
 
 def get(graph: Mapping[Any, Any], keys: Any, **kwargs: Any) -> Any:
     return get_sync(keyed_graph(graph), keys, **kwargs)
