@@ -16,6 +16,13 @@ always the call's first positional argument; every other argument is a keyword
 parameter, and two calls may share a batch only when their backend identity, method
 and all keyword parameters are equal (:meth:`BackendCall.batch_group`).
 
+Parameters: a public method merges the method's built-in defaults
+(``method_defaults``), the constructor's keyword defaults, a typed parameter object
+(:class:`CallParams` subclass) or mapping, and the call's keywords into one explicit
+dict when the node is built (:meth:`Backend.call_params`), so graph keys and batch
+groups show every parameter that will be sent; constructor defaults are therefore left
+out of :meth:`Backend.identity`. Unknown names are refused with the valid ones listed.
+
 Secrets: the API key is kept in a private attribute, left out of ``repr``, of
 ``__dask_tokenize__`` (so out of graph keys and cache tokens) and of every request
 payload; the transports add it to headers at send time. A key given explicitly is
@@ -27,14 +34,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from dask.base import tokenize
 
 from feste import context
 from feste.backend.types import ItemFailure, Parsed, Request, Response
-from feste.errors import ConfigurationError, MalformedResponseError
+from feste.errors import BadRequestError, ConfigurationError, MalformedResponseError
 from feste.task import FesteBase, FesteDelayed, is_eager, lazy_call
 
 __all__ = [
@@ -42,6 +49,7 @@ __all__ = [
     "BackendCall",
     "BaseTransport",
     "BatchCall",
+    "CallParams",
     "MethodSpec",
     "take_item",
 ]
@@ -65,6 +73,23 @@ class MethodSpec:
     @property
     def batchable(self) -> bool:
         return self.batch_size > 1
+
+
+@dataclass(frozen=True)
+class CallParams:
+    """Base class of typed parameter objects (``ChatParams``...).
+
+    Subclasses are frozen dataclasses whose fields all default to None; a field left at
+    None is not sent. :meth:`as_dict` gives the fields that are set.
+    """
+
+    def as_dict(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for param in fields(self):
+            value = getattr(self, param.name)
+            if value is not None:
+                values[param.name] = value
+        return values
 
 
 class BaseTransport:
@@ -98,6 +123,12 @@ class Backend(FesteBase):
     methods: ClassVar[Mapping[str, MethodSpec]] = {}
     api_key_env: ClassVar[str] = ""
     default_base_url: ClassVar[str] = ""
+    #: Which official client library the "sdk" transport uses ("openai", "cohere").
+    sdk_package: ClassVar[str] = ""
+    #: Per method, the typed parameter class its calls accept besides keywords.
+    params_types: ClassVar[Mapping[str, type[CallParams]]] = {}
+    #: Per method, values used when neither the call nor the constructor gives one.
+    method_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def __init__(
         self,
@@ -150,6 +181,9 @@ class Backend(FesteBase):
         self.tokens_per_minute = tokens_per_minute
         # Live connection pools, one per event loop; never pickled or tokenized.
         self._transports: dict[Any, BaseTransport] = {}
+        # Constructor defaults of call parameters. They are merged into each node's
+        # keyword parameters when the node is built, so they are not part of identity().
+        self._defaults: dict[str, Any] = {}
 
     # -- identity and secrets ---------------------------------------------------------
 
@@ -179,8 +213,11 @@ class Backend(FesteBase):
     def __repr__(self) -> str:
         shown = {k: v for k, v in vars(self).items() if not k.startswith("_")}
         shown["api_key"] = "***" if self._api_key else f"${self.api_key_env}"
-        fields = ", ".join(f"{k}={v!r}" for k, v in shown.items())
-        return f"{type(self).__name__}({fields})"
+        if self._client is not None:
+            shown["client"] = f"<{type(self._client).__qualname__}>"
+        shown.update(self._defaults)
+        text = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        return f"{type(self).__name__}({text})"
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -193,6 +230,26 @@ class Backend(FesteBase):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+    def request_headers(self) -> dict[str, str]:
+        """Headers sent with every request besides the key (never secret)."""
+        return {}
+
+    def scrub(self, text: str) -> str:
+        """``text`` with any API key this backend may send replaced by ``***``.
+
+        A safety net for messages built from provider answers or exceptions, which
+        should not echo a key but are not under feste's control.
+        """
+        secrets = [self._api_key, os.environ.get(self.api_key_env)] if self.api_key_env else []
+        client_key = getattr(self._client, "api_key", None)
+        if isinstance(client_key, str):
+            secrets.append(client_key)
+        for secret in secrets:
+            # Very short values would mangle ordinary words; real keys are long.
+            if secret and len(secret) >= 8 and secret in text:
+                text = text.replace(secret, "***")
+        return text
 
     def api_key(self) -> str:
         """The key to send: the explicit one, else read now from ``api_key_env``."""
@@ -213,8 +270,9 @@ class Backend(FesteBase):
         try:
             return self.methods[method]
         except KeyError:
+            known = ", ".join(sorted(self.methods))
             raise ConfigurationError(
-                f"{type(self).__name__} has no method {method!r}; methods: {', '.join(sorted(self.methods))}",
+                f"{type(self).__name__} has no method {method!r}; methods: {known}",
                 backend=self.provider,
             ) from None
 
@@ -223,12 +281,65 @@ class Backend(FesteBase):
         spec = self.spec(method)
         unknown = sorted(set(params) - spec.params)
         if unknown:
+            names = ", ".join(map(repr, unknown))
+            valid = ", ".join(sorted(spec.params))
             raise ConfigurationError(
-                f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-                f"for {type(self).__name__}.{method}; valid parameters: {', '.join(sorted(spec.params))}",
+                f"unknown parameter{'s' if len(unknown) > 1 else ''} {names} "
+                f"for {type(self).__name__}.{method}; valid parameters: {valid}",
                 backend=self.provider,
                 method=method,
             )
+
+    def _set_defaults(self, defaults: Mapping[str, Any]) -> None:
+        """Keep constructor defaults, refusing names that no method accepts."""
+        accepted: set[str] = set()
+        for spec in self.methods.values():
+            accepted |= spec.params
+        unknown = sorted(set(defaults) - accepted)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown parameter{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))} for {type(self).__name__}(...); valid "
+                f"parameters: {', '.join(sorted(accepted))}",
+                backend=self.provider,
+            )
+        self._defaults = {name: value for name, value in defaults.items() if value is not None}
+
+    def call_params(self, method: str, typed: Any, keywords: Mapping[str, Any]) -> dict[str, Any]:
+        """The explicit keyword parameters of one call, as they go into its graph node.
+
+        Lowest to highest precedence: the method's built-in defaults (its default
+        model...), the constructor's defaults that the method accepts, a typed parameter
+        object (or mapping) and the call's keywords. Parameters left at None are dropped.
+        """
+        spec = self.spec(method)
+        self.check_params(method, keywords)
+        merged = dict(self.method_defaults.get(method, {}))
+        for name, value in self._defaults.items():
+            if name in spec.params:
+                merged[name] = value
+        if typed is not None:
+            merged.update(self._typed_params(method, typed))
+        for name, value in keywords.items():
+            if value is not None:
+                merged[name] = value
+        return {name: value for name, value in merged.items() if value is not None}
+
+    def _typed_params(self, method: str, typed: Any) -> dict[str, Any]:
+        expected = self.params_types.get(method)
+        if expected is not None and isinstance(typed, expected):
+            return typed.as_dict()
+        if isinstance(typed, Mapping):
+            values = dict(typed)
+            self.check_params(method, values)
+            return values
+        wanted = f"a {expected.__name__} or a mapping" if expected is not None else "a mapping"
+        raise ConfigurationError(
+            f"params of {type(self).__name__}.{method} must be {wanted} of parameters, "
+            f"got {type(typed).__name__}",
+            backend=self.provider,
+            method=method,
+        )
 
     def _call(self, method: str, item: Any, params: dict[str, Any], *, pure: bool = True) -> Any:
         """A lazy node for ``method(item, **params)``, or its value in eager mode."""
@@ -350,8 +461,117 @@ def take_item(batch_result: list[Any], index: int) -> Any:
     """Pick one item's value out of a batch result (re-raising that item's own error)."""
     value = batch_result[index]
     if isinstance(value, ItemFailure):
-        value.raise_error()
+        import copy
+
+        # Duplicate calls share one item: each key raises its own copy of the error,
+        # so the scheduler labels every copy with the key that raised it.
+        raise copy.copy(value.error)
     return value
+
+
+_MESSAGE_SHAPE = "{'role': 'user', 'content': 'some text'}"
+
+
+def chat_messages(
+    backend: Backend, method: str, prompt: Any, system: Any, roles: frozenset[str]
+) -> Any:
+    """The item of a chat call: its messages list (or a lazy prompt, turned into one later).
+
+    A string becomes one user message and ``system`` a leading system message. Messages
+    known now are checked now, so a bad shape is reported where the call is written;
+    lazy parts are checked when the call runs (:func:`check_messages`).
+    """
+    if system is not None and not isinstance(system, (str, FesteDelayed)):
+        raise BadRequestError(
+            f"system must be a string, got {type(system).__name__}",
+            backend=backend.provider,
+            method=method,
+        )
+    if isinstance(prompt, FesteDelayed):
+        if system is None:
+            return prompt  # a string or a messages list: settled when the call runs
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    messages = check_messages(backend, method, prompt, roles)
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def check_messages(backend: Backend, method: str, prompt: Any, roles: frozenset[str]) -> list[Any]:
+    """``prompt`` as a list of chat messages, or :class:`BadRequestError` naming the problem.
+
+    Lazy values inside messages are accepted as they are (they are resolved before the
+    request is built, and checked again then).
+    """
+
+    def bad(detail: str) -> BadRequestError:
+        return BadRequestError(detail, backend=backend.provider, method=method)
+
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)):
+        raise bad(
+            f"expected a prompt string or a list of messages like [{_MESSAGE_SHAPE}], "
+            f"got {type(prompt).__name__}"
+        )
+    if not prompt:
+        raise bad(f"the list of messages is empty; give at least one message like {_MESSAGE_SHAPE}")
+    for index, message in enumerate(prompt):
+        if isinstance(message, FesteDelayed):
+            continue
+        if not isinstance(message, Mapping):
+            raise bad(
+                f"message {index} must be a dict like {_MESSAGE_SHAPE}, "
+                f"got {type(message).__name__}"
+            )
+        role = message.get("role")
+        if not isinstance(role, FesteDelayed) and role not in roles:
+            raise bad(
+                f"message {index} has role {role!r}; expected one of "
+                f"{', '.join(sorted(roles))} (shape: {_MESSAGE_SHAPE})"
+            )
+        content = message.get("content")
+        if content is None and message.get("tool_calls") is not None:
+            continue  # an assistant turn that only calls tools
+        if not isinstance(content, (str, list, FesteDelayed)):
+            found = "no content" if content is None else f"{type(content).__name__} content"
+            raise bad(
+                f"message {index} has {found}; content must be a string or a list of "
+                f"content parts (shape: {_MESSAGE_SHAPE})"
+            )
+    return list(prompt)
+
+
+def check_text(backend: Backend, method: str, text: Any, *, allow_empty: bool = True) -> None:
+    """Refuse an item that must be a string (lazy values are checked when they run)."""
+    if isinstance(text, FesteDelayed):
+        return
+    if not isinstance(text, str):
+        raise BadRequestError(
+            f"expected a string, got {type(text).__name__}"
+            + ("; call the method once per text" if isinstance(text, (list, tuple)) else ""),
+            backend=backend.provider,
+            method=method,
+        )
+    if not allow_empty and not text:
+        raise BadRequestError(
+            "the text is empty; the provider refuses empty inputs",
+            backend=backend.provider,
+            method=method,
+        )
+
+
+def check_texts(backend: Backend, method: str, texts: list[Any], *, allow_empty: bool) -> None:
+    """:func:`check_text` for each item of a batch; the error names the item's index, so
+    the batch runner fails that item alone and sends the others."""
+    for index, text in enumerate(texts):
+        try:
+            check_text(backend, method, text, allow_empty=allow_empty)
+        except BadRequestError as error:
+            error.message = f"input[{index}]: {error.message}"
+            error.args = (error.message,)
+            error.item_index = index
+            raise
 
 
 def lazy_or_value(value: Any) -> bool:

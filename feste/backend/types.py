@@ -36,7 +36,8 @@ class Request:
 
     def describe(self) -> str:
         model = f" model={self.model}" if self.model else ""
-        return f"{self.provider}.{self.method}{model} ({self.items} item{'s' if self.items != 1 else ''})"
+        plural = "s" if self.items != 1 else ""
+        return f"{self.provider}.{self.method}{model} ({self.items} item{plural})"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,344 @@
+"""The Cohere backend (API v2): chat, embed and rerank.
+
+Design
+------
+Like :mod:`feste.backend.openai`, :class:`Cohere` only describes requests and reads
+answers; the transports send them. Parameters are merged into explicit keywords when
+the graph is built (built-in defaults < constructor defaults < ``params=`` < call
+keywords). The batched item is the first positional argument: the messages list of a
+chat call, the text of an embedding, the *query* of a rerank call. ``embed`` is
+batchable (96 texts per request, answered in input order); a rerank call already
+scores a list of documents against its query, so the documents are a keyword parameter
+(part of the node's key) and rerank calls are not batched.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from feste.backend.base import (
+    Backend,
+    MethodSpec,
+    chat_messages,
+    check_messages,
+    check_text,
+    check_texts,
+    estimate_tokens,
+)
+from feste.backend.types import Parsed, Request, Response, Usage
+from feste.errors import BadRequestError, ConfigurationError
+from feste.task import FesteDelayed
+
+__all__ = ["Cohere"]
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+_CHAT_PARAMS = frozenset(
+    {
+        "model",
+        "temperature",
+        "max_tokens",
+        "p",
+        "k",
+        "seed",
+        "stop_sequences",
+        "frequency_penalty",
+        "presence_penalty",
+        "response_format",
+        "safety_mode",
+        "priority",
+    }
+)
+_EMBED_PARAMS = frozenset(
+    {"model", "input_type", "output_dimension", "truncate", "max_tokens", "priority"}
+)
+_RERANK_PARAMS = frozenset({"model", "documents", "top_n", "max_tokens_per_doc", "priority"})
+
+
+class Cohere(Backend):
+    """Cohere v2: ``chat``, ``embed``, ``rerank``.
+
+    ``Cohere(model="command-a-03-2025", temperature=0)``: keyword defaults apply to every
+    method that accepts them. Without a model, chat uses ``command-a-03-2025``, embed
+    ``embed-v4.0``, rerank ``rerank-v3.5``.
+
+    The key: ``api_key=`` or, by default, the ``CO_API_KEY`` environment variable, read
+    when each call runs. An explicit ``api_key`` travels with the backend when it is
+    pickled (to Dask workers, or into a stored graph); the environment variable does
+    not. The key never appears in ``repr``, graph keys, tokens, errors or logs.
+
+    ``transport="http"`` (default) uses feste's aiohttp transport; ``"sdk"`` the official
+    ``cohere.AsyncClientV2`` (retries off). ``client=`` takes a configured
+    ``cohere.AsyncClientV2``; the synchronous ``cohere.ClientV2`` is refused.
+    """
+
+    provider: ClassVar[str] = "cohere"
+    api_key_env: ClassVar[str] = "CO_API_KEY"
+    default_base_url: ClassVar[str] = "https://api.cohere.com"
+    sdk_package: ClassVar[str] = "cohere"
+    methods: ClassVar[Mapping[str, MethodSpec]] = {
+        "chat": MethodSpec("chat", params=_CHAT_PARAMS),
+        "embed": MethodSpec("embed", params=_EMBED_PARAMS, batch_size=96),
+        "rerank": MethodSpec("rerank", params=_RERANK_PARAMS),
+    }
+    method_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
+        "chat": {"model": "command-a-03-2025"},
+        "embed": {"model": "embed-v4.0", "input_type": "search_document"},
+        "rerank": {"model": "rerank-v3.5"},
+    }
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = 60.0,
+        client: Any = None,
+        transport: str | None = None,
+        max_concurrency: int | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
+        **defaults: Any,
+    ) -> None:
+        if client is not None:
+            _check_client(client)
+        if api_key is not None and not isinstance(api_key, str):
+            raise ConfigurationError(
+                f"api_key must be a string, got {type(api_key).__name__}", backend="cohere"
+            )
+        super().__init__(
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            transport=transport,
+            client=client,
+            max_concurrency=max_concurrency,
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+        )
+        self._set_defaults(defaults)
+
+    # -- public methods ---------------------------------------------------------------
+
+    def chat(
+        self,
+        prompt_or_messages: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        system: Any = None,
+        pure: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """The assistant's answer (a ``str``) to a prompt or a list of messages.
+
+        A string becomes one user message, ``system=`` a leading system message; a list
+        of ``{"role": ..., "content": ...}`` dicts is sent as it is.
+        """
+        call_params = self.call_params("chat", params, kwargs)
+        messages = chat_messages(self, "chat", prompt_or_messages, system, CHAT_ROLES)
+        return self._call("chat", messages, call_params, pure=pure)
+
+    def embed(
+        self,
+        text: Any,
+        params: Mapping[str, Any] | None = None,
+        *,
+        input_type: str | None = None,
+        pure: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """The float embedding (a ``list[float]``) of ``text``. Batchable, 96 per request.
+
+        ``input_type`` defaults to ``"search_document"``; use ``"search_query"`` for
+        queries, ``"classification"`` or ``"clustering"`` for those tasks.
+        """
+        call_params = self.call_params("embed", params, {**kwargs, "input_type": input_type})
+        check_text(self, "embed", text, allow_empty=False)
+        return self._call("embed", text, call_params, pure=pure)
+
+    def rerank(
+        self,
+        query: Any,
+        documents: Any,
+        top_n: int | None = None,
+        params: Mapping[str, Any] | None = None,
+        *,
+        pure: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """``documents`` ranked by relevance to ``query``: a list of ``(index, score)``.
+
+        Pairs come in the order the API returns them (most relevant first); ``index``
+        points into ``documents``. ``top_n`` keeps the best ``top_n``.
+        """
+        check_text(self, "rerank", query, allow_empty=False)
+        if not isinstance(documents, FesteDelayed):
+            if isinstance(documents, str) or not isinstance(documents, (list, tuple)):
+                raise BadRequestError(
+                    f"documents must be a list of strings, got {type(documents).__name__}",
+                    backend=self.provider,
+                    method="rerank",
+                )
+            if not documents:
+                raise BadRequestError(
+                    "documents is empty; give at least one document to rank",
+                    backend=self.provider,
+                    method="rerank",
+                )
+            for index, document in enumerate(documents):
+                if not isinstance(document, (str, FesteDelayed)):
+                    raise BadRequestError(
+                        f"documents[{index}] must be a string, got {type(document).__name__}",
+                        backend=self.provider,
+                        method="rerank",
+                    )
+            documents = list(documents)
+        call_params = self.call_params(
+            "rerank", params, {**kwargs, "documents": documents, "top_n": top_n}
+        )
+        return self._call("rerank", query, call_params, pure=pure)
+
+    # -- requests and answers -----------------------------------------------------------
+
+    def build_request(self, method: str, items: list[Any], params: Mapping[str, Any]) -> Request:
+        # Calls built by the methods carry every parameter already; a BatchCall made by
+        # hand may leave out the built-in defaults (the model...), which fill in here.
+        params = {**self.method_defaults.get(method, {}), **params}
+        model = params.get("model")
+        if method == "chat":
+            (item,) = items
+            messages = check_messages(self, method, item, CHAT_ROLES)
+            prompt_tokens = sum(
+                estimate_tokens(message["content"]) + 4
+                for message in messages
+                if isinstance(message, dict) and isinstance(message.get("content"), str)
+            )
+            return Request(
+                provider=self.provider,
+                method=method,
+                path="/v2/chat",
+                payload={**params, "messages": messages},
+                model=model,
+                items=1,
+                estimated_tokens=prompt_tokens + (params.get("max_tokens") or 0),
+                sdk_method="chat",
+            )
+        if method == "embed":
+            check_texts(self, method, items, allow_empty=False)
+            return Request(
+                provider=self.provider,
+                method=method,
+                path="/v2/embed",
+                payload={**params, "texts": list(items), "embedding_types": ["float"]},
+                model=model,
+                items=len(items),
+                estimated_tokens=sum(estimate_tokens(item) for item in items),
+                sdk_method="embed",
+            )
+        if method == "rerank":
+            (query,) = items
+            check_text(self, method, query, allow_empty=False)
+            documents = params.get("documents")
+            if not isinstance(documents, list) or not all(
+                isinstance(document, str) for document in documents
+            ):
+                raise BadRequestError(
+                    "documents must be a list of strings",
+                    backend=self.provider,
+                    method=method,
+                    model=model,
+                )
+            tokens = estimate_tokens(query) * len(documents)
+            tokens += sum(estimate_tokens(document) for document in documents)
+            return Request(
+                provider=self.provider,
+                method=method,
+                path="/v2/rerank",
+                payload={**params, "query": query},
+                model=model,
+                items=1,
+                estimated_tokens=tokens,
+                sdk_method="rerank",
+            )
+        self.spec(method)  # raises for an unknown method
+        raise ConfigurationError(f"no request for method {method!r}", backend=self.provider)
+
+    def parse_response(self, request: Request, response: Response) -> Parsed:
+        body = response.body
+        if not isinstance(body, dict):
+            raise self.malformed(request, f"expected a JSON object, got {type(body).__name__}")
+        if request.method == "chat":
+            return Parsed([self._chat_text(request, body)], _chat_usage(body, request.model))
+        if request.method == "embed":
+            embeddings = body.get("embeddings")
+            vectors = embeddings.get("float") if isinstance(embeddings, dict) else None
+            if not isinstance(vectors, list) or len(vectors) != request.items:
+                raise self.malformed(request, f"expected {request.items} float embeddings")
+            for vector in vectors:
+                if not isinstance(vector, list):
+                    raise self.malformed(request, "an embedding is not a list of numbers")
+            return Parsed(vectors, _billed_usage(body, request.model))
+        results = body.get("results")
+        if not isinstance(results, list):
+            raise self.malformed(request, "no list of rerank results")
+        ranking = []
+        for position, result in enumerate(results):
+            index = result.get("index") if isinstance(result, dict) else None
+            score = result.get("relevance_score") if isinstance(result, dict) else None
+            if not isinstance(index, int) or not isinstance(score, (int, float)):
+                raise self.malformed(request, f"rerank result {position} lacks index or score")
+            ranking.append((index, float(score)))
+        return Parsed([ranking], None)
+
+    def _chat_text(self, request: Request, body: dict[str, Any]) -> str:
+        message = body.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            raise self.malformed(request, "the answer has no message content")
+        pieces = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise self.malformed(request, "a text part of the answer has no text")
+                pieces.append(text)
+        return "".join(pieces)
+
+
+def _chat_usage(body: dict[str, Any], model: str | None) -> Usage | None:
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    tokens = usage.get("tokens")
+    if not isinstance(tokens, dict):
+        tokens = usage.get("billed_units")
+    if not isinstance(tokens, dict):
+        return None
+    return Usage(model, int(tokens.get("input_tokens") or 0), int(tokens.get("output_tokens") or 0))
+
+
+def _billed_usage(body: dict[str, Any], model: str | None) -> Usage | None:
+    meta = body.get("meta")
+    billed = meta.get("billed_units") if isinstance(meta, dict) else None
+    if not isinstance(billed, dict):
+        return None
+    return Usage(model, int(billed.get("input_tokens") or 0), 0)
+
+
+def _check_client(client: Any) -> None:
+    """Refuse anything but cohere's async v2 client (checked without importing cohere)."""
+    v2_client = sys.modules.get("cohere.v2.client")
+    if v2_client is not None and isinstance(client, v2_client.AsyncV2Client):
+        return
+    hint = ""
+    cohere = sys.modules.get("cohere")
+    if cohere is not None and isinstance(client, (cohere.ClientV2, cohere.Client)):
+        hint = (
+            ": that is a synchronous client, which would block feste's event loop; pass "
+            "cohere.AsyncClientV2(...) with the same settings"
+        )
+    raise ConfigurationError(
+        f"client= must be a cohere.AsyncClientV2, got {type(client).__qualname__}{hint}",
+        backend="cohere",
+    )
