@@ -202,6 +202,11 @@ class FesteGraph(MutableMapping[Any, Any]):
             levels[key] = 1 + max((levels[d] for d in deps[key]), default=0)
         return max(levels.values(), default=0)
 
+    def backend_calls(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Per ``provider.method``: the calls this graph holds and the requests it would
+        send as it stands (a batched node sends one request per chunk)."""
+        return _count_calls(self._graph)
+
     def stats(self, optimize: bool = True) -> GraphStats:
         """Node count, depth, backend calls and the requests they become.
 
@@ -209,7 +214,7 @@ class FesteGraph(MutableMapping[Any, Any]):
         on the graph the default optimizer makes of it (batching, deduplication), or on
         this graph as it stands when ``optimize`` is false. Nothing runs.
         """
-        calls, requests = _count_calls(self._graph)
+        calls, requests = self.backend_calls()
         if optimize and calls:
             from feste.optimization import default_optimizer
 

@@ -7,16 +7,91 @@ but never remove an output key. ``feste.compute`` runs the default optimizer on 
 graph dict itself before dispatch, so the same optimized graph reaches every scheduler,
 a distributed Client included (which does not apply a collection's
 ``__dask_optimize__``).
+
+Automatic batching (:class:`BatchOptimization`)
+-----------------------------------------------
+Candidates
+    ``Task`` nodes whose function is a :class:`~feste.backend.base.BackendCall` of a
+    batchable method (``MethodSpec.batchable``: embeddings, legacy completions) with
+    exactly one positional argument, the item (a literal, a ``TaskRef`` or a nested
+    node). Nodes whose function is a ``BatchCall`` are already batched and are never
+    candidates, so running the pass again changes nothing. Chat has no batch endpoint:
+    its calls stay separate nodes, and the scheduler's concurrency (many requests in
+    flight within the provider's limits) is what makes them fast.
+
+Groups
+    Two candidates may share a request when ``BackendCall.batch_group(params)`` is
+    equal: same backend identity (class, base URL, settings; the API key is not part
+    of it), same method, equal keyword parameters. The pass additionally keeps apart
+    backends given different API keys (directly or through their client), comparing a
+    salted hash that lives only in memory during the pass, so calls are never sent
+    with another backend's key.
+
+Safety: levels
+    A fused node waits for the union of its members' dependencies, so no member may
+    depend, even indirectly, on another member's output: that would be a cycle. Each
+    node gets a *call level*: the largest number of backend-call nodes (any method,
+    batched or not) on a path from a source up to and including the node. Only
+    candidates of the same group *and the same level* are fused. If candidate ``u``
+    is an ancestor of ``v``, then ``level(v) >= level(u) + 1`` because ``v`` is itself
+    a call, so ancestors never share a level: in ``a -> embed1 -> f -> embed2`` the
+    two embeds have levels 1 and 2 and are sent separately. Nor can fusion create a
+    cycle across groups: levels never decrease along an edge and strictly increase
+    on entering a call node, and every member of a fused node has the same level, so a
+    path leaving a fused node can never come back into it. The levels are computed in
+    one topological sweep (Kahn's algorithm), linear in nodes plus edges.
+
+    Counting every backend call, not only batchable ones, also keeps the batches
+    honest about waiting: ``embed(text)`` and ``embed(chat(text))`` have levels 1 and
+    2, so the first batch goes out at once instead of waiting for the chats. Local
+    steps (rendering a prompt, parsing) do not count: ``embed(render(x))`` and
+    ``embed("literal")`` share a batch.
+
+Deduplication
+    Identical pure calls already share one key (the key is a hash of the backend
+    identity, method, item and parameters), so they are one node. Inside a group the
+    pass also sends identical items once: the same literal (strings and other
+    hashable values, compared by type and value) or the same ``TaskRef``; every key
+    that asked for it takes the same result. Batchable methods are treated as
+    functions of their item and parameters (true of embeddings; a sampled completion
+    made impure with ``pure=False`` still shares the answer of an identical item in
+    the same batch).
+
+Chunking
+    The unique items of a group, in graph order, are cut into chunks of at most the
+    method's ``batch_size`` and, for literal strings, of at most ``batch_tokens``
+    estimated tokens (:func:`feste._calls._chunks`, the same rule the sender applies).
+    Items that come from other nodes are unknown when the graph is planned and count
+    as zero tokens; :func:`feste._calls.run_batch` cuts the real values again at run
+    time, so the budget always holds, and ``explain()`` may then under-count requests.
+
+Rewrite
+    Each chunk that serves two keys or more becomes one node
+    ``Task(batch_key, BatchCall(backend, method), List(item0, item1, ...), **params)``
+    (``List`` makes the ``TaskRef`` items dependencies) and each member key becomes
+    ``Task(key, take_item, TaskRef(batch_key), index)``, so downstream nodes and outputs
+    see the same values under the same keys. A failed item comes back as an
+    ``ItemFailure``, and ``take_item`` raises its error under the member's own key.
+    ``batch_key`` is ``f"{provider}-{method}-batch-{tokenize(sorted member keys)}"``,
+    deterministic for the same graph. A group, or a chunk, serving a single key keeps
+    its original node (a batch of one saves nothing).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from dask.base import tokenize
 from dask.core import flatten
+from dask.task_spec import GraphNode, List, Task, TaskRef
 
-__all__ = ["Optimization", "Optimizer", "default_optimizer"]
+from feste._calls import _chunks
+from feste.backend.base import Backend, BackendCall, BatchCall, take_item
+
+__all__ = ["BatchOptimization", "Optimization", "Optimizer", "call_levels", "default_optimizer"]
 
 
 class Optimization:
@@ -51,6 +126,187 @@ class Optimizer:
         return f"Optimizer({self.optimizations!r})"
 
 
+# Keeps backends with different explicit keys in different groups without holding the
+# key itself in the group: a hash salted per process, used only while the pass runs.
+_KEY_SALT = os.urandom(16)
+
+
+def _key_fingerprint(backend: Backend) -> str | None:
+    """A salted hash of the key a backend was given (directly or in its client)."""
+    given = [backend._api_key, getattr(backend._client, "api_key", None)]
+    keys = [key for key in given if isinstance(key, str) and key]
+    if not keys:
+        return None  # read from the environment where the call runs: the same for all
+    digest = hashlib.sha256(_KEY_SALT)
+    for key in keys:
+        digest.update(key.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _is_call_node(node: Any) -> bool:
+    return isinstance(node, Task) and isinstance(node.func, (BackendCall, BatchCall))
+
+
+def call_levels(graph: Mapping[Any, Any]) -> dict[Any, int] | None:
+    """key -> the most backend-call nodes on a path from a source to it, inclusive.
+
+    None when the graph has a cycle (the scheduler reports it). Dependencies outside
+    the graph (data held by a distributed cluster) count as sources.
+    """
+    dependents: dict[Any, list[Any]] = {}
+    waiting: dict[Any, int] = {}
+    ready: list[Any] = []
+    for key, node in graph.items():
+        count = 0
+        for dep in getattr(node, "dependencies", ()):
+            if dep in graph:
+                dependents.setdefault(dep, []).append(key)
+                count += 1
+        if count:
+            waiting[key] = count
+        else:
+            ready.append(key)
+    # The level a node inherits from its dependencies, raised as each one is done.
+    inherited: dict[Any, int] = {}
+    levels: dict[Any, int] = {}
+    while ready:
+        key = ready.pop()
+        level = inherited.get(key, 0)
+        if _is_call_node(graph[key]):
+            level += 1
+        levels[key] = level
+        for child in dependents.get(key, ()):
+            if inherited.get(child, 0) < level:
+                inherited[child] = level
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                ready.append(child)
+    if len(levels) != len(graph):
+        return None
+    return levels
+
+
+def _item_identity(item: Any) -> Any:
+    """What makes two items the same request item, or None if unknown."""
+    if isinstance(item, TaskRef):
+        return ("ref", item.key)
+    if isinstance(item, GraphNode):
+        return None
+    try:
+        hash(item)
+    except TypeError:
+        return None
+    return ("literal", type(item), item)
+
+
+def _frozen_params(params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """A hashable form of ``params`` to memoize group keys, or None."""
+    frozen = tuple(sorted((name, type(value), value) for name, value in params.items()))
+    try:
+        hash(frozen)
+    except TypeError:
+        return None
+    return frozen
+
+
+class BatchOptimization(Optimization):
+    """Fuse independent calls of one batchable backend method into batched requests.
+
+    See the module docstring for the grouping, safety and chunking rules.
+    """
+
+    name = "batch"
+
+    def apply(self, graph: dict[Any, Any], keys: Sequence[Any]) -> dict[Any, Any]:
+        groups = self._candidate_groups(graph)
+        if not groups:
+            return graph
+        optimized = dict(graph)
+        for members in groups.values():
+            if len(members) > 1:
+                self._fuse(optimized, members)
+        return optimized
+
+    def _candidate_groups(self, graph: Mapping[Any, Any]) -> dict[Any, list[Any]]:
+        """(level, group) -> member keys in graph order; empty if nothing to fuse."""
+        candidates: list[tuple[Any, Any]] = []
+        group_cache: dict[Any, Any] = {}
+        for key, node in graph.items():
+            if not isinstance(node, Task) or type(node.func) is not BackendCall:
+                continue
+            if len(node.args) != 1:
+                continue
+            group = self._group_of(node.func, node.kwargs, group_cache)
+            if group is not None:
+                candidates.append((key, group))
+        if len(candidates) < 2:
+            return {}
+        levels = call_levels(graph)
+        if levels is None:
+            return {}
+        groups: dict[Any, list[Any]] = {}
+        for key, group in candidates:
+            groups.setdefault((levels[key], group), []).append(key)
+        return groups
+
+    @staticmethod
+    def _group_of(call: BackendCall, params: Mapping[str, Any], cache: dict[Any, Any]) -> Any:
+        # batch_group tokenizes the backend and the parameters; on a large graph most
+        # calls repeat a few (backend, method, params), so remember each answer.
+        frozen = _frozen_params(params)
+        cache_key = (id(call.backend), call.method, frozen)
+        if frozen is not None and cache_key in cache:
+            return cache[cache_key]
+        group = call.batch_group(params)
+        if group is not None:
+            group = (*group, _key_fingerprint(call.backend))
+        if frozen is not None:
+            cache[cache_key] = group
+        return group
+
+    @staticmethod
+    def _fuse(graph: dict[Any, Any], members: list[Any]) -> None:
+        """Replace ``members`` (one group, one level) by batch nodes and item picks."""
+        first = graph[members[0]]
+        call: BackendCall = first.func
+        params = first.kwargs
+
+        unique_items: list[Any] = []
+        position_of: dict[Any, int] = {}
+        item_index_of_member: list[int] = []
+        for key in members:
+            item = graph[key].args[0]
+            identity = _item_identity(item)
+            index = position_of.get(identity) if identity is not None else None
+            if index is None:
+                index = len(unique_items)
+                unique_items.append(item)
+                if identity is not None:
+                    position_of[identity] = index
+            item_index_of_member.append(index)
+
+        chunks = _chunks(call.backend, call.method, unique_items)
+        chunk_of_item: list[tuple[int, int]] = []  # unique item -> (chunk, offset)
+        for chunk_number, chunk in enumerate(chunks):
+            for offset in range(len(chunk)):
+                chunk_of_item.append((chunk_number, offset))
+
+        served: list[list[tuple[Any, int]]] = [[] for _ in chunks]
+        for key, index in zip(members, item_index_of_member):
+            chunk_number, offset = chunk_of_item[index]
+            served[chunk_number].append((key, offset))
+
+        batch_call = BatchCall(call.backend, call.method)
+        prefix = f"{call.backend.provider}-{call.method}-batch-"
+        for chunk, keys_and_offsets in zip(chunks, served):
+            if len(keys_and_offsets) < 2:
+                continue  # one key: its original node is already one request
+            batch_key = prefix + tokenize(sorted(str(key) for key, _ in keys_and_offsets))
+            graph[batch_key] = Task(batch_key, batch_call, List(chunk), **params)
+            for key, offset in keys_and_offsets:
+                graph[key] = Task(key, take_item, TaskRef(batch_key), offset)
+
+
 def default_optimizer() -> Optimizer:
     """The passes ``feste.compute`` applies when ``optimize_graph=True``."""
-    return Optimizer([])
+    return Optimizer([BatchOptimization()])

@@ -465,7 +465,11 @@ def take_item(batch_result: list[Any], index: int) -> Any:
 
         # Duplicate calls share one item: each key raises its own copy of the error,
         # so the scheduler labels every copy with the key that raised it.
-        raise copy.copy(value.error)
+        try:
+            error = copy.copy(value.error)
+        except Exception:  # an exception type that cannot be rebuilt from its args
+            error = value.error
+        raise error
     return value
 
 
@@ -572,10 +576,6 @@ def check_texts(backend: Backend, method: str, texts: list[Any], *, allow_empty:
             error.args = (error.message,)
             error.item_index = index
             raise
-
-
-def lazy_or_value(value: Any) -> bool:
-    return isinstance(value, FesteDelayed)
 
 
 def backend_option(backend: Backend, name: str) -> Any:
