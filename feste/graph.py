@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from dask._task_spec import convert_legacy_graph  # graphs of older collections hold tuples
-from dask.base import unpack_collections
+from dask.base import is_dask_collection
+from dask.delayed import Delayed
 from dask.order import order as dask_order
 from dask.task_spec import Alias, DataNode, Task, TaskRef
 from dask.utils import ensure_dict, funcname
@@ -111,6 +112,35 @@ def _count_calls(graph: Mapping[Any, Any]) -> tuple[dict[str, int], dict[str, in
     return dict(calls), dict(requests)
 
 
+class _Slot:
+    """Where the i-th collected lazy value sits in the objects given to ``collect``."""
+
+    __slots__ = ("position",)
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+
+class _Container:
+    """A list, tuple, set or dict that holds lazy values somewhere inside."""
+
+    __slots__ = ("items", "kind")
+
+    def __init__(self, kind: type, items: list[Any]) -> None:
+        self.kind = kind
+        self.items = items
+
+
+def _fill(template: Any, results: list[Any]) -> Any:
+    if isinstance(template, _Slot):
+        return results[template.position]
+    if isinstance(template, _Container):
+        if template.kind is dict:
+            return {key: _fill(value, results) for key, value in template.items}
+        return template.kind(_fill(item, results) for item in template.items)
+    return template
+
+
 class FesteGraph(MutableMapping[Any, Any]):
     """A task graph: key -> ``dask.task_spec`` node."""
 
@@ -129,7 +159,34 @@ class FesteGraph(MutableMapping[Any, Any]):
         found (also inside lists, tuples, dicts when ``traverse``), and
         ``repack(results)`` rebuilds ``objs`` with one result per collection.
         """
-        collections, repack = unpack_collections(*objs, traverse=traverse)
+        collections: list[Any] = []
+        position_of_key: dict[Any, int] = {}
+
+        def unpack(obj: Any) -> Any:
+            # Returns a template of ``obj`` with _Slot(i) where collection i sits.
+            # Delayed first: is_dask_collection probes attributes, which costs more.
+            if isinstance(obj, Delayed) or is_dask_collection(obj):
+                identity = obj.key if isinstance(obj, Delayed) else id(obj)
+                position = position_of_key.get(identity)
+                if position is None:
+                    position = position_of_key[identity] = len(collections)
+                    collections.append(obj)
+                return _Slot(position)
+            if not traverse:
+                return obj
+            kind = type(obj)
+            if kind in (list, tuple, set, frozenset):
+                return _Container(kind, [unpack(item) for item in obj])
+            if kind is dict:
+                return _Container(dict, [(key, unpack(value)) for key, value in obj.items()])
+            return obj
+
+        templates = [unpack(obj) for obj in objs]
+
+        def repack(results: Any) -> tuple[Any, ...]:
+            results = list(results)
+            return tuple(_fill(template, results) for template in templates)
+
         merged: dict[Any, Any] = {}
         for collection in collections:
             merged.update(ensure_dict(collection.__dask_graph__()))

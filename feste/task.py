@@ -98,7 +98,7 @@ class FesteDelayed(Delayed):
         )
 
     def __getattr__(self, attr: str) -> FesteDelayed:
-        if attr.startswith("_"):
+        if attr.startswith("_") or attr in _PROBED_BY_DASK:
             raise AttributeError(f"FesteDelayed has no attribute {attr!r}")
         return FesteAttribute(self, attr)
 
@@ -144,6 +144,11 @@ class FesteDelayed(Delayed):
 
 def _apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return func(*args, **kwargs)
+
+
+# Dask looks these up on every object it meets to classify it (``is_dask_collection``
+# probes ``x.expr``); answering with a lazy attribute would cost a node per probe.
+_PROBED_BY_DASK = frozenset({"expr"})
 
 
 class FesteAttribute(FesteDelayed):
