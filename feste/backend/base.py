@@ -33,6 +33,7 @@ is not stored at all and is re-read where the call runs.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -141,7 +142,14 @@ class Backend(FesteBase):
         max_concurrency: int | None = None,
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
+        **defaults: Any,
     ) -> None:
+        if api_key is not None and not isinstance(api_key, str):
+            raise ConfigurationError(
+                f"api_key must be a string, got {type(api_key).__name__}", backend=self.provider
+            )
+        if client is not None:
+            self._check_client(client)
         self._api_key = api_key
         self.base_url = (base_url or self.default_base_url).rstrip("/")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
@@ -184,6 +192,7 @@ class Backend(FesteBase):
         # Constructor defaults of call parameters. They are merged into each node's
         # keyword parameters when the node is built, so they are not part of identity().
         self._defaults: dict[str, Any] = {}
+        self._set_defaults(defaults)
 
     # -- identity and secrets ---------------------------------------------------------
 
@@ -289,6 +298,32 @@ class Backend(FesteBase):
                 backend=self.provider,
                 method=method,
             )
+
+    #: (module, class name, public spelling) of the official async client this backend
+    #: accepts as ``client=``; and the synchronous clients to refuse with a hint.
+    async_client: ClassVar[tuple[str, str, str]] = ("", "", "")
+    sync_clients: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def _check_client(self, client: Any) -> None:
+        """Refuse anything but the official async client (checked without importing it)."""
+        module_name, class_name, public_name = self.async_client
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(client, getattr(module, class_name)):
+            return
+        hint = ""
+        for sync_module_name, sync_class_name in self.sync_clients:
+            sync_module = sys.modules.get(sync_module_name)
+            if sync_module is not None and isinstance(
+                client, getattr(sync_module, sync_class_name)
+            ):
+                hint = (
+                    ": that is a synchronous client, which would block feste's event loop; "
+                    f"pass {public_name}(...) with the same settings"
+                )
+        raise ConfigurationError(
+            f"client= must be an instance of {public_name}, got {type(client).__qualname__}{hint}",
+            backend=self.provider,
+        )
 
     def _set_defaults(self, defaults: Mapping[str, Any]) -> None:
         """Keep constructor defaults, refusing names that no method accepts."""

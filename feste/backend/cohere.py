@@ -14,7 +14,6 @@ scores a list of documents against its query, so the documents are a keyword par
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -83,6 +82,8 @@ class Cohere(Backend):
         "embed": MethodSpec("embed", params=_EMBED_PARAMS, batch_size=96),
         "rerank": MethodSpec("rerank", params=_RERANK_PARAMS),
     }
+    async_client = ("cohere.v2.client", "AsyncV2Client", "cohere.AsyncClientV2")
+    sync_clients = (("cohere", "ClientV2"), ("cohere", "Client"))
     method_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "chat": {"model": "command-a-03-2025"},
         "embed": {"model": "embed-v4.0", "input_type": "search_document"},
@@ -101,12 +102,6 @@ class Cohere(Backend):
         tokens_per_minute: float | None = None,
         **defaults: Any,
     ) -> None:
-        if client is not None:
-            _check_client(client)
-        if api_key is not None and not isinstance(api_key, str):
-            raise ConfigurationError(
-                f"api_key must be a string, got {type(api_key).__name__}", backend="cohere"
-            )
         super().__init__(
             api_key=api_key,
             base_url=base_url,
@@ -116,8 +111,8 @@ class Cohere(Backend):
             max_concurrency=max_concurrency,
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
+            **defaults,
         )
-        self._set_defaults(defaults)
 
     # -- public methods ---------------------------------------------------------------
 
@@ -324,21 +319,3 @@ def _billed_usage(body: dict[str, Any], model: str | None) -> Usage | None:
     if not isinstance(billed, dict):
         return None
     return Usage(model, int(billed.get("input_tokens") or 0), 0)
-
-
-def _check_client(client: Any) -> None:
-    """Refuse anything but cohere's async v2 client (checked without importing cohere)."""
-    v2_client = sys.modules.get("cohere.v2.client")
-    if v2_client is not None and isinstance(client, v2_client.AsyncV2Client):
-        return
-    hint = ""
-    cohere = sys.modules.get("cohere")
-    if cohere is not None and isinstance(client, (cohere.ClientV2, cohere.Client)):
-        hint = (
-            ": that is a synchronous client, which would block feste's event loop; pass "
-            "cohere.AsyncClientV2(...) with the same settings"
-        )
-    raise ConfigurationError(
-        f"client= must be a cohere.AsyncClientV2, got {type(client).__qualname__}{hint}",
-        backend="cohere",
-    )

@@ -17,7 +17,6 @@ server...) through ``base_url``.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -140,6 +139,8 @@ class OpenAI(Backend):
         "complete": CompleteParams,
         "embed": EmbedParams,
     }
+    async_client = ("openai", "AsyncOpenAI", "openai.AsyncOpenAI")
+    sync_clients = (("openai", "OpenAI"),)
     method_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "chat": {"model": "gpt-4o-mini"},
         "complete": {"model": "gpt-3.5-turbo-instruct"},
@@ -159,12 +160,7 @@ class OpenAI(Backend):
         tokens_per_minute: float | None = None,
         **defaults: Any,
     ) -> None:
-        if client is not None:
-            _check_client(client)
-        if api_key is not None and not isinstance(api_key, str):
-            raise ConfigurationError(
-                f"api_key must be a string, got {type(api_key).__name__}", backend="openai"
-            )
+        self.organization = organization
         super().__init__(
             api_key=api_key,
             base_url=base_url,
@@ -174,9 +170,8 @@ class OpenAI(Backend):
             max_concurrency=max_concurrency,
             requests_per_minute=requests_per_minute,
             tokens_per_minute=tokens_per_minute,
+            **defaults,
         )
-        self.organization = organization
-        self._set_defaults(defaults)
 
     def request_headers(self) -> dict[str, str]:
         return {"OpenAI-Organization": self.organization} if self.organization else {}
@@ -351,21 +346,4 @@ def _usage(body: dict[str, Any], model: str | None) -> Usage | None:
         reported_model if isinstance(reported_model, str) else model,
         int(prompt_tokens),
         int(completion_tokens),
-    )
-
-
-def _check_client(client: Any) -> None:
-    """Refuse anything but an ``openai.AsyncOpenAI`` (checked without importing openai)."""
-    openai = sys.modules.get("openai")
-    if openai is not None and isinstance(client, openai.AsyncOpenAI):
-        return
-    hint = ""
-    if openai is not None and isinstance(client, openai.OpenAI):
-        hint = (
-            ": openai.OpenAI is the synchronous client, which would block feste's event "
-            "loop; pass openai.AsyncOpenAI(...) with the same settings"
-        )
-    raise ConfigurationError(
-        f"client= must be an openai.AsyncOpenAI, got {type(client).__qualname__}{hint}",
-        backend="openai",
     )
