@@ -307,6 +307,8 @@ class Backend(FesteBase):
     def _check_client(self, client: Any) -> None:
         """Refuse anything but the official async client (checked without importing it)."""
         module_name, class_name, public_name = self.async_client
+        if not module_name:
+            return  # this backend declares no official client: nothing to check
         module = sys.modules.get(module_name)
         if module is not None and isinstance(client, getattr(module, class_name)):
             return
