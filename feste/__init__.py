@@ -7,7 +7,7 @@ requests in flight within each provider's limits).
 """
 
 from feste import context
-from feste.compute import compute, explain
+from feste.compute import as_completed, compute, compute_async, explain
 from feste.errors import Failure, FesteError
 from feste.graph import FesteGraph
 from feste.prompt import FesteEnvironment, LanguageMismatch, Prompt
@@ -24,7 +24,9 @@ __all__ = [
     "FesteGraph",
     "LanguageMismatch",
     "Prompt",
+    "as_completed",
     "compute",
+    "compute_async",
     "context",
     "explain",
     "feste_task",

@@ -4,10 +4,13 @@ Every scheduler reaches a provider through this module: the async engine awaits
 :func:`run_call` / :func:`run_batch` directly, the other schedulers through
 ``BackendCall.__call__`` on a per-thread loop. So the policy is the same everywhere:
 
-1. :func:`run_batch` chunks items to the method's batch size and token budget, and when
-   the provider rejects a batch as a bad request (400) it splits the batch in halves
-   until the bad items stand alone: they become :class:`ItemFailure` entries, every
-   other item gets its value.
+1. :func:`run_batch` sends identical string items once, chunks items to the method's
+   batch size and token budget, and when the provider rejects a batch as a bad request
+   (400) it isolates the bad items: the item the provider names is split out at once,
+   otherwise the batch is cut in halves until the bad items stand alone (a rejection
+   that hits both halves alike is about the request and fails every item). Failed
+   items become :class:`ItemFailure` entries, every other item gets its value; any
+   other error fails only the items of its own request.
 2. :func:`send` is the only function that calls a transport. Around each attempt it
    takes admission from the backend's limiter (concurrency, requests and tokens per
    minute), applies the timeout, and on a retryable error (429, 5xx, dropped
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import random
 import time
 from collections.abc import Mapping
@@ -57,9 +61,13 @@ class RunObserver:
     def request_finished(self, request: Request, usage: Usage | None, seconds: float) -> None:
         pass
 
+    def request_failed(self, request: Request, error: BaseException, attempt: int) -> None:
+        """The last attempt failed (not retried); ``error`` is what the caller gets."""
+
 
 current_observer: contextvars.ContextVar[RunObserver] = contextvars.ContextVar(
-    "feste_observer", default=RunObserver()
+    "feste_observer",
+    default=RunObserver(),  # noqa: B039 (the base observer is stateless)
 )
 
 
@@ -74,7 +82,14 @@ def transport_for(backend: Backend) -> Any:
 
 
 async def send(backend: Backend, request: Request) -> Parsed:
-    """Send ``request`` with limits, timeout and retries; return the parsed result."""
+    """Send ``request`` with limits, timeout and retries; return the parsed result.
+
+    Each attempt holds one admission of the backend's limiter only while the request is
+    in flight: the admission is given back before a retry waits, so waiting retries
+    never occupy concurrency. A 429 is reported to the limiter first (shared pause,
+    smaller concurrency), then the call waits ``max(backoff with full jitter,
+    Retry-After)`` and tries again, up to ``max_retries`` retries.
+    """
     from feste.limits import limiter_for
 
     limiter = limiter_for(backend)
@@ -85,38 +100,49 @@ async def send(backend: Backend, request: Request) -> Parsed:
     attempt = 0
     while True:
         attempt += 1
+        ticket = await limiter.acquire(request.estimated_tokens)
         try:
-            async with limiter.admit(request.estimated_tokens):
-                observer.request_started(request)
-                started = time.monotonic()
-                try:
-                    async with asyncio.timeout(timeout):
-                        response = await transport_for(backend).send(request)
-                except TimeoutError:
-                    raise TransientError(
-                        f"no answer within {timeout:g} s (raise task_timeout or the backend's timeout)",
-                        backend=request.provider,
-                        method=request.method,
-                        model=request.model,
-                    ) from None
-                parsed = backend.parse_response(request, response)
-            limiter.succeeded(request.estimated_tokens, parsed.usage)
-            observer.request_finished(request, parsed.usage, time.monotonic() - started)
-            return parsed
+            observer.request_started(request)
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(timeout):
+                    response = await transport_for(backend).send(request)
+            except TimeoutError:
+                raise TransientError(
+                    f"no answer within {timeout:g} s (raise task_timeout or the backend's timeout)",
+                    backend=request.provider,
+                    method=request.method,
+                    model=request.model,
+                ) from None
+            parsed = backend.parse_response(request, response)
         except RetryableError as error:
             error.attempts = attempt
             if isinstance(error, RateLimitError):
-                limiter.rate_limited(error.retry_after)
+                # Before the admission is given back, so no waiter slips in unpaused.
+                limiter.rate_limited(error.retry_after, ticket)
+            limiter.release(ticket)
             if attempt > max_retries:
+                observer.request_failed(request, error, attempt)
                 raise
             observer.request_retried(request, error, attempt)
-            delay = random.uniform(0, min(_MAX_BACKOFF, backoff * 2 ** (attempt - 1)))
+            delay = random.uniform(0.0, min(_MAX_BACKOFF, backoff * 2 ** (attempt - 1)))
             if isinstance(error, RateLimitError) and error.retry_after is not None:
                 delay = max(delay, error.retry_after)
             await asyncio.sleep(delay)
+            continue
         except BackendError as error:
+            limiter.release(ticket)
             error.attempts = attempt
+            observer.request_failed(request, error, attempt)
             raise
+        except BaseException as error:  # cancelled, or a bug in a transport or parser
+            limiter.release(ticket)
+            observer.request_failed(request, error, attempt)
+            raise
+        limiter.succeeded(request.estimated_tokens, parsed.usage, ticket)
+        limiter.release(ticket)
+        observer.request_finished(request, parsed.usage, time.monotonic() - started)
+        return parsed
 
 
 async def run_call(backend: Backend, method: str, item: Any, params: Mapping[str, Any]) -> Any:
@@ -127,7 +153,12 @@ async def run_call(backend: Backend, method: str, item: Any, params: Mapping[str
 
 
 def _chunks(backend: Backend, method: str, items: list[Any]) -> list[list[Any]]:
-    """Split ``items`` by the method's batch size and token budget, keeping order."""
+    """Split ``items`` by the method's batch size and token budget, keeping order.
+
+    Strings count their estimated tokens; any other item (a value not known yet when
+    the batching pass plans a graph) counts as zero. An item over the budget on its
+    own goes alone in its chunk (the provider then says whether it is too long).
+    """
     from feste.backend.base import estimate_tokens
 
     spec = backend.spec(method)
@@ -148,37 +179,157 @@ def _chunks(backend: Backend, method: str, items: list[Any]) -> list[list[Any]]:
     return chunks
 
 
+def _copy_error(error: BaseException) -> BaseException:
+    """A separate error object, so each item's failure can be labelled with its own key."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
+
+
+def _fail_all(items: list[Any], error: BackendError) -> list[Any]:
+    error.item_index = None
+    return [ItemFailure(_copy_error(error)) for _ in items]
+
+
+async def _send_items(
+    backend: Backend, method: str, items: list[Any], params: Mapping[str, Any]
+) -> list[Any]:
+    """One request for ``items``: one value per item, or a BackendError."""
+    request = backend.build_request(method, items, params)
+    parsed = await send(backend, request)
+    if len(parsed.values) != len(items):
+        raise backend.malformed(
+            request, f"{len(parsed.values)} results for a request of {len(items)} items"
+        )
+    return parsed.values
+
+
+async def _attempt(
+    backend: Backend, method: str, items: list[Any], params: Mapping[str, Any]
+) -> list[Any] | BackendError:
+    try:
+        return await _send_items(backend, method, items, params)
+    except BackendError as error:
+        return error
+
+
+def _same_rejection(first: BackendError, second: BackendError) -> bool:
+    return (
+        isinstance(second, BadRequestError)
+        and second.item_index is None
+        and second.status == first.status
+        and second.message == first.message
+    )
+
+
 async def _send_isolating_bad_items(
     backend: Backend, method: str, items: list[Any], params: Mapping[str, Any]
 ) -> list[Any]:
-    request = backend.build_request(method, items, params)
-    try:
-        parsed = await send(backend, request)
-    except BadRequestError as error:
-        if len(items) == 1:
-            error.item_index = None
-            return [ItemFailure(error)]
-        # One bad item fails the whole request: split to let the others through.
-        middle = len(items) // 2
-        left, right = await asyncio.gather(
-            _send_isolating_bad_items(backend, method, items[:middle], params),
-            _send_isolating_bad_items(backend, method, items[middle:], params),
-        )
-        return left + right
-    return parsed.values
+    """Send ``items`` in one request; one entry per item, a value or an ItemFailure.
+
+    A bad request (400) caused by some items is split until those items stand alone;
+    every other error fails all the items of the request, each with its own copy.
+    """
+    outcome = await _attempt(backend, method, items, params)
+    if isinstance(outcome, BadRequestError):
+        return await _isolate(backend, method, items, params, outcome, first_split=True)
+    if isinstance(outcome, BackendError):
+        return _fail_all(items, outcome)
+    return outcome
+
+
+async def _isolate(
+    backend: Backend,
+    method: str,
+    items: list[Any],
+    params: Mapping[str, Any],
+    error: BadRequestError,
+    *,
+    first_split: bool,
+) -> list[Any]:
+    """Results for ``items``, whose request was just rejected with ``error``.
+
+    * One item: it fails alone, with the provider's message.
+    * The provider named the item (``item_index``): that item fails, the others go
+      again in one request.
+    * Otherwise bisect, sending both halves at once. At the first split of a request,
+      when both halves are rejected with exactly the message of the whole, the
+      rejection is about the request (an unknown model, a bad parameter), not an
+      item: every item fails with it, after three requests instead of one per item.
+      Item errors name their item in the message (its index or its size), so two bad
+      items in different halves are almost never mistaken for that.
+    """
+    if len(items) == 1:
+        error.item_index = None
+        return [ItemFailure(error)]
+    blamed = error.item_index
+    if blamed is not None and 0 <= blamed < len(items):
+        error.item_index = None
+        rest = items[:blamed] + items[blamed + 1 :]
+        rest_results = await _send_isolating_bad_items(backend, method, rest, params)
+        return [*rest_results[:blamed], ItemFailure(error), *rest_results[blamed:]]
+
+    middle = len(items) // 2
+    halves = (items[:middle], items[middle:])
+    outcomes = await asyncio.gather(*(_attempt(backend, method, half, params) for half in halves))
+    if first_split and all(
+        isinstance(outcome, BackendError) and _same_rejection(error, outcome)
+        for outcome in outcomes
+    ):
+        return _fail_all(items, error)
+
+    async def settle(half: list[Any], outcome: list[Any] | BackendError) -> list[Any]:
+        if isinstance(outcome, BadRequestError):
+            return await _isolate(backend, method, half, params, outcome, first_split=False)
+        if isinstance(outcome, BackendError):
+            return _fail_all(half, outcome)
+        return outcome
+
+    left, right = await asyncio.gather(
+        *(settle(half, outcome) for half, outcome in zip(halves, outcomes))
+    )
+    return [*left, *right]
 
 
 async def run_batch(
     backend: Backend, method: str, items: list[Any], params: Mapping[str, Any]
 ) -> list[Any]:
-    """Many calls of one batch group: one entry per item, a value or an ItemFailure."""
-    results: list[Any] = []
+    """Many calls of one batch group: one entry per item, a value or an ItemFailure.
+
+    Identical string items are sent once. Chunks go out concurrently (the limiter
+    admits them); an error fails only the items of the chunk it came from.
+    """
+    unique_items: list[Any] = []
+    position_of: dict[str, int] = {}
+    positions: list[int] = []
+    for item in items:
+        if isinstance(item, str):
+            index = position_of.get(item)
+            if index is None:
+                index = position_of[item] = len(unique_items)
+                unique_items.append(item)
+        else:
+            index = len(unique_items)
+            unique_items.append(item)
+        positions.append(index)
+
     chunk_results = await asyncio.gather(
         *(
             _send_isolating_bad_items(backend, method, chunk, params)
-            for chunk in _chunks(backend, method, items)
+            for chunk in _chunks(backend, method, unique_items)
         )
     )
+    unique_results: list[Any] = []
     for chunk_result in chunk_results:
-        results.extend(chunk_result)
+        unique_results.extend(chunk_result)
+
+    results: list[Any] = []
+    handed_out: set[int] = set()
+    for index in positions:
+        value = unique_results[index]
+        if isinstance(value, ItemFailure) and index in handed_out:
+            value = ItemFailure(_copy_error(value.error))
+        handed_out.add(index)
+        results.append(value)
     return results

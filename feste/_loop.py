@@ -66,7 +66,19 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     if _in_running_loop():
         return _run_on_helper_thread(coro)
     loop = _thread_loop()
-    return loop.run_until_complete(coro)
+    task = loop.create_task(coro)
+    try:
+        return loop.run_until_complete(task)
+    except BaseException:
+        # Ctrl-C (KeyboardInterrupt) stops the loop with the task still pending: cancel
+        # it and let it wind down, so its in-flight requests end before we re-raise.
+        if not task.done():
+            task.cancel()
+            try:
+                loop.run_until_complete(task)
+            except BaseException:
+                pass
+        raise
 
 
 _helper_lock = threading.Lock()
@@ -90,22 +102,36 @@ def _run_on_helper_thread(coro: Coroutine[Any, Any, T]) -> T:
     loop = _start_helper()
     ctx = contextvars.copy_context()
     future: Future[T] = Future()
+    tasks: list[asyncio.Task[T]] = []
 
     def start() -> None:
         task = ctx.run(loop.create_task, coro)
+        tasks.append(task)
 
         def done(t: asyncio.Task[T]) -> None:
             if t.cancelled():
                 future.cancel()
             elif t.exception() is not None:
-                future.set_exception(t.exception())  # type: ignore[arg-type]
+                future.set_exception(t.exception())
             else:
                 future.set_result(t.result())
 
         task.add_done_callback(done)
 
     loop.call_soon_threadsafe(start)
-    return future.result()
+    try:
+        return future.result()
+    except BaseException:
+        # Interrupted while waiting (Ctrl-C in Jupyter): cancel the work on the helper loop.
+        if not future.done():
+            started = tasks[0] if tasks else None
+            if started is not None:
+                loop.call_soon_threadsafe(started.cancel)
+            try:
+                future.exception(timeout=10)
+            except BaseException:
+                pass
+        raise
 
 
 @atexit.register

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from feste import context
+from feste.errors import SchedulerError
 from feste.graph import FesteGraph, GraphStats
 from feste.optimization import default_optimizer
 from feste.schedulers import get_scheduler
 
-__all__ = ["compute", "explain", "prepare"]
+__all__ = ["as_completed", "compute", "compute_async", "explain", "prepare"]
 
 
 def prepare(
@@ -65,11 +67,111 @@ def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
     method how many calls the graph holds and how many requests they become after
     optimization (``str()`` of the result: ``"openai.embed: 5000 calls -> 3 requests"``).
     """
-    graph, _, _, _ = prepare(*objs, optimize_graph=optimize_graph)
-    to_run = FesteGraph(graph).stats(optimize=False)
-    if not optimize_graph:
-        return to_run
-    raw_graph, _, _ = FesteGraph.collect(*objs)
-    # Calls are counted in the graph as written; requests in the optimized one.
-    written = raw_graph.stats(optimize=False)
-    return GraphStats(to_run.nodes, to_run.depth, written.calls, to_run.requests)
+    # The same steps as prepare(), keeping the graph as written to count its calls.
+    graph, collections, _ = FesteGraph.collect(*objs)
+    calls, requests = graph.backend_calls()
+    if optimize_graph and len(graph):
+        keys = [collection.__dask_keys__() for collection in collections]
+        graph = FesteGraph(default_optimizer().optimize(graph.to_dict(), keys))
+        _, requests = graph.backend_calls()
+    return GraphStats(len(graph), graph.depth(), calls, requests)
+
+
+async def compute_async(
+    *objs: Any,
+    scheduler: Any = None,
+    optimize_graph: bool = True,
+    traverse: bool = True,
+    **kwargs: Any,
+) -> tuple[Any, ...]:
+    """``await feste.compute_async(...)``: :func:`compute` for async code.
+
+    With the async scheduler (the default) the graph runs on the caller's event loop,
+    next to whatever else it runs; keywords are feste options for this computation
+    (``errors="return"``, ``max_concurrency=...``). Another scheduler runs in a worker
+    thread, so the loop is never blocked.
+    """
+    from feste.schedulers._engine import option_keywords, run_graph
+
+    graph, keys, repack, postcomputes = prepare(
+        *objs, optimize_graph=optimize_graph, traverse=traverse
+    )
+    if not keys:
+        return objs
+    if scheduler is None:
+        scheduler = context.get("scheduler")
+    if scheduler is None or scheduler in ("async", "local"):
+        with context.set(**option_keywords(kwargs)):
+            results = await run_graph(graph, keys)
+    else:
+        import asyncio
+
+        get = get_scheduler(scheduler)
+        results = await asyncio.to_thread(get, graph, keys, **kwargs)
+    return finish(results, repack, postcomputes)
+
+
+def _whole_value(value: Any) -> Any:
+    return value
+
+
+def as_completed(
+    objs: Any,
+    *,
+    preserve_order: bool = False,
+    optimize_graph: bool = True,
+    errors: str = "return",
+    **options: Any,
+) -> Any:
+    """Stream results: yield ``(index, value)`` for each of ``objs`` as it finishes.
+
+    ``objs`` is a sequence of lazy values (or structures holding them; plain values come
+    back at once). All of them are computed as one optimized graph on the async engine,
+    and each is yielded as soon as it is known, fastest first; ``preserve_order=True``
+    yields them in input order instead. The result works with ``for`` and with
+    ``async for``; leaving the loop early (``break``) cancels the rest, in-flight
+    requests included. Use it as a context manager, or call ``close()``/``aclose()``,
+    to stop a run whose iterator you keep.
+
+    A failed object is yielded as a :class:`feste.Failure` in its place: by default
+    (``errors="return"``) the stream never raises because one object failed. Pass
+    ``errors="raise"`` to stop the stream with the first error instead (annotated with
+    its task key; in-flight work is cancelled). Other keywords are feste options for
+    this run (``max_concurrency=8``, ``progress=True``, ...).
+    """
+    from dask.base import is_dask_collection
+    from dask.delayed import Delayed
+
+    from feste.schedulers._engine import GraphStream, inline_function, option_keywords
+    from feste.task import lazy_call, lazy_values_in
+
+    scheduler = options.pop("scheduler", None)
+    if scheduler not in (None, "async", "local"):
+        raise SchedulerError(
+            f"as_completed runs on the async engine; got scheduler={scheduler!r} "
+            "(leave it out, or use feste.compute for other schedulers)"
+        )
+    checked = option_keywords({**options, "errors": errors})
+    with context.set(**checked):  # check the values now rather than mid-stream
+        pass
+    inline_function(_whole_value)
+    items = list(objs)
+    ready: dict[int, Any] = {}
+    wrapped: dict[int, Any] = {}
+    for index, obj in enumerate(items):
+        if isinstance(obj, Delayed):
+            wrapped[index] = obj
+        elif is_dask_collection(obj) or lazy_values_in(obj):
+            wrapped[index] = lazy_call(_whole_value, obj, name="as-completed", pure=True)
+        else:
+            ready[index] = obj
+    outputs: dict[Any, list[int]] = {}
+    for index, value in wrapped.items():
+        outputs.setdefault(value.key, []).append(index)
+    graph: dict[Any, Any] = {}
+    if wrapped:
+        collected, _, _ = FesteGraph.collect(*wrapped.values(), traverse=False)
+        graph = collected.to_dict()
+        if optimize_graph:
+            graph = default_optimizer().optimize(graph, [[key] for key in outputs])
+    return GraphStream(graph, outputs, ready, options=checked, preserve_order=preserve_order)

@@ -133,6 +133,14 @@ _OPTION_LIST = [
         _positive_int_or_none,
     ),
     Option(
+        "python_executor",
+        "threads",
+        "Where the 'async' scheduler runs plain Python tasks: 'threads' (a pool of num_workers "
+        "threads) or 'processes' (a pool of num_workers processes, for CPU-bound tasks; their "
+        "functions, inputs and results must pickle).",
+        _one_of("threads", "processes"),
+    ),
+    Option(
         "max_concurrency",
         None,
         "Requests in flight at once, per backend (overrides the backend's own setting).",

@@ -8,6 +8,7 @@ the options set around ``feste.compute`` apply inside worker processes too.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,14 +35,23 @@ class KeyedCall:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             if self.options is None:
-                return self.func(*args, **kwargs)
+                return _awaited(self.func(*args, **kwargs))
             with context.set(**self.options):
-                return self.func(*args, **kwargs)
+                return _awaited(self.func(*args, **kwargs))
         except BaseException as exc:
             raise annotate_task_error(exc, self.key) from None
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (KeyedCall, (self.func, self.key, self.options))
+
+
+def _awaited(value: Any) -> Any:
+    """An ``async def`` task returns a coroutine: run it on this thread's loop."""
+    if inspect.iscoroutine(value):
+        from feste._loop import run_sync
+
+        return run_sync(value)
+    return value
 
 
 def portable_options() -> dict[str, Any]:

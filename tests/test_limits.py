@@ -1,0 +1,337 @@
+"""feste.limits: admission by concurrency, rates and pauses; AIMD; one limiter per identity.
+
+The limiter is exercised directly (coroutines acquiring and releasing, on one loop and
+on several loops in several threads), then through feste.compute against the local
+test server, whose own counters (max_in_flight, status_counts) are the judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import feste
+from feste import context
+from feste.backend.openai import OpenAI
+from feste.backend.types import Usage
+from feste.errors import ConfigurationError, OptionError
+from feste.limits import Limiter, Limits, limiter_for
+
+
+class InFlight:
+    """Counts holders of an admission, across threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+        self.total = 0
+
+    def enter(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.total += 1
+            self.most = max(self.most, self.now)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+async def hold(limiter: Limiter, counter: InFlight, seconds: float, tokens: int = 0) -> None:
+    async with limiter.admit(tokens):
+        counter.enter()
+        await asyncio.sleep(seconds)
+        counter.leave()
+
+
+def test_concurrency_is_capped_and_reached():
+    limiter = Limiter("test", Limits(max_concurrency=3))
+    counter = InFlight()
+
+    async def main():
+        await asyncio.gather(*(hold(limiter, counter, 0.01) for _ in range(12)))
+
+    asyncio.run(main())
+    assert counter.total == 12
+    assert counter.most == 3
+    assert limiter.stats()["in_flight"] == 0
+    assert limiter.stats()["max_in_flight"] == 3
+
+
+def test_the_limit_holds_across_threads_and_event_loops():
+    limiter = Limiter("test", Limits(max_concurrency=4))
+    counter = InFlight()
+
+    def one_thread():
+        async def main():
+            await asyncio.gather(*(hold(limiter, counter, 0.005) for _ in range(15)))
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=one_thread) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert counter.total == 45
+    assert counter.most == 4
+    stats = limiter.stats()
+    assert (stats["in_flight"], stats["waiting"], stats["admitted"]) == (0, 0, 45)
+
+
+def test_waiters_are_admitted_in_arrival_order():
+    limiter = Limiter("test", Limits(max_concurrency=1))
+    order: list[int] = []
+
+    async def one(i: int) -> None:
+        async with limiter.admit():
+            order.append(i)
+            await asyncio.sleep(0)
+
+    async def main():
+        await asyncio.gather(*(one(i) for i in range(8)))
+
+    asyncio.run(main())
+    assert order == list(range(8))
+
+
+def test_a_cancelled_waiter_gives_its_place_back():
+    limiter = Limiter("test", Limits(max_concurrency=1))
+
+    async def main():
+        first = await limiter.acquire()
+        waiting = asyncio.create_task(limiter.acquire())
+        await asyncio.sleep(0.01)
+        assert limiter.stats()["waiting"] == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert limiter.stats()["waiting"] == 0
+        limiter.release(first)
+        # The slot is free again: a new request is admitted at once.
+        second = await asyncio.wait_for(limiter.acquire(), 1)
+        limiter.release(second)
+
+    asyncio.run(main())
+    assert limiter.stats()["in_flight"] == 0
+
+
+def test_releasing_twice_counts_once():
+    limiter = Limiter("test", Limits(max_concurrency=2))
+
+    async def main():
+        ticket = await limiter.acquire()
+        limiter.release(ticket)
+        limiter.release(ticket)
+
+    asyncio.run(main())
+    assert limiter.stats()["in_flight"] == 0
+
+
+def test_requests_per_minute_allow_one_second_of_burst_then_wait():
+    limiter = Limiter("test", Limits(requests_per_minute=120))  # 2 a second
+
+    async def main():
+        for _ in range(2):
+            limiter.release(await asyncio.wait_for(limiter.acquire(), 1))
+        third = asyncio.create_task(limiter.acquire())
+        await asyncio.sleep(0.01)
+        assert not third.done()
+        # Refilled at 2 per second: admitted within a short while.
+        limiter.release(await asyncio.wait_for(third, 5))
+
+    asyncio.run(main())
+    assert limiter.stats()["admitted"] == 3
+
+
+def test_tokens_per_minute_charge_estimates_and_refund_with_usage():
+    limiter = Limiter("test", Limits(tokens_per_minute=600))  # 10 tokens a second
+
+    async def main():
+        # 90 estimated tokens put the 10-token bucket 80 tokens in debt: about 9 s.
+        ticket = await asyncio.wait_for(limiter.acquire(90), 1)
+        limiter.release(ticket)
+        blocked = asyncio.create_task(limiter.acquire(90))
+        await asyncio.sleep(0.01)
+        assert not blocked.done()
+        # The provider reports no tokens used: the refund admits the next one now.
+        limiter.succeeded(90, Usage("m", 0, 0), ticket)
+        limiter.release(await asyncio.wait_for(blocked, 1))
+
+    asyncio.run(main())
+
+
+def test_a_request_larger_than_the_bucket_is_admitted_when_it_is_full():
+    limiter = Limiter("test", Limits(tokens_per_minute=600))  # 10 tokens a second
+
+    async def main():
+        limiter.release(await asyncio.wait_for(limiter.acquire(1000), 1))
+
+    asyncio.run(main())
+
+
+def test_retry_after_pauses_every_waiter():
+    limiter = Limiter("test", Limits(max_concurrency=10))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def admitted_at() -> float:
+            ticket = await limiter.acquire()
+            limiter.release(ticket)
+            return loop.time()
+
+        started = loop.time()
+        ticket = await limiter.acquire()
+        limiter.rate_limited(0.5, ticket)
+        limiter.release(ticket)
+        assert limiter.stats()["paused_for"] > 0
+        waiters = [asyncio.create_task(admitted_at()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert not any(waiter.done() for waiter in waiters)
+        times = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        # Nobody was admitted before the pause ended.
+        assert min(times) - started >= 0.5
+
+    asyncio.run(main())
+
+
+def test_aimd_halves_once_per_generation_and_recovers_on_successes():
+    limiter = Limiter("test", Limits(max_concurrency=16))
+
+    async def main():
+        tickets = [await limiter.acquire() for _ in range(16)]
+        # All sixteen were admitted in the same generation: their 429s halve once.
+        for ticket in tickets[:4]:
+            limiter.rate_limited(None, ticket)
+        assert limiter.stats()["concurrency"] == 8
+        assert limiter.stats()["decreases"] == 1
+        for ticket in tickets:
+            limiter.release(ticket)
+        # A request admitted after the decrease halves again when it is limited.
+        later = await limiter.acquire()
+        limiter.rate_limited(None, later)
+        limiter.release(later)
+        assert limiter.stats()["concurrency"] == 1
+        # One request at a time grows the window only while it fills half of it (1 -> 3).
+        for _ in range(20):
+            ticket = await limiter.acquire()
+            limiter.succeeded(0, None, ticket)
+            limiter.release(ticket)
+        assert limiter.stats()["concurrency"] == 3
+        # Rounds of requests filling the window grow it back to the limit, not beyond.
+        for _ in range(10):
+            window = limiter.stats()["concurrency"]
+            tickets = [await asyncio.wait_for(limiter.acquire(), 1) for _ in range(window)]
+            for ticket in tickets:
+                limiter.succeeded(0, None, ticket)
+                limiter.release(ticket)
+        assert limiter.stats()["concurrency"] == 16
+
+    asyncio.run(main())
+
+
+def test_reduced_concurrency_is_enforced():
+    limiter = Limiter("test", Limits(max_concurrency=8))
+    counter = InFlight()
+
+    async def main():
+        ticket = await limiter.acquire()
+        limiter.rate_limited(None, ticket)  # 1 in flight -> window max(1, 1 / 2) = 1
+        limiter.release(ticket)
+        await asyncio.gather(*(hold(limiter, counter, 0.005) for _ in range(6)))
+
+    asyncio.run(main())
+    # No success was reported, so the window stayed at one request in flight.
+    assert counter.most == 1
+    assert counter.total == 6
+
+
+@pytest.mark.parametrize("bad", [0, -1, "3", True])
+def test_invalid_limits_are_rejected(bad):
+    with pytest.raises(ConfigurationError, match="max_concurrency must be a positive number"):
+        Limits(max_concurrency=bad).check()
+    with pytest.raises(ConfigurationError, match="max_concurrency must be a positive number"):
+        OpenAI(api_key="k", max_concurrency=bad)
+
+
+def test_invalid_context_limits_are_rejected():
+    with (
+        pytest.raises(OptionError, match="requests_per_minute"),
+        context.set(requests_per_minute=0),
+    ):
+        pass
+    with pytest.raises(OptionError, match="max_concurrency"), context.set(max_concurrency=-5):
+        pass
+
+
+def test_one_limiter_per_identity_never_per_key():
+    a = OpenAI(base_url="http://127.0.0.1:9/v1", api_key="key-a", max_concurrency=5)
+    b = OpenAI(base_url="http://127.0.0.1:9/v1", api_key="key-b", max_concurrency=5)
+    c = OpenAI(base_url="http://127.0.0.1:10/v1", api_key="key-a", max_concurrency=5)
+    assert limiter_for(a) is limiter_for(b)
+    assert limiter_for(a) is not limiter_for(c)
+    assert "key-a" not in repr(limiter_for(a))
+
+
+def test_the_context_overrides_the_backend_limits():
+    backend = OpenAI(base_url="http://127.0.0.1:11/v1", api_key="k", max_concurrency=5)
+    assert limiter_for(backend).limits.max_concurrency == 5
+    with context.set(max_concurrency=2, tokens_per_minute=1000):
+        assert limiter_for(backend).limits == Limits(2, None, 1000.0)
+    assert limiter_for(backend).limits.max_concurrency == 5
+
+
+def test_calls_respect_max_concurrency_at_the_server(llm_server_factory):
+    server = llm_server_factory(latency=0.02)
+    llm = OpenAI(base_url=server.openai_base_url, api_key="k", max_concurrency=4)
+    results = feste.compute([llm.chat(f"q{i}") for i in range(40)])[0]
+    assert results == [f"echo(gpt-4o-mini): q{i}" for i in range(40)]
+    stats = server.stats()
+    assert stats["max_in_flight"] == 4
+    assert stats["requests"] == 40
+
+
+def test_concurrent_computes_in_several_threads_share_the_limit(llm_server_factory):
+    server = llm_server_factory(latency=0.02)
+    outcomes: dict[int, list[str]] = {}
+
+    def run(thread_index: int) -> None:
+        # Separate backend objects of one identity: one limiter between them.
+        llm = OpenAI(base_url=server.openai_base_url, api_key="k", max_concurrency=3)
+        calls = [llm.chat(f"t{thread_index}-{i}") for i in range(15)]
+        outcomes[thread_index] = feste.compute(calls)[0]
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for n in range(3):
+        assert outcomes[n] == [f"echo(gpt-4o-mini): t{n}-{i}" for i in range(15)]
+    assert server.stats()["max_in_flight"] == 3
+    assert server.stats()["requests"] == 45
+
+
+def test_the_limit_set_in_the_context_applies(llm_server_factory):
+    server = llm_server_factory(latency=0.02)
+    llm = OpenAI(base_url=server.openai_base_url, api_key="k", max_concurrency=50)
+    with context.set(max_concurrency=2):
+        feste.compute([llm.chat(f"q{i}") for i in range(12)])
+    assert server.stats()["max_in_flight"] == 2
+
+
+def test_server_429s_are_reported_to_the_limiter(llm_server_factory):
+    server = llm_server_factory(fault_429=0.3, retry_after=0.01, seed=3)
+    llm = OpenAI(base_url=server.openai_base_url, api_key="k", max_concurrency=8)
+    results = feste.compute([llm.chat(f"q{i}") for i in range(30)], retry_backoff=0.001)[0]
+    assert results == [f"echo(gpt-4o-mini): q{i}" for i in range(30)]
+    stats = server.stats()
+    limiter = limiter_for(llm).stats()
+    assert stats["status_counts"]["429"] > 0
+    assert limiter["rate_limited"] == stats["status_counts"]["429"]
+    assert limiter["admitted"] == stats["requests"]
+    assert limiter["decreases"] >= 1

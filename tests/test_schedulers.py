@@ -1,0 +1,221 @@
+"""One suite for every scheduler: the same graphs give the same results on all four.
+
+In the manner of dask's ``GetFunctionTestMixin``: each test receives ``get``, the
+scheduler's ``get(graph, keys)`` function, or its name for ``feste.compute``, and is
+run for "async", "sync", "threads" and "processes". Task functions live at module level
+so that worker processes can import them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+
+import dask
+import pytest
+from dask.task_spec import Alias, DataNode, List, Task, TaskRef
+
+import feste
+from feste import context
+from feste.backend.openai import OpenAI
+from feste.errors import BadRequestError
+from feste.schedulers import SCHEDULERS, get_scheduler
+from feste.task import FesteBase, feste_task
+from feste.testing import chat_text, embedding
+
+ALL = ["async", "sync", "threads", "processes"]
+
+
+@pytest.fixture(params=ALL)
+def scheduler(request):
+    return request.param
+
+
+@pytest.fixture
+def get(scheduler):
+    return get_scheduler(scheduler)
+
+
+def add(x, y):
+    return x + y
+
+
+def total(values):
+    return sum(values)
+
+
+@feste_task
+def inc(x):
+    return x + 1
+
+
+@feste_task
+def mul(x, y):
+    return x * y
+
+
+@feste_task
+def join(*parts, sep=" "):
+    return sep.join(str(part) for part in parts)
+
+
+@feste_task
+async def async_double(x):
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+@feste_task(nout=2)
+def halves(text):
+    middle = len(text) // 2
+    return text[:middle], text[middle:]
+
+
+@feste_task
+def explode(x):
+    raise KeyError(f"no entry {x}")
+
+
+@feste_task
+def refuse(x):
+    raise ValueError(f"refused {x}")
+
+
+def mentions(exc, text):
+    """``text`` is in the message of ``exc`` or in its notes (shown with the traceback)."""
+    return text in str(exc) or any(text in note for note in getattr(exc, "__notes__", ()))
+
+
+@feste_task
+def read_option(name):
+    return context.get(name)
+
+
+class Greeter(FesteBase):
+    def __init__(self, greeting):
+        self.greeting = greeting
+
+    @feste_task
+    def greet(self, name):
+        return f"{self.greeting}, {name}"
+
+
+def test_every_scheduler_is_covered():
+    assert sorted(SCHEDULERS) == sorted(ALL)
+
+
+# -- raw graphs -----------------------------------------------------------------------
+
+
+def test_raw_graphs_single_and_nested_keys(get):
+    graph = {
+        "x": DataNode("x", 1),
+        "y": DataNode("y", 2),
+        "z": Task("z", add, TaskRef("x"), TaskRef("y")),
+        "w": Task("w", total, List(TaskRef("x"), TaskRef("y"), TaskRef("z"))),
+        "pair": DataNode("pair", (3, 4)),
+        "second": Task("second", operator.getitem, TaskRef("pair"), 1),
+        "same": Alias("same", "second"),
+    }
+    assert get(graph, "w") == 6
+    assert get(graph, ["x", "y"]) == (1, 2)
+    assert get(graph, [["x"], ["y", "z"], ["same", "second"]]) == ((1,), (2, 3), (4, 4))
+    legacy = {"a": 1, "b": 2, "c": (add, "a", "b"), "d": (total, ["a", "b", "c"])}
+    assert get(legacy, ["d", "c"]) == (6, 3)
+
+
+def test_error_keeps_type_and_names_the_task(get):
+    graph = {
+        "x": DataNode("x", 1),
+        "bad": Task("bad", refuse.func, TaskRef("x")),
+        "missing": Task("missing", explode.func, TaskRef("x")),
+    }
+    with pytest.raises(ValueError) as info:
+        get(graph, "bad")
+    assert str(info.value) == "refused 1 (in feste task 'bad')"
+    with pytest.raises(KeyError) as key_info:
+        get(graph, "missing")
+    # KeyError quotes its message, so the key goes into a note instead.
+    assert mentions(key_info.value, "'missing'")
+
+
+# -- feste values ---------------------------------------------------------------------
+
+
+def test_chains_diamonds_and_nested_structures(scheduler):
+    a = inc(1)
+    diamond = join(inc(a), mul(a, 10), sep="+")
+    result = feste.compute(
+        diamond,
+        {"a": a, "list": [a, inc(a)], "tuple": (mul(a, a), "plain")},
+        7,
+        scheduler=scheduler,
+    )
+    assert result == ("3+20", {"a": 2, "list": [2, 3], "tuple": (4, "plain")}, 7)
+
+
+def test_delayed_async_unpacking_and_methods(scheduler):
+    doubled = dask.delayed(operator.mul)(inc(4), 2)
+    combined = join(doubled, dask.delayed(str.upper)("x"))
+    first, second = halves("abcdef")
+    greeting = Greeter("hello").greet(join("a", "b"))
+    result = feste.compute(
+        combined,
+        doubled,
+        inc(async_double(inc(1))),
+        first.upper(),
+        second[0],
+        greeting,
+        scheduler=scheduler,
+    )
+    assert result == ("10 X", 10, 5, "ABC", "d", "hello, a b")
+
+
+def test_fan_out_fan_in(scheduler):
+    leaves = [mul(i, i) for i in range(60)]
+    sums = [join(*leaves[i : i + 10], sep=",") for i in range(0, 60, 10)]
+    expected = tuple(",".join(str(i * i) for i in range(j, j + 10)) for j in range(0, 60, 10))
+    assert feste.compute(*sums, scheduler=scheduler) == expected
+
+
+def test_options_reach_the_tasks(scheduler):
+    with context.set(max_retries=2):
+        assert feste.compute(read_option("max_retries"), scheduler=scheduler) == (2,)
+
+
+def test_task_error_keeps_type_and_names_the_task(scheduler):
+    bad = refuse(inc(1))
+    with pytest.raises(ValueError) as info:
+        feste.compute(inc(bad), scheduler=scheduler)
+    assert str(info.value) == f"refused 2 (in feste task {bad.key!r})"
+    missing = explode(inc(1))
+    with pytest.raises(KeyError) as key_info:
+        feste.compute(missing, scheduler=scheduler)
+    assert mentions(key_info.value, missing.key)
+
+
+# -- backend calls --------------------------------------------------------------------
+
+
+def test_backend_calls(scheduler, llm_server):
+    llm = OpenAI(base_url=llm_server.openai_base_url, api_key="k")
+    answers = [llm.chat(join("question", i)) for i in range(5)]
+    vectors = [llm.embed(f"text {i}") for i in range(5)]
+    chained = llm.embed(llm.chat("hi"))
+    result = feste.compute(answers, vectors, chained, scheduler=scheduler)
+    assert result == (
+        [chat_text("gpt-4o-mini", f"question {i}") for i in range(5)],
+        [embedding("text-embedding-3-small", f"text {i}") for i in range(5)],
+        embedding("text-embedding-3-small", chat_text("gpt-4o-mini", "hi")),
+    )
+    # The optimizer batched the five literal embeds into one request, everywhere.
+    assert llm_server.stats()["by_route"]["/v1/embeddings"] == 2
+
+
+def test_backend_error_names_backend_and_task(scheduler, llm_server):
+    llm = OpenAI(base_url=llm_server.openai_base_url, api_key="k")
+    call = llm.chat("x [[status:400]]")
+    with pytest.raises(BadRequestError) as info:
+        feste.compute(call, scheduler=scheduler)
+    assert "openai.chat" in str(info.value)
+    assert call.key in str(info.value)
