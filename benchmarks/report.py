@@ -1,0 +1,202 @@
+"""Writing a benchmark report: JSON (everything), Markdown (the table), PNG (the chart).
+
+Design: :func:`benchmarks.harness.run_benchmarks` returns one JSON-able dict; this
+module only formats it, so a saved ``latest.json`` can be re-rendered without running
+anything (``python -m benchmarks --render FILE``). The chart uses matplotlib's Agg
+backend (no display needed) and is skipped with a message when matplotlib is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import GRAPH_BUILT
+
+__all__ = ["markdown_table", "write_chart", "write_report"]
+
+COLUMNS = (
+    "Workload",
+    "Contender",
+    "Makespan (s)",
+    "x ideal",
+    "x best peer",
+    "Requests",
+    "Peak RSS MiB (growth)",
+    "Correct",
+    "Note",
+)
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _makespan(row: dict[str, Any], per_item: bool) -> str:
+    text = f"{row['makespan_s']:.3f}"
+    if per_item:
+        text += f" ({row['per_item_us']:.1f} us/task)"
+    return text
+
+
+def _row_cells(workload: dict[str, Any], row: dict[str, Any]) -> list[str]:
+    name = row["contender"] + (" **(feste)**" if row["kind"] == "feste" else "")
+    if row["status"] != "ok":
+        status = {"skipped": "skipped", "timeout": "timed out", "wrong": "WRONG", "error": "ERROR"}
+        return [
+            "",
+            name,
+            "-",
+            "",
+            "",
+            str(row.get("server", {}).get("requests", "")),
+            "",
+            status.get(row["status"], row["status"]),
+            _cell(row.get("note", ""))[:300],
+        ]
+    extrapolated = row.get("scale", 1.0) > 1.0
+    note = row.get("note", "")
+    built = row.get("marks", {}).get(GRAPH_BUILT)
+    if built is not None and not extrapolated:
+        note = "; ".join(part for part in (f"graph built in {built:.3f} s", note) if part)
+    requests = str(row["requests"]) + (f" (for {row['inputs_run']} inputs)" if extrapolated else "")
+    memory = f"{row['peak_rss_mib']:.0f} (+{row['rss_growth_mib']:.0f})"
+    return [
+        "",
+        name,
+        _makespan(row, workload["per_item"]) + (" *" if extrapolated else ""),
+        _ratio(row.get("ratio_to_ideal")),
+        _ratio(row.get("ratio_to_best_peer")),
+        requests,
+        memory,
+        "yes",
+        _cell(note),
+    ]
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The report as Markdown: a header line, one table, and how each ideal was computed."""
+    environment = report["environment"]
+    versions = ", ".join(f"{name} {version}" for name, version in environment["versions"].items())
+    lines = [
+        f"Run: {report['mode']}, {report['started']}, {report['repeat']} run(s) per row "
+        f"(median), {report.get('duration_s', '?')} s in all. "
+        f"Machine: {environment['cpu_count']} cores, Python {environment['python']}, "
+        f"{environment['platform']}. Versions: {versions}. "
+        f"feste scheduler: {environment['feste_default_scheduler']}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    for workload in report["workloads"]:
+        ideal = workload["ideal"]
+        ideal_time = f"{ideal['seconds']:.3f}" if ideal["seconds"] > 0 else "0 (no overhead)"
+        ideal_requests = "" if ideal["requests"] is None else str(ideal["requests"])
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"**{workload['name']}** (n={workload['n']})",
+                    "*ideal*",
+                    ideal_time,
+                    "1.00" if ideal["seconds"] > 0 else "",
+                    "",
+                    ideal_requests,
+                    "",
+                    "",
+                    _cell(ideal["formula"]),
+                ]
+            )
+            + " |"
+        )
+        for row in workload["rows"]:
+            lines.append("| " + " | ".join(_row_cells(workload, row)) + " |")
+    lines += [
+        "",
+        "`*` ran on a subset of the inputs; the makespan is scaled linearly to the full "
+        "size. Requests are counted at the server (retries and 429s included). Peak RSS is "
+        "the client's resident memory (worker processes included for the pool), growth is "
+        "above the forked process's starting size.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_chart(report: dict[str, Any], path: Path) -> bool:
+    """A bar chart per workload: makespan / ideal (us per task for overhead workloads)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart written")
+        return False
+    workloads = [w for w in report["workloads"] if any(r["status"] == "ok" for r in w["rows"])]
+    if not workloads:
+        return False
+    heights = [0.6 + 0.35 * len(w["rows"]) for w in workloads]
+    figure, axes = plt.subplots(
+        len(workloads),
+        1,
+        figsize=(9, sum(heights) + 0.8),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
+    for axis, workload in zip(axes[:, 0], workloads):
+        rows = [row for row in workload["rows"] if row["status"] == "ok"]
+        per_item = workload["per_item"]
+        if per_item:
+            values = [row["per_item_us"] for row in rows]
+            axis.set_xlabel("microseconds per task (ideal: 0)")
+        else:
+            values = [row["ratio_to_ideal"] for row in rows]
+            axis.set_xlabel("makespan / ideal (1 = ideal)")
+            axis.axvline(1.0, color="black", linewidth=0.8)
+            axis.set_xscale("log")
+        labels = [row["contender"] + (" *" if row.get("scale", 1) > 1 else "") for row in rows]
+        colors = ["tab:orange" if row["kind"] == "feste" else "tab:blue" for row in rows]
+        positions = list(range(len(rows)))[::-1]
+        axis.barh(positions, values, color=colors)
+        # Room on the right for the value labels.
+        if per_item:
+            axis.set_xlim(0, max(values) * 1.15)
+        else:
+            axis.set_xlim(min(0.8, min(values) * 0.8), max(values) * 1.8)
+        axis.set_yticks(positions, labels, fontsize=8)
+        for position, value in zip(positions, values):
+            axis.annotate(
+                f"{value:.2f}" if not per_item else f"{value:.1f}",
+                (value, position),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=7,
+            )
+        axis.set_title(f"{workload['title']} (n={workload['n']})", fontsize=9, loc="left")
+    figure.suptitle(f"feste benchmarks ({report['mode']} run); * = scaled from a subset")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def write_report(report: dict[str, Any], out_dir: Path, stem: str = "latest") -> list[Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    written.append(json_path)
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(markdown_table(report))
+    written.append(md_path)
+    png_path = out_dir / f"{stem}.png"
+    if write_chart(report, png_path):
+        written.append(png_path)
+    return written
