@@ -24,13 +24,15 @@ from __future__ import annotations
 import functools
 import operator
 import types
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
+from dask._task_spec import Dict, Set, Tuple  # containers public dask does not re-export
 from dask.base import is_dask_collection, tokenize
 from dask.delayed import Delayed, unpack_collections
 from dask.highlevelgraph import HighLevelGraph
-from dask.task_spec import Task, TaskRef
+from dask.task_spec import GraphNode, List, Task, TaskRef
 from dask.utils import funcname
 
 from feste import context
@@ -231,6 +233,38 @@ def _compute_if_lazy(
     return tuple(computed_args), computed_kwargs
 
 
+_CONTAINERS: dict[type, Any] = {list: List, tuple: Tuple, set: Set}
+
+
+def _node_argument(value: Any, collections: list[Any]) -> Any:
+    """``value`` as a node argument: lazy values become references to their keys.
+
+    Containers holding lazy values become ``task_spec`` containers, so the references
+    inside them are dependencies; plain values pass through unchanged. (dask's own
+    ``unpack_collections`` culls a graph per lazy element, quadratic for wide lists.)
+    """
+    if isinstance(value, Delayed):
+        collections.append(value)
+        return TaskRef(value.key)
+    kind = type(value)
+    container = _CONTAINERS.get(kind)
+    if container is not None:
+        items = [_node_argument(item, collections) for item in value]
+        if any(isinstance(item, (TaskRef, GraphNode)) for item in items):
+            return container(*items)
+        return value
+    if kind is dict:
+        entries = {name: _node_argument(item, collections) for name, item in value.items()}
+        if any(isinstance(item, (TaskRef, GraphNode)) for item in entries.values()):
+            return Dict(entries)
+        return value
+    if is_dask_collection(value):  # other Dask collections (arrays, bags...)
+        unpacked, found = unpack_collections(value)
+        collections.extend(found)
+        return unpacked
+    return value
+
+
 def _call_lazily(
     func: Callable[..., Any],
     args: tuple[Any, ...],
@@ -252,19 +286,14 @@ def _call_lazily(
         if pure:
             token = tokenize(token_source if token_source is not None else func, args, kwargs)
         else:
-            token = tokenize(object())  # random: every impure call is its own node
+            token = uuid.uuid4().hex  # random: every impure call is its own node
         key = f"{prefix}-{token}"
 
-    unpacked_args = []
     collections: list[Any] = []
-    for argument in args:
-        unpacked, found = unpack_collections(argument)
-        unpacked_args.append(unpacked)
-        collections.extend(found)
-    unpacked_kwargs, found_in_kwargs = unpack_collections(kwargs)
-    collections.extend(found_in_kwargs)
+    node_args = [_node_argument(argument, collections) for argument in args]
+    node_kwargs = {name: _node_argument(value, collections) for name, value in kwargs.items()}
 
-    node = Task(key, func, *unpacked_args, **unpacked_kwargs)
+    node = Task(key, func, *node_args, **node_kwargs)
     graph = HighLevelGraph.from_collections(key, {key: node}, dependencies=collections)
     return FesteDelayed(key, graph, length=nout)
 

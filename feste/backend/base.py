@@ -199,9 +199,18 @@ class Backend(FesteBase):
     def identity(self) -> str:
         """A token naming where requests go: class, base URL and settings, never the key.
 
-        Limiters, batch groups and (later) cache entries are keyed by it.
+        Limiters, batch groups and (later) cache entries are keyed by it. It is computed
+        once: every call node asks for it, and changing a public setting resets it.
         """
-        return tokenize(type(self).__module__, type(self).__qualname__, self._token_state())
+        cached = self.__dict__.get("_identity")
+        if cached is None:
+            cached = tokenize(type(self).__module__, type(self).__qualname__, self._token_state())
+            self.__dict__["_identity"] = cached
+        return cached
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__.pop("_identity", None)
+        super().__setattr__(name, value)
 
     def _token_state(self) -> Any:
         state = {
