@@ -47,6 +47,9 @@ from feste.errors import (
 __all__ = ["RunObserver", "current_observer", "run_batch", "run_call", "send"]
 
 _MAX_BACKOFF = 20.0
+# A Retry-After longer than this is taken as this long (a server asking for an hour
+# would otherwise park the whole run); the limiter's shared pause still applies.
+_MAX_RETRY_AFTER = 120.0
 
 
 class RunObserver:
@@ -87,8 +90,9 @@ async def send(backend: Backend, request: Request) -> Parsed:
     Each attempt holds one admission of the backend's limiter only while the request is
     in flight: the admission is given back before a retry waits, so waiting retries
     never occupy concurrency. A 429 is reported to the limiter first (shared pause,
-    smaller concurrency), then the call waits ``max(backoff with full jitter,
-    Retry-After)`` and tries again, up to ``max_retries`` retries.
+    smaller concurrency), then the call waits the server's ``Retry-After`` (plus up to
+    20% jitter), or, without one and for other transient errors, an exponential
+    backoff with full jitter; then it tries again, up to ``max_retries`` retries.
     """
     from feste.limits import limiter_for
 
@@ -98,6 +102,7 @@ async def send(backend: Backend, request: Request) -> Parsed:
     timeout = context.get("task_timeout") or backend.timeout
     observer = current_observer.get()
     attempt = 0
+    unexplained_failures = 0
     while True:
         attempt += 1
         ticket = await limiter.acquire(request.estimated_tokens)
@@ -125,9 +130,16 @@ async def send(backend: Backend, request: Request) -> Parsed:
                 observer.request_failed(request, error, attempt)
                 raise
             observer.request_retried(request, error, attempt)
-            delay = random.uniform(0.0, min(_MAX_BACKOFF, backoff * 2 ** (attempt - 1)))
             if isinstance(error, RateLimitError) and error.retry_after is not None:
-                delay = max(delay, error.retry_after)
+                # The server said when: wait that long, spread a little so the calls it
+                # turned away do not all come back in the same instant.
+                delay = min(_MAX_RETRY_AFTER, error.retry_after) * random.uniform(1.0, 1.2)
+            else:
+                # The exponent counts only these failures: 429s answered with a
+                # Retry-After say nothing about how long the next outage may last.
+                unexplained_failures += 1
+                ceiling = backoff * 2 ** (unexplained_failures - 1)
+                delay = random.uniform(0.0, min(_MAX_BACKOFF, ceiling))
             await asyncio.sleep(delay)
             continue
         except BackendError as error:

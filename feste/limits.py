@@ -12,7 +12,8 @@ Admission (``ticket = await limiter.acquire(tokens)`` ... ``limiter.release(tick
 or ``async with limiter.admit(tokens)``) waits until all of these allow the request:
 
 * **concurrency**: fewer than the *effective* concurrency limit in flight. It starts at
-  ``max_concurrency`` (unlimited when unset) and follows AIMD: a 429 halves it (at most
+  ``max_concurrency`` (unlimited when unset) and follows AIMD: a 429 multiplies it by
+  0.75 (at most
   once per generation of requests: a 429 from a request admitted before the last
   decrease does not decrease it again), and each success while at least half of it is
   in use raises it by one, back up to ``max_concurrency`` (or, when none is configured,
@@ -24,7 +25,9 @@ or ``async with limiter.admit(tokens)``) waits until all of these allow the requ
   larger than the bucket is admitted when the bucket is full (the bucket goes into
   debt) so that it is never starved;
 * **pause**: a 429 with ``Retry-After`` sets a shared pause-until time: nobody is
-  admitted before it, whichever call got the 429.
+  admitted before it, whichever call got the 429. Like the decrease, only the first
+  429 of a generation pauses; later ones answer requests sent before the reaction
+  (the request that got it still waits its own ``Retry-After`` before its retry).
 
 Waiters are served first come, first served. The state is guarded by a
 ``threading.Lock``; a waiter is an ``asyncio`` future on its own loop, resolved
@@ -56,6 +59,10 @@ __all__ = ["Limiter", "Limits", "Ticket", "all_limiters", "limiter_for"]
 # much, back up to the limit: at most doubling per round of requests, so it recovers
 # within a few rounds after a burst of 429s without jumping back at once.
 _RECOVERY_STEP = 1.0
+# A 429 multiplies the effective concurrency by this. Gentler than halving: a provider
+# that sheds a share of requests at random (a common 429 pattern) should not starve
+# the run, while a sustained limit still shrinks the window geometrically.
+_DECREASE_FACTOR = 0.75
 
 
 class Limits(NamedTuple):
@@ -267,15 +274,18 @@ class Limiter:
         now = time.monotonic()
         with self._lock:
             self._rate_limited += 1
-            if retry_after is not None and retry_after > 0:
-                self._paused_until = max(self._paused_until, now + retry_after)
             if ticket is None or ticket.generation == self._generation:
+                # Only the first 429 of a generation pauses and shrinks: the others
+                # answer requests sent before the limiter reacted, and counting them
+                # again would stall a backend that merely sheds some load.
+                if retry_after is not None and retry_after > 0:
+                    self._paused_until = max(self._paused_until, now + retry_after)
                 # The number in flight when the 429 came, this request included.
                 in_flight = self._in_flight
                 if ticket is None or ticket.released:
                     in_flight += 1
                 base = min(self._window, float(in_flight))
-                self._window = max(1.0, base / 2.0)
+                self._window = max(1.0, base * _DECREASE_FACTOR)
                 self._generation += 1
                 self._decreases += 1
 

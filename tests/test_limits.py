@@ -199,19 +199,20 @@ def test_retry_after_pauses_every_waiter():
     asyncio.run(main())
 
 
-def test_aimd_halves_once_per_generation_and_recovers_on_successes():
+def test_aimd_shrinks_once_per_generation_and_recovers_on_successes():
     limiter = Limiter("test", Limits(max_concurrency=16))
 
     async def main():
         tickets = [await limiter.acquire() for _ in range(16)]
-        # All sixteen were admitted in the same generation: their 429s halve once.
+        # All sixteen were admitted in the same generation: their 429s shrink it once
+        # (by a quarter).
         for ticket in tickets[:4]:
             limiter.rate_limited(None, ticket)
-        assert limiter.stats()["concurrency"] == 8
+        assert limiter.stats()["concurrency"] == 12
         assert limiter.stats()["decreases"] == 1
         for ticket in tickets:
             limiter.release(ticket)
-        # A request admitted after the decrease halves again when it is limited.
+        # A request admitted after the decrease shrinks it again, to what was in flight.
         later = await limiter.acquire()
         limiter.rate_limited(None, later)
         limiter.release(later)
