@@ -410,7 +410,9 @@ def test_both_transports_raise_the_same_errors_and_values(llm_server_factory):
 def test_sync_client_is_refused():
     with pytest.raises(ConfigurationError, match=r"AsyncOpenAI.*synchronous client"):
         OpenAI(client=openai.OpenAI(api_key=KEY))
-    with pytest.raises(ConfigurationError, match=r"must be an instance of openai.AsyncOpenAI, got str"):
+    with pytest.raises(ConfigurationError, match=r"an instance of openai.AsyncOpenAI, got str"):
+        ConfigurationError, match=r"must be an instance of openai.AsyncOpenAI, got str"
+    ):
         OpenAI(client="not a client")
 
 
