@@ -219,3 +219,56 @@ def test_backend_error_names_backend_and_task(scheduler, llm_server):
         feste.compute(call, scheduler=scheduler)
     assert "openai.chat" in str(info.value)
     assert call.key in str(info.value)
+
+
+# -- partial failure, callbacks and keywords ------------------------------------------
+
+
+def test_errors_return_gives_failures_and_cancels_dependents(scheduler):
+    bad = refuse(1)
+    dependent = inc(bad)
+    fan_in = total_task([dependent, inc(10)])
+    independent = inc(5)
+    ((bad_out, dependent_out, fan_in_out, independent_out),) = feste.compute(
+        [bad, dependent, fan_in, independent], scheduler=scheduler, errors="return"
+    )
+    assert independent_out == 6
+    assert isinstance(bad_out, feste.Failure)
+    assert not bad_out.cancelled
+    assert bad_out.key == bad.key
+    assert isinstance(bad_out.exception, ValueError)
+    assert str(bad_out.exception) == f"refused 1 (in feste task {bad.key!r})"
+    for out, task in ((dependent_out, dependent), (fan_in_out, fan_in)):
+        assert isinstance(out, feste.Failure)
+        assert out.cancelled
+        assert out.key == task.key
+        assert isinstance(out.exception, feste.errors.CancelledError)
+        assert bad.key in str(out.exception)
+
+
+def test_callbacks_see_every_task(scheduler):
+    done, failed, progress = [], [], []
+    values = [inc(i) for i in range(3)]
+    bad = refuse(7)
+    feste.compute(
+        values,
+        bad,
+        scheduler=scheduler,
+        errors="return",
+        on_task_done=lambda key, value: done.append((key, value)),
+        on_task_failed=lambda key, exc: failed.append((key, type(exc).__name__)),
+        on_progress=lambda finished, total: progress.append((finished, total)),
+    )
+    assert sorted(done) == sorted((value.key, i + 1) for i, value in enumerate(values))
+    assert failed == [(bad.key, "ValueError")]
+    assert progress[-1] == (4, 4)
+
+
+def test_unknown_keyword_is_refused(scheduler):
+    with pytest.raises(feste.errors.SchedulerError, match=r"unknown keyword 'bogus'.*errors"):
+        feste.compute(inc(1), scheduler=scheduler, bogus=True)
+
+
+@feste_task
+def total_task(values):
+    return sum(values)

@@ -13,13 +13,20 @@ from typing import Any
 from dask import multiprocessing
 
 from feste import context
-from feste.schedulers._local import keyed_graph, portable_options
+from feste.schedulers._local import run_on_dask
 
 __all__ = ["get"]
 
 
 def get(graph: Mapping[Any, Any], keys: Any, num_workers: int | None = None, **kwargs: Any) -> Any:
     num_workers = num_workers or context.get("num_workers")
-    return multiprocessing.get(
-        keyed_graph(graph, portable_options()), keys, num_workers=num_workers, **kwargs
+    return run_on_dask(
+        multiprocessing.get,
+        graph,
+        keys,
+        scheduler="processes",
+        accepted=("initializer", "num_workers", "pool"),
+        ship_options=True,
+        num_workers=num_workers,
+        **kwargs,
     )

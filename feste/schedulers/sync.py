@@ -7,10 +7,10 @@ from typing import Any
 
 from dask.local import get_sync
 
-from feste.schedulers._local import keyed_graph
+from feste.schedulers._local import run_on_dask
 
 __all__ = ["get"]
 
 
 def get(graph: Mapping[Any, Any], keys: Any, **kwargs: Any) -> Any:
-    return get_sync(keyed_graph(graph), keys, **kwargs)
+    return run_on_dask(get_sync, graph, keys, scheduler="sync", **kwargs)

@@ -12,11 +12,19 @@ from typing import Any
 from dask import threaded
 
 from feste import context
-from feste.schedulers._local import keyed_graph
+from feste.schedulers._local import run_on_dask
 
 __all__ = ["get"]
 
 
 def get(graph: Mapping[Any, Any], keys: Any, num_workers: int | None = None, **kwargs: Any) -> Any:
     num_workers = num_workers or context.get("num_workers")
-    return threaded.get(keyed_graph(graph), keys, num_workers=num_workers, **kwargs)
+    return run_on_dask(
+        threaded.get,
+        graph,
+        keys,
+        scheduler="threads",
+        accepted=("num_workers", "pool"),
+        num_workers=num_workers,
+        **kwargs,
+    )
