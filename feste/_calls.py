@@ -305,7 +305,12 @@ async def _isolate(
 
 
 async def run_batch(
-    backend: Backend, method: str, items: list[Any], params: Mapping[str, Any]
+    backend: Backend,
+    method: str,
+    items: list[Any],
+    params: Mapping[str, Any],
+    *,
+    dedupe: bool = True,
 ) -> list[Any]:
     """Many calls of one batch group: one entry per item, a value or an ItemFailure.
 
@@ -316,7 +321,7 @@ async def run_batch(
     position_of: dict[str, int] = {}
     positions: list[int] = []
     for item in items:
-        if isinstance(item, str):
+        if dedupe and isinstance(item, str):
             index = position_of.get(item)
             if index is None:
                 index = position_of[item] = len(unique_items)

@@ -24,8 +24,8 @@ Groups
     equal: same backend identity (class, base URL, settings; the API key is not part
     of it), same method, equal keyword parameters. The pass additionally keeps apart
     backends given different API keys (directly or through their client), comparing a
-    salted hash that lives only in memory during the pass, so calls are never sent
-    with another backend's key.
+    salted hash that lives only in memory (``Backend.credential_fingerprint``, part of
+    ``batch_group``), so calls are never sent with another backend's key.
 
 Safety: levels
     A fused node waits for the union of its members' dependencies, so no member may
@@ -52,10 +52,9 @@ Deduplication
     identity, method, item and parameters), so they are one node. Inside a group the
     pass also sends identical items once: the same literal (strings and other
     hashable values, compared by type and value) or the same ``TaskRef``; every key
-    that asked for it takes the same result. Batchable methods are treated as
-    functions of their item and parameters (true of embeddings; a sampled completion
-    made impure with ``pure=False`` still shares the answer of an identical item in
-    the same batch).
+    that asked for it takes the same result. Calls made with ``pure=False`` (sampling
+    the same prompt several times) are never merged: each keeps its own item, and the
+    batch node is marked ``distinct`` so the sender does not merge them either.
 
 Chunking
     The unique items of a group, in graph order, are cut into chunks of at most the
@@ -79,8 +78,6 @@ Rewrite
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -89,7 +86,7 @@ from dask.core import flatten
 from dask.task_spec import GraphNode, List, Task, TaskRef
 
 from feste._calls import _chunks
-from feste.backend.base import Backend, BackendCall, BatchCall, take_item
+from feste.backend.base import BackendCall, BatchCall, take_item
 
 __all__ = ["BatchOptimization", "Optimization", "Optimizer", "call_levels", "default_optimizer"]
 
@@ -124,23 +121,6 @@ class Optimizer:
 
     def __repr__(self) -> str:
         return f"Optimizer({self.optimizations!r})"
-
-
-# Keeps backends with different explicit keys in different groups without holding the
-# key itself in the group: a hash salted per process, used only while the pass runs.
-_KEY_SALT = os.urandom(16)
-
-
-def _key_fingerprint(backend: Backend) -> str | None:
-    """A salted hash of the key a backend was given (directly or in its client)."""
-    given = [backend._api_key, getattr(backend._client, "api_key", None)]
-    keys = [key for key in given if isinstance(key, str) and key]
-    if not keys:
-        return None  # read from the environment where the call runs: the same for all
-    digest = hashlib.sha256(_KEY_SALT)
-    for key in keys:
-        digest.update(key.encode() + b"\0")
-    return digest.hexdigest()
 
 
 def _is_call_node(node: Any) -> bool:
@@ -258,8 +238,6 @@ class BatchOptimization(Optimization):
         if frozen is not None and cache_key in cache:
             return cache[cache_key]
         group = call.batch_group(params)
-        if group is not None:
-            group = (*group, _key_fingerprint(call.backend))
         if frozen is not None:
             cache[cache_key] = group
         return group
@@ -275,8 +253,10 @@ class BatchOptimization(Optimization):
         position_of: dict[Any, int] = {}
         item_index_of_member: list[int] = []
         for key in members:
+            member_call = graph[key].func
             item = graph[key].args[0]
-            identity = _item_identity(item)
+            # An impure call (pure=False, e.g. sampling twice) asks for its own answer.
+            identity = _item_identity(item) if member_call.pure else None
             index = position_of.get(identity) if identity is not None else None
             if index is None:
                 index = len(unique_items)
@@ -296,7 +276,8 @@ class BatchOptimization(Optimization):
             chunk_number, offset = chunk_of_item[index]
             served[chunk_number].append((key, offset))
 
-        batch_call = BatchCall(call.backend, call.method)
+        distinct = not all(graph[key].func.pure for key in members)
+        batch_call = BatchCall(call.backend, call.method, distinct=distinct)
         prefix = f"{call.backend.provider}-{call.method}-batch-"
         for chunk, keys_and_offsets in zip(chunks, served):
             if len(keys_and_offsets) < 2:

@@ -360,23 +360,25 @@ def test_identical_pure_calls_share_one_key() -> None:
     assert backend.embed("same", model="m").key != backend.embed("same", model="n").key
 
 
-def test_identical_items_in_a_batch_are_sent_once() -> None:
+def test_identical_pure_calls_are_one_item_impure_calls_each_their_own() -> None:
     backend = FakeBackend()
     upstream = shout("u")
     values = [
+        backend.embed("dup"),
+        backend.embed("dup"),  # pure: the same node as the first
+        backend.embed(upstream),
+        backend.embed(upstream),
+        backend.embed("dup", pure=False),  # asks for its own answer
         backend.embed("dup", pure=False),
-        backend.embed("dup", pure=False),
-        backend.embed(upstream, pure=False),
-        backend.embed(upstream, pure=False),
-        backend.embed("other", pure=False),
     ]
-    assert len({v.key for v in values}) == 5
+    assert len({v.key for v in values}) == 4
     graph = optimized(values)
     (batch,) = batch_nodes(graph)
-    assert len(batch_items(batch)) == 3
+    assert batch.func.distinct
+    assert len(batch_items(batch)) == 4
     results = feste.compute(values, scheduler="sync")[0]
-    assert results == ["embed(None):dup"] * 2 + ["embed(None):U"] * 2 + ["embed(None):other"]
-    assert backend._requests == [["dup", "U", "other"]]
+    assert results == ["embed(None):dup"] * 2 + ["embed(None):U"] * 2 + ["embed(None):dup"] * 2
+    assert backend._requests == [["dup", "U", "dup", "dup"]]
 
 
 def test_explain_counts_calls_and_requests() -> None:
@@ -509,10 +511,11 @@ def test_failed_item_raises_under_its_own_key(scheduler: str) -> None:
 
 def test_duplicates_of_a_failed_item_each_get_their_own_error() -> None:
     backend = FakeBackend()
+    backend._name_bad_index = True  # the provider names the bad input
     values = [backend.embed("BAD", pure=False) for _ in range(2)] + [backend.embed("ok")]
     graph = optimized(values)
     (batch,) = batch_nodes(graph)
-    assert batch_items(batch) == ["BAD", "ok"]
+    assert batch_items(batch) == ["BAD", "BAD", "ok"]
     batch_result = batch.func(batch_items(batch), **batch.kwargs)
     errors = []
     for value in values[:2]:
@@ -524,7 +527,7 @@ def test_duplicates_of_a_failed_item_each_get_their_own_error() -> None:
     assert graph[values[2].key]({batch.key: batch_result}) == "embed(None):ok"
 
 
-def test_run_batch_sends_identical_strings_once() -> None:
+def test_run_batch_sends_identical_strings_once_unless_told_otherwise() -> None:
     from feste._calls import run_batch
     from feste._loop import run_sync
 
@@ -533,6 +536,9 @@ def test_run_batch_sends_identical_strings_once() -> None:
     assert results[:3] == ["embed(None):x", "embed(None):y", "embed(None):x"]
     assert isinstance(results[3], ItemFailure) and isinstance(results[4], ItemFailure)
     assert results[3].error is not results[4].error
+    assert backend._requests[0] == ["x", "y", "BAD"]
+    run_sync(run_batch(backend, "embed", ["x", "x"], {}, dedupe=False))
+    assert backend._requests[-1] == ["x", "x"]
     assert backend._requests[0] == ["x", "y", "BAD"]
 
 

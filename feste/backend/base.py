@@ -32,6 +32,7 @@ is not stored at all and is re-read where the call runs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Mapping
@@ -110,6 +111,9 @@ class BaseTransport:
 def estimate_tokens(text: str) -> int:
     """A cheap token estimate (about four characters a token) for limits and batching."""
     return (len(text) + 3) // 4 if text else 0
+
+
+_CREDENTIAL_SALT = os.urandom(16)
 
 
 class Backend(FesteBase):
@@ -313,6 +317,23 @@ class Backend(FesteBase):
     async_client: ClassVar[tuple[str, str, str]] = ("", "", "")
     sync_clients: ClassVar[tuple[tuple[str, str], ...]] = ()
 
+    def credential_fingerprint(self) -> str | None:
+        """A salted hash of the key this backend was given (directly or in its client).
+
+        Batch groups include it, so calls of backends with different keys never share
+        a request. The salt is random per process and the hash is never stored: it
+        identifies nothing outside this process. None when the key comes from the
+        environment (the same for every backend where the call runs).
+        """
+        given = [self._api_key, getattr(self._client, "api_key", None)]
+        keys = [key for key in given if isinstance(key, str) and key]
+        if not keys:
+            return None
+        digest = hashlib.sha256(_CREDENTIAL_SALT)
+        for key in keys:
+            digest.update(key.encode() + b"\0")
+        return digest.hexdigest()
+
     def _check_client(self, client: Any) -> None:
         """Refuse anything but the official async client (checked without importing it)."""
         module_name, class_name, public_name = self.async_client
@@ -390,7 +411,7 @@ class Backend(FesteBase):
     def _call(self, method: str, item: Any, params: dict[str, Any], *, pure: bool = True) -> Any:
         """A lazy node for ``method(item, **params)``, or its value in eager mode."""
         self.check_params(method, params)
-        call = BackendCall(self, method)
+        call = BackendCall(self, method, pure=pure)
         if is_eager():
             from feste._calls import run_call
             from feste._loop import run_sync
@@ -434,11 +455,13 @@ class BackendCall:
     itself, coalescing calls of one batch group.
     """
 
-    __slots__ = ("backend", "method")
+    __slots__ = ("backend", "method", "pure")
 
-    def __init__(self, backend: Backend, method: str) -> None:
+    def __init__(self, backend: Backend, method: str, pure: bool = True) -> None:
         self.backend = backend
         self.method = method
+        # False for calls made with pure=False: never merged with an identical call.
+        self.pure = pure
 
     @property
     def __name__(self) -> str:  # used by dask's funcname() in reprs and keys
@@ -452,7 +475,12 @@ class BackendCall:
         """Calls with equal groups may share one request; None if not batchable."""
         if not self.spec.batchable:
             return None
-        return (self.backend.identity(), self.method, tokenize(sorted(params.items())))
+        return (
+            self.backend.identity(),
+            self.backend.credential_fingerprint(),
+            self.method,
+            tokenize(sorted(params.items())),
+        )
 
     def __call__(self, item: Any, **params: Any) -> Any:
         from feste._calls import run_call
@@ -467,7 +495,7 @@ class BackendCall:
         return f"<{self.backend.provider}.{self.method}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (BackendCall, (self.backend, self.method))
+        return (BackendCall, (self.backend, self.method, self.pure))
 
 
 class BatchCall:
@@ -477,11 +505,14 @@ class BatchCall:
     rejected that item alone (the batch is split to find it).
     """
 
-    __slots__ = ("backend", "method")
+    __slots__ = ("backend", "distinct", "method")
 
-    def __init__(self, backend: Backend, method: str) -> None:
+    def __init__(self, backend: Backend, method: str, distinct: bool = False) -> None:
         self.backend = backend
         self.method = method
+        # True when some items come from pure=False calls: identical items are then
+        # all sent, each asking for its own answer.
+        self.distinct = distinct
 
     @property
     def __name__(self) -> str:
@@ -491,7 +522,8 @@ class BatchCall:
         from feste._calls import run_batch
         from feste._loop import run_sync
 
-        return run_sync(run_batch(self.backend, self.method, list(items), params))
+        batch = run_batch(self.backend, self.method, list(items), params, dedupe=not self.distinct)
+        return run_sync(batch)
 
     def __dask_tokenize__(self) -> Any:
         return ("feste.BatchCall", self.backend.identity(), self.method)
@@ -500,7 +532,7 @@ class BatchCall:
         return f"<{self.backend.provider}.{self.method} batch>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (BatchCall, (self.backend, self.method))
+        return (BatchCall, (self.backend, self.method, self.distinct))
 
 
 def take_item(batch_result: list[Any], index: int) -> Any:

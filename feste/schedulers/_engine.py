@@ -322,7 +322,7 @@ class _Lane:
 class _Job:
     """One request to start: a single call, a coalesced batch, or an optimizer batch."""
 
-    __slots__ = ("backend", "items", "keys", "method", "params", "whole")
+    __slots__ = ("backend", "dedupe", "items", "keys", "method", "params", "whole")
 
     def __init__(
         self,
@@ -332,6 +332,7 @@ class _Job:
         items: list[Any],
         params: Mapping[str, Any],
         whole: bool,
+        dedupe: bool = True,
     ) -> None:
         self.backend = backend
         self.method = method
@@ -340,6 +341,8 @@ class _Job:
         self.params = params
         # True: a BatchCall node, whose value is the whole list of results.
         self.whole = whole
+        # False when an item comes from a pure=False call: identical items all go out.
+        self.dedupe = dedupe
 
 
 class _Group:
@@ -347,6 +350,7 @@ class _Group:
 
     __slots__ = (
         "backend",
+        "dedupe",
         "group_key",
         "items",
         "keys",
@@ -370,6 +374,7 @@ class _Group:
         self.method = method
         self.params = params
         self.lane = lane
+        self.dedupe = True
         self.keys: list[Hashable] = []
         self.items: list[Any] = []
         self.priority = math.inf
@@ -782,7 +787,7 @@ class Engine:
         priority = self.priority[key]
         if kind == _BATCH:
             items = list(_argument(node.args[0], values))
-            job = _Job(call.backend, call.method, [key], items, params, True)
+            job = _Job(call.backend, call.method, [key], items, params, True, not call.distinct)
             self._queue_job(lane, priority, job)
             return
         item = _argument(node.args[0], values)
@@ -805,6 +810,7 @@ class Engine:
                 self._flush_soon.append(group)
         group.keys.append(key)
         group.items.append(item)
+        group.dedupe = group.dedupe and call.pure
         group.priority = min(group.priority, priority)
         if len(group.keys) >= call.spec.batch_size:
             self._flush_group(group)
@@ -836,7 +842,9 @@ class Engine:
         if group.timer is not None:
             group.timer.cancel()
             group.timer = None
-        job = _Job(group.backend, group.method, group.keys, group.items, group.params, False)
+        job = _Job(
+            group.backend, group.method, group.keys, group.items, group.params, False, group.dedupe
+        )
         self._queue_job(group.lane, int(group.priority), job)
 
     def _queue_job(self, lane: _Lane, priority: int, job: _Job) -> None:
@@ -856,7 +864,9 @@ class Engine:
             if len(job.items) == 1 and not job.whole:
                 values = [await run_call(job.backend, job.method, job.items[0], job.params)]
             else:
-                values = await run_batch(job.backend, job.method, job.items, job.params)
+                values = await run_batch(
+                    job.backend, job.method, job.items, job.params, dedupe=job.dedupe
+                )
         except asyncio.CancelledError:
             lane.outstanding -= 1
             raise

@@ -141,22 +141,31 @@ def test_models_and_parameters_are_batched_apart(server: TestServer) -> None:
     assert results[8] == embedding("model-a", "d0", 4)
 
 
-def test_duplicate_calls_are_requested_once(server: TestServer) -> None:
+@pytest.mark.parametrize(
+    ("scheduler", "optimize_graph"),
+    [("sync", True), ("threads", True), ("async", True), ("async", False)],
+)
+def test_identical_pure_calls_are_requested_once_impure_ones_each_time(
+    server: TestServer, scheduler: str, optimize_graph: bool
+) -> None:
     backend = openai(server)
     values = [
         backend.embed("same"),
         backend.embed("same"),  # pure: the same node
-        backend.embed("same", pure=False),  # its own node, the same item
+        backend.embed("same", pure=False),  # its own node, and its own item
         backend.embed("other", pure=False),
         backend.embed("other", pure=False),
         backend.embed("third"),
     ]
     assert values[0].key == values[1].key and values[2].key != values[0].key
 
-    (results,) = feste.compute(values, scheduler="sync")
+    (results,) = feste.compute(values, scheduler=scheduler, optimize_graph=optimize_graph)
 
-    assert items_per_request(server) == [3]
-    assert sorted(server.stats()["inputs"][EMBEDDINGS][0]) == ["other", "same", "third"]
+    # One request either way: the optimizer's batch node, or the async scheduler
+    # gathering the ready calls of one group (optimize_graph=False).
+    assert items_per_request(server) == [5]
+    sent = sorted(server.stats()["inputs"][EMBEDDINGS][0])
+    assert sent == ["other", "other", "same", "same", "third"]
     same, other = embedding(EMBED_MODEL, "same"), embedding(EMBED_MODEL, "other")
     assert results == [same, same, same, other, other, embedding(EMBED_MODEL, "third")]
 
