@@ -284,3 +284,25 @@ def test_distributed_client_gets_the_batched_graph(server: TestServer) -> None:
         (results,) = feste.compute(values, scheduler=client)
     assert items_per_request(server) == [50]
     assert results == [embedding(EMBED_MODEL, text) for text in texts]
+
+
+@pytest.mark.parametrize("optimize_graph", [True, False])
+def test_backends_with_different_keys_never_share_a_request(
+    llm_server_factory: Any, optimize_graph: bool
+) -> None:
+    server = llm_server_factory(api_key="right-key")
+    good = OpenAI(base_url=server.openai_base_url, api_key="right-key")
+    wrong = OpenAI(base_url=server.openai_base_url, api_key="wrong-key")
+    assert good.identity() == wrong.identity()  # the key is not part of the identity
+
+    values = [good.embed("a"), wrong.embed("b"), good.embed("c")]
+    (results,) = feste.compute(
+        values, scheduler="async", optimize_graph=optimize_graph, errors="return"
+    )
+
+    assert results[0] == embedding(EMBED_MODEL, "a")
+    assert results[2] == embedding(EMBED_MODEL, "c")
+    assert isinstance(results[1], Failure)
+    assert "AuthenticationError" in repr(results[1])
+    assert "wrong-key" not in repr(results[1])
+    assert items_per_request(server) == [2]
