@@ -29,7 +29,9 @@ classify = Prompt("Answer 'cooking' or 'sports'. Text: {{ summary }}")
 def report(documents: list[str], labels: list[str], vectors: list[list[float]]) -> str:
     lines = []
     for document, label, vector in zip(documents, labels, vectors):
-        lines.append(f"- {document[:40]:<40} | {label[-40:]:<40} | dim={len(vector)}")
+        lines.append(
+            f"- {document[:32]:<32} | label: {label[:44]:<44} | embedding dim {len(vector)}"
+        )
     return "\n".join(lines)
 
 
@@ -49,6 +51,7 @@ def main() -> None:
         print(text)
         stats = server.stats()
         print(f"\nThe server saw {stats['requests']} requests for {3 * len(DOCUMENTS)} calls.")
+        print("(The local server echoes each prompt: a real model would answer it.)")
 
 
 if __name__ == "__main__":

@@ -46,13 +46,16 @@ class GraphStats:
     requests: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"{self.nodes} nodes, depth {self.depth}"]
+        lines = [f"{_count(self.nodes, 'node')}, depth {self.depth}"]
         for method in sorted(set(self.calls) | set(self.requests)):
-            lines.append(
-                f"  {method}: {self.calls.get(method, 0)} calls -> "
-                f"{self.requests.get(method, 0)} requests"
-            )
+            calls = _count(self.calls.get(method, 0), "call")
+            requests = _count(self.requests.get(method, 0), "request")
+            lines.append(f"  {method}: {calls} -> {requests}")
         return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _node_label(node: Any) -> str:

@@ -212,7 +212,7 @@ def test_stats_text_lists_backend_methods():
     assert str(stats) == (
         "3 nodes, depth 2\n"
         "  cohere.embed: 2 calls -> 0 requests\n"
-        "  openai.chat: 4 calls -> 1 requests"
+        "  openai.chat: 4 calls -> 1 request"
     )
 
 
