@@ -22,6 +22,7 @@ Design
 from __future__ import annotations
 
 import functools
+import hashlib
 import operator
 import types
 import uuid
@@ -233,6 +234,43 @@ def _compute_if_lazy(
     return tuple(computed_args), computed_kwargs
 
 
+_PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain_repr(value: Any, depth: int = 0) -> str | None:
+    """A deterministic text for scalars, lazy values and small lists of them, else None."""
+    if isinstance(value, _PLAIN_SCALARS):
+        return f"{type(value).__name__}:{value!r}"
+    if isinstance(value, Delayed):
+        return f"lazy:{value.key!r}"
+    if depth < 3 and type(value) in (list, tuple, dict):
+        items = value.items() if type(value) is dict else enumerate(value)
+        parts = []
+        for name, item in items:
+            text = _plain_repr(item, depth + 1)
+            if text is None:
+                return None
+            parts.append(f"{name!r}={text}")
+        return f"{type(value).__name__}[{','.join(parts)}]"
+    return None
+
+
+def _quick_token(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """A token for calls on plain arguments (most LLM calls: strings, numbers, lists of
+    messages), several times cheaper than dask's generic normalization. None when an
+    argument needs that normalization."""
+    tokenize_source = getattr(source, "__dask_tokenize__", None)
+    if tokenize_source is None or isinstance(source, type):
+        return None
+    head = _plain_repr(tokenize_source())
+    if head is None:
+        return None
+    text = _plain_repr([list(args), dict(sorted(kwargs.items()))])
+    if text is None:
+        return None
+    return hashlib.sha1(f"{head}|{text}".encode()).hexdigest()[:32]
+
+
 _CONTAINERS: dict[type, Any] = {list: List, tuple: Tuple, set: Set}
 
 
@@ -284,7 +322,8 @@ def _call_lazily(
     if key is None:
         prefix = name or funcname(func)
         if pure:
-            token = tokenize(token_source if token_source is not None else func, args, kwargs)
+            source = token_source if token_source is not None else func
+            token = _quick_token(source, args, kwargs) or tokenize(source, args, kwargs)
         else:
             token = uuid.uuid4().hex  # random: every impure call is its own node
         key = f"{prefix}-{token}"
