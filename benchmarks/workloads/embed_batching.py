@@ -93,7 +93,7 @@ def embed_ideal(n: int, server: Mapping[str, Any]) -> Ideal:
 # -- feste ------------------------------------------------------------------------------
 
 
-def run_feste(job: Job) -> list[Any]:
+def run_feste(job: Job, optimize_graph: bool = True) -> list[Any]:
     import feste
     from feste.backend import OpenAI
 
@@ -105,8 +105,12 @@ def run_feste(job: Job) -> list[Any]:
     )
     vectors = [llm.embed(text) for text in job.inputs]
     job.mark(GRAPH_BUILT)
-    (values,) = feste.compute(vectors)
+    (values,) = feste.compute(vectors, optimize_graph=optimize_graph)
     return list(values)
+
+
+def run_feste_without_static_pass(job: Job) -> list[Any]:
+    return run_feste(job, optimize_graph=False)
 
 
 # -- peers ------------------------------------------------------------------------------
@@ -201,6 +205,12 @@ WORKLOAD = Workload(
     check=check_embeddings,
     contenders=(
         Contender("feste", run_feste, kind="feste"),
+        Contender(
+            "feste, optimize_graph=False",
+            run_feste_without_static_pass,
+            kind="feste",
+            note="no static pass: the async scheduler gathers ready calls at run time",
+        ),
         Contender(
             "asyncio.gather over pre-chunked lists (aiohttp)",
             run_asyncio_chunks,
