@@ -489,9 +489,18 @@ class Engine:
 
     def _order(self) -> None:
         nodes = self.nodes
-        if not any(node.dependencies for node in nodes.values()):
+        users = [key for key, node in nodes.items() if node.dependencies]
+        if not users:
             # Independent nodes: dask.order has nothing to decide, keep graph order.
             self.priority = {key: index for index, key in enumerate(nodes)}
+            return
+        if all(not nodes[dep].dependencies for key in users for dep in nodes[key].dependencies):
+            # Two levels (calls or batches, and the nodes reading them, such as item
+            # picks): every source is ready at once and every user right after its
+            # sources, so dask.order (about 20 us a node) would only break ties.
+            # Sources first, then users, each in graph order.
+            sources = [key for key, node in nodes.items() if not node.dependencies]
+            self.priority = {key: index for index, key in enumerate(sources + users)}
             return
         from dask.order import order
 
