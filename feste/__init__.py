@@ -12,6 +12,7 @@ from feste.errors import Failure, FesteError
 from feste.graph import FesteGraph
 from feste.prompt import FesteEnvironment, LanguageMismatch, Prompt
 from feste.task import FesteBase, FesteDelayed, feste_task
+from feste.usage import record_usage
 
 __version__ = "0.2.0.dev0"
 
@@ -30,4 +31,5 @@ __all__ = [
     "context",
     "explain",
     "feste_task",
+    "record_usage",
 ]

@@ -29,6 +29,7 @@ EXPORTED = {
     "context",
     "explain",
     "feste_task",
+    "record_usage",
 }
 
 # feste 0.1's public modules and the names users imported from them.
