@@ -35,6 +35,8 @@ from typing import Any
 
 from feste import context
 from feste.backend.base import Backend
+from feste.backend.spec import chunk_items
+from feste.backend.transports import make_transport
 from feste.backend.types import ItemFailure, Parsed, Request, Usage
 from feste.errors import (
     BackendError,
@@ -43,6 +45,7 @@ from feste.errors import (
     RetryableError,
     TransientError,
 )
+from feste.limits import limiter_for
 
 __all__ = ["RunObserver", "current_observer", "run_batch", "run_call", "send"]
 
@@ -79,7 +82,7 @@ def transport_for(backend: Backend) -> Any:
     loop = asyncio.get_running_loop()
     transport = backend._transports.get(loop)
     if transport is None:
-        transport = backend.make_transport()
+        transport = make_transport(backend)
         backend._transports[loop] = transport
     return transport
 
@@ -94,8 +97,6 @@ async def send(backend: Backend, request: Request) -> Parsed:
     20% jitter), or, without one and for other transient errors, an exponential
     backoff with full jitter; then it tries again, up to ``max_retries`` retries.
     """
-    from feste.limits import limiter_for
-
     limiter = limiter_for(backend)
     max_retries = context.get("max_retries")
     backoff = context.get("retry_backoff")
@@ -162,33 +163,6 @@ async def run_call(backend: Backend, method: str, item: Any, params: Mapping[str
     request = backend.build_request(method, [item], params)
     parsed = await send(backend, request)
     return parsed.values[0]
-
-
-def _chunks(backend: Backend, method: str, items: list[Any]) -> list[list[Any]]:
-    """Split ``items`` by the method's batch size and token budget, keeping order.
-
-    Strings count their estimated tokens; any other item (a value not known yet when
-    the batching pass plans a graph) counts as zero. An item over the budget on its
-    own goes alone in its chunk (the provider then says whether it is too long).
-    """
-    from feste.backend.base import estimate_tokens
-
-    spec = backend.spec(method)
-    chunks: list[list[Any]] = []
-    current: list[Any] = []
-    current_tokens = 0
-    for item in items:
-        tokens = estimate_tokens(item) if isinstance(item, str) else 0
-        too_many = len(current) >= spec.batch_size
-        too_big = spec.batch_tokens is not None and current_tokens + tokens > spec.batch_tokens
-        if current and (too_many or too_big):
-            chunks.append(current)
-            current, current_tokens = [], 0
-        current.append(item)
-        current_tokens += tokens
-    if current:
-        chunks.append(current)
-    return chunks
 
 
 def _copy_error(error: BaseException) -> BaseException:
@@ -334,7 +308,7 @@ async def run_batch(
     chunk_results = await asyncio.gather(
         *(
             _send_isolating_bad_items(backend, method, chunk, params)
-            for chunk in _chunks(backend, method, unique_items)
+            for chunk in chunk_items(backend.spec(method), unique_items)
         )
     )
     unique_results: list[Any] = []

@@ -1,39 +1,107 @@
-"""``feste.compute``: collect the graph, optimize it, hand it to a scheduler.
+"""``feste.compute`` and friends: collect the graph, optimize it, hand it to a scheduler.
 
-This is the one place where that happens; ``FesteDelayed.compute``, ``dask.compute``
-on feste values (through ``__dask_scheduler__``) and eager mode all come through here
-or through the same optimizer and scheduler registry.
+Design
+------
+There is one path from lazy values to results, and every entry point takes it:
+
+1. **collect** (:func:`prepare`): :meth:`FesteGraph.collect` merges the graphs of the
+   lazy values found in the arguments and remembers how to put the results back in
+   place;
+2. **optimize**: the default optimizer (batching, deduplication) rewrites the graph
+   dict, unless ``optimize_graph=False``;
+3. **run**: the scheduler chosen by name, ``get`` function or distributed ``Client``
+   (:func:`feste.schedulers.get_scheduler`) computes the output keys.
+
+:func:`compute`, :func:`compute_async`, :func:`as_completed`, :func:`explain` (which
+stops before running), ``FesteDelayed.compute()`` and ``dask.compute`` on feste values
+(:func:`run_dask_graph`, the collections' ``__dask_scheduler__``) all go through
+:func:`prepare` or :func:`run_graph_dict`. Lazy values themselves (:mod:`feste.task`)
+live one layer up and call into here, as dask's collections call their schedulers.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
+
+from dask._task_spec import convert_legacy_graph
+from dask.base import is_dask_collection, tokenize
+from dask.delayed import Delayed
+from dask.utils import ensure_dict
 
 from feste import context
 from feste.errors import SchedulerError
-from feste.graph import FesteGraph, GraphStats
+from feste.graph import FesteGraph, GraphStats, build_task
 from feste.optimization import default_optimizer
 from feste.schedulers import get_scheduler
+from feste.schedulers._engine import GraphStream, inline_function, option_keywords, run_graph
 
-__all__ = ["as_completed", "compute", "compute_async", "explain", "prepare"]
+__all__ = [
+    "Prepared",
+    "as_completed",
+    "compute",
+    "compute_async",
+    "explain",
+    "prepare",
+    "run_dask_graph",
+    "run_graph_dict",
+]
 
 
-def prepare(
-    *objs: Any, optimize_graph: bool = True, traverse: bool = True
-) -> tuple[dict[Any, Any], list[Any], Any, list[Any]]:
-    """Collect and optimize: ``(graph, keys, repack, postcomputes)``."""
-    graph, collections, repack = FesteGraph.collect(*objs, traverse=traverse)
+@dataclass
+class Prepared:
+    """A collected and optimized graph, ready to run, and how to hand results back."""
+
+    graph: dict[Any, Any]
+    keys: list[Any]
+    repack: Callable[[Any], tuple[Any, ...]]
+    postcomputes: list[Any]
+    #: The graph as collected, before optimization (``explain`` counts its calls).
+    collected: FesteGraph
+
+    def finish(self, results: Any) -> tuple[Any, ...]:
+        """The caller's objects with each result in place."""
+        values = [
+            finalize(result, *args) for result, (finalize, args) in zip(results, self.postcomputes)
+        ]
+        return self.repack(values)
+
+
+def _optimized(graph: dict[Any, Any], keys: list[Any], optimize_graph: bool) -> dict[Any, Any]:
+    if optimize_graph and graph:
+        return default_optimizer().optimize(graph, keys)
+    return graph
+
+
+def prepare(*objs: Any, optimize_graph: bool = True, traverse: bool = True) -> Prepared:
+    """Collect and optimize the graph of ``objs`` (steps 1 and 2 of the module docstring)."""
+    collected, collections, repack = FesteGraph.collect(*objs, traverse=traverse)
     keys = [collection.__dask_keys__() for collection in collections]
     postcomputes = [collection.__dask_postcompute__() for collection in collections]
-    graph_dict = graph.to_dict()
-    if optimize_graph and graph_dict:
-        graph_dict = default_optimizer().optimize(graph_dict, keys)
-    return graph_dict, keys, repack, postcomputes
+    graph = _optimized(collected.to_dict(), keys, optimize_graph)
+    return Prepared(graph, keys, repack, postcomputes, collected)
 
 
-def finish(results: Any, repack: Any, postcomputes: list[Any]) -> tuple[Any, ...]:
-    values = [finalize(result, *args) for result, (finalize, args) in zip(results, postcomputes)]
-    return repack(values)
+def run_graph_dict(
+    graph: Mapping[Any, Any], keys: Any, scheduler: Any = None, **kwargs: Any
+) -> Any:
+    """Step 3: run an optimized graph dict on a scheduler and return the key values."""
+    return get_scheduler(scheduler)(graph, keys, **kwargs)
+
+
+def run_dask_graph(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """``dask.compute(feste_value)`` lands here: optimize and run on feste's scheduler.
+
+    Dask hands over an expression or a graph; both become a plain dict of
+    ``task_spec`` nodes first. The optimizer runs here because dask does not apply
+    ``__dask_optimize__`` everywhere.
+    """
+    if hasattr(dsk, "__dask_graph__"):
+        dsk = dsk.__dask_graph__()
+    graph = convert_legacy_graph(ensure_dict(dsk))
+    return run_graph_dict(_optimized(graph, keys, True), keys, **kwargs)
 
 
 def compute(
@@ -50,14 +118,11 @@ def compute(
     the default, ``"sync"``, ``"threads"``, ``"processes"``), a ``get`` function or a
     distributed ``Client``. Extra keywords go to the scheduler.
     """
-    graph, keys, repack, postcomputes = prepare(
-        *objs, optimize_graph=optimize_graph, traverse=traverse
-    )
-    if not keys:
+    prepared = prepare(*objs, optimize_graph=optimize_graph, traverse=traverse)
+    if not prepared.keys:
         return objs
-    get = get_scheduler(scheduler)
-    results = get(graph, keys, **kwargs)
-    return finish(results, repack, postcomputes)
+    results = run_graph_dict(prepared.graph, prepared.keys, scheduler, **kwargs)
+    return prepared.finish(results)
 
 
 def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
@@ -67,14 +132,17 @@ def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
     method how many calls the graph holds and how many requests they become after
     optimization (``str()`` of the result: ``"openai.embed: 5000 calls -> 3 requests"``).
     """
-    # The same steps as prepare(), keeping the graph as written to count its calls.
-    graph, collections, _ = FesteGraph.collect(*objs)
-    calls, requests = graph.backend_calls()
-    if optimize_graph and len(graph):
-        keys = [collection.__dask_keys__() for collection in collections]
-        graph = FesteGraph(default_optimizer().optimize(graph.to_dict(), keys))
-        _, requests = graph.backend_calls()
+    prepared = prepare(*objs, optimize_graph=optimize_graph)
+    calls, _ = prepared.collected.backend_calls()
+    graph = FesteGraph(prepared.graph)
+    _, requests = graph.backend_calls()
     return GraphStats(len(graph), graph.depth(), calls, requests)
+
+
+def _runs_on_engine(scheduler: Any) -> bool:
+    if scheduler is None:
+        scheduler = context.get("scheduler")
+    return scheduler is None or scheduler in ("async", "local")
 
 
 async def compute_async(
@@ -91,26 +159,20 @@ async def compute_async(
     (``errors="return"``, ``max_concurrency=...``). Another scheduler runs in a worker
     thread, so the loop is never blocked.
     """
-    from feste.schedulers._engine import option_keywords, run_graph
-
-    graph, keys, repack, postcomputes = prepare(
-        *objs, optimize_graph=optimize_graph, traverse=traverse
-    )
-    if not keys:
+    prepared = prepare(*objs, optimize_graph=optimize_graph, traverse=traverse)
+    if not prepared.keys:
         return objs
-    if scheduler is None:
-        scheduler = context.get("scheduler")
-    if scheduler is None or scheduler in ("async", "local"):
+    if _runs_on_engine(scheduler):
         with context.set(**option_keywords(kwargs)):
-            results = await run_graph(graph, keys)
+            results = await run_graph(prepared.graph, prepared.keys)
     else:
-        import asyncio
+        results = await asyncio.to_thread(
+            run_graph_dict, prepared.graph, prepared.keys, scheduler, **kwargs
+        )
+    return prepared.finish(results)
 
-        get = get_scheduler(scheduler)
-        results = await asyncio.to_thread(get, graph, keys, **kwargs)
-    return finish(results, repack, postcomputes)
 
-
+@inline_function
 def _whole_value(value: Any) -> Any:
     return value
 
@@ -139,12 +201,6 @@ def as_completed(
     its task key; in-flight work is cancelled). Other keywords are feste options for
     this run (``max_concurrency=8``, ``progress=True``, ...).
     """
-    from dask.base import is_dask_collection
-    from dask.delayed import Delayed
-
-    from feste.schedulers._engine import GraphStream, inline_function, option_keywords
-    from feste.task import lazy_call, lazy_values_in
-
     scheduler = options.pop("scheduler", None)
     if scheduler not in (None, "async", "local"):
         raise SchedulerError(
@@ -154,24 +210,26 @@ def as_completed(
     checked = option_keywords({**options, "errors": errors})
     with context.set(**checked):  # check the values now rather than mid-stream
         pass
-    inline_function(_whole_value)
-    items = list(objs)
     ready: dict[int, Any] = {}
-    wrapped: dict[int, Any] = {}
-    for index, obj in enumerate(items):
+    outputs: dict[Any, list[int]] = {}
+    graph: dict[Any, Any] = {}
+    collections: list[Any] = []
+    for index, obj in enumerate(objs):
         if isinstance(obj, Delayed):
-            wrapped[index] = obj
-        elif is_dask_collection(obj) or lazy_values_in(obj):
-            wrapped[index] = lazy_call(_whole_value, obj, name="as-completed", pure=True)
+            key = obj.key
+            collections.append(obj)
+        elif is_dask_collection(obj) or FesteGraph.collect(obj)[1]:
+            # A structure holding lazy values is one output: a node returning it whole.
+            key = f"as-completed-{tokenize(obj)}"
+            node, found = build_task(key, _whole_value, (obj,), {})
+            graph[key] = node
+            collections.extend(found)
         else:
             ready[index] = obj
-    outputs: dict[Any, list[int]] = {}
-    for index, value in wrapped.items():
-        outputs.setdefault(value.key, []).append(index)
-    graph: dict[Any, Any] = {}
-    if wrapped:
-        collected, _, _ = FesteGraph.collect(*wrapped.values(), traverse=False)
-        graph = collected.to_dict()
-        if optimize_graph:
-            graph = default_optimizer().optimize(graph, [[key] for key in outputs])
+            continue
+        outputs.setdefault(key, []).append(index)
+    if collections:
+        collected, _, _ = FesteGraph.collect(*collections, traverse=False)
+        graph.update(collected.to_dict())
+        graph = _optimized(graph, [[key] for key in outputs], optimize_graph)
     return GraphStream(graph, outputs, ready, options=checked, preserve_order=preserve_order)

@@ -27,7 +27,7 @@ from typing import Any
 
 from feste.errors import OptionError
 
-__all__ = ["OPTIONS", "Option", "describe", "get", "set", "snapshot"]
+__all__ = ["OPTIONS", "Option", "describe", "get", "set", "snapshot", "validate"]
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,12 @@ def _unknown(name: str) -> OptionError:
     return OptionError(f"unknown feste option {name!r}; known options: {known}")
 
 
-def _validated(name: str, value: Any) -> Any:
+def validate(name: str, value: Any) -> Any:
+    """``value`` checked (and normalized) by option ``name``'s rule, or :class:`OptionError`.
+
+    The one rule for each option: backends check their own settings of the same name
+    (``OpenAI(max_concurrency=...)``) with it too.
+    """
     option = OPTIONS.get(name)
     if option is None:
         raise _unknown(name)
@@ -243,7 +248,7 @@ def set(**options: Any) -> Iterator[None]:
     ...     context.get("eager")
     True
     """
-    checked = {name: _validated(name, value) for name, value in options.items()}
+    checked = {name: validate(name, value) for name, value in options.items()}
     merged = dict(_current.get())
     merged.update(checked)
     token = _current.set(MappingProxyType(merged))

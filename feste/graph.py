@@ -19,16 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from dask._task_spec import convert_legacy_graph  # graphs of older collections hold tuples
+from dask._task_spec import (  # containers public dask does not re-export
+    Dict,
+    Set,
+    Tuple,
+    convert_legacy_graph,  # graphs of older collections hold tuples
+)
 from dask.base import is_dask_collection
-from dask.delayed import Delayed
+from dask.delayed import Delayed, unpack_collections
 from dask.order import order as dask_order
-from dask.task_spec import Alias, DataNode, Task, TaskRef
+from dask.task_spec import Alias, DataNode, GraphNode, List, Task, TaskRef
 from dask.utils import ensure_dict, funcname
 
+from feste._nodes import BackendCall, BatchCall, take_item
+from feste.backend.spec import chunk_items
 from feste.errors import GraphError
+from feste.optimization import default_optimizer
 
-__all__ = ["FesteGraph", "GraphStats"]
+__all__ = ["FesteGraph", "GraphStats", "build_task"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,52 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
+_CONTAINERS: dict[type, Any] = {list: List, tuple: Tuple, set: Set}
+
+
+def _node_argument(value: Any, collections: list[Any]) -> Any:
+    """``value`` as a node argument: lazy values become references to their keys.
+
+    Containers holding lazy values become ``task_spec`` containers, so the references
+    inside them are dependencies; plain values pass through unchanged. (dask's own
+    ``unpack_collections`` culls a graph per lazy element, quadratic for wide lists.)
+    """
+    if isinstance(value, Delayed):
+        collections.append(value)
+        return TaskRef(value.key)
+    kind = type(value)
+    container = _CONTAINERS.get(kind)
+    if container is not None:
+        items = [_node_argument(item, collections) for item in value]
+        if any(isinstance(item, (TaskRef, GraphNode)) for item in items):
+            return container(*items)
+        return value
+    if kind is dict:
+        entries = {name: _node_argument(item, collections) for name, item in value.items()}
+        if any(isinstance(item, (TaskRef, GraphNode)) for item in entries.values()):
+            return Dict(entries)
+        return value
+    if is_dask_collection(value):  # other Dask collections (arrays, bags...)
+        unpacked, found = unpack_collections(value)
+        collections.extend(found)
+        return unpacked
+    return value
+
+
+def build_task(
+    key: Any, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[Task, list[Any]]:
+    """A ``Task`` calling ``func(*args, **kwargs)`` and the lazy values it depends on.
+
+    Lazy values in the arguments (also inside lists, tuples, sets and dicts) become
+    references to their keys; the caller merges the returned collections' graphs.
+    """
+    collections: list[Any] = []
+    node_args = [_node_argument(argument, collections) for argument in args]
+    node_kwargs = {name: _node_argument(value, collections) for name, value in kwargs.items()}
+    return Task(key, func, *node_args, **node_kwargs), collections
+
+
 def _node_label(node: Any) -> str:
     if isinstance(node, Task):
         return funcname(node.func)
@@ -74,9 +128,6 @@ def _backend_calls(node: Any) -> tuple[str, int, int] | None:
     A batched node holds several items and is sent as one request per chunk, cut by
     the same rule as at run time (items not known yet count as zero tokens).
     """
-    from feste._calls import _chunks
-    from feste.backend.base import BackendCall, BatchCall
-
     if not isinstance(node, Task):
         return None
     func = node.func
@@ -85,7 +136,7 @@ def _backend_calls(node: Any) -> tuple[str, int, int] | None:
     if isinstance(func, BatchCall):
         items = node.args[0] if node.args else ()
         batch = list(items.args) if isinstance(items, Task) else list(items)
-        n_requests = len(_chunks(func.backend, func.method, batch)) if batch else 0
+        n_requests = len(chunk_items(func.backend.spec(func.method), batch)) if batch else 0
         return f"{func.backend.provider}.{func.method}", len(batch), n_requests
     return None
 
@@ -96,8 +147,6 @@ def _count_calls(graph: Mapping[Any, Any]) -> tuple[dict[str, int], dict[str, in
     A batched node counts one call per key that takes an item out of it (duplicates
     share an item but are still calls), or one per item when nothing takes from it.
     """
-    from feste.backend.base import take_item
-
     takers: Counter[Any] = Counter()
     for node in graph.values():
         if isinstance(node, Task) and node.func is take_item and node.args:
@@ -276,8 +325,6 @@ class FesteGraph(MutableMapping[Any, Any]):
         """
         calls, requests = self.backend_calls()
         if optimize and calls:
-            from feste.optimization import default_optimizer
-
             optimized = default_optimizer().optimize(self._graph, list(self._graph))
             _, requests = _count_calls(optimized)
         return GraphStats(len(self._graph), self.depth(), calls, requests)

@@ -51,9 +51,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
-from feste.errors import ConfigurationError
+from feste import context
+from feste.errors import ConfigurationError, OptionError
 
-__all__ = ["Limiter", "Limits", "Ticket", "all_limiters", "limiter_for"]
+__all__ = ["Limiter", "Limits", "Ticket", "all_limiters", "limiter_for", "resolve_limits"]
 
 # Each success (while the window is in use) raises the effective concurrency by this
 # much, back up to the limit: at most doubling per round of requests, so it recovers
@@ -73,14 +74,12 @@ class Limits(NamedTuple):
     tokens_per_minute: float | None = None
 
     def check(self, owner: str = "limit") -> Limits:
-        """Reject zero, negative or non-numeric limits with a message naming them."""
+        """Reject bad limits by the rules of the context options of the same names."""
         for name, value in zip(self._fields, self):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigurationError(
-                    f"{name} must be a positive number or None, got {value!r} ({owner})"
-                )
+            try:
+                context.validate(name, value)
+            except OptionError as error:
+                raise ConfigurationError(f"{error} ({owner})") from None
         return self
 
 
@@ -452,18 +451,22 @@ def _identity(backend: Any) -> str:
     return identity
 
 
+def resolve_limits(backend: Any) -> Limits:
+    """The limits that apply to ``backend``'s calls now: the context's value of each
+    limit when set, else the backend's own (both checked by the context's rules)."""
+    values = []
+    for name in Limits._fields:
+        value = context.get(name)
+        values.append(value if value is not None else getattr(backend, name, None))
+    return Limits(*values)
+
+
 def limiter_for(backend: Any) -> Limiter:
     """The process-wide limiter of ``backend``'s identity, set to the current limits.
 
     Limits set with ``context.set`` win over the backend's own attributes.
     """
-    from feste.backend.base import backend_option
-
-    limits = Limits(
-        backend_option(backend, "max_concurrency"),
-        backend_option(backend, "requests_per_minute"),
-        backend_option(backend, "tokens_per_minute"),
-    )
+    limits = resolve_limits(backend)
     identity = _identity(backend)
     limiter = _registry.get(identity)
     if limiter is None:

@@ -59,7 +59,7 @@ Deduplication
 Chunking
     The unique items of a group, in graph order, are cut into chunks of at most the
     method's ``batch_size`` and, for literal strings, of at most ``batch_tokens``
-    estimated tokens (:func:`feste._calls._chunks`, the same rule the sender applies).
+    estimated tokens (:func:`feste.backend.spec.chunk_items`, the same rule the sender applies).
     Items that come from other nodes are unknown when the graph is planned and count
     as zero tokens; :func:`feste._calls.run_batch` cuts the real values again at run
     time, so the budget always holds, and ``explain()`` may then under-count requests.
@@ -85,8 +85,8 @@ from dask.base import tokenize
 from dask.core import flatten
 from dask.task_spec import GraphNode, List, Task, TaskRef
 
-from feste._calls import _chunks
-from feste.backend.base import BackendCall, BatchCall, take_item
+from feste._nodes import BackendCall, BatchCall, take_item
+from feste.backend.spec import chunk_items
 
 __all__ = ["BatchOptimization", "Optimization", "Optimizer", "call_levels", "default_optimizer"]
 
@@ -265,7 +265,7 @@ class BatchOptimization(Optimization):
                     position_of[identity] = index
             item_index_of_member.append(index)
 
-        chunks = _chunks(call.backend, call.method, unique_items)
+        chunks = chunk_items(call.spec, unique_items)
         chunk_of_item: list[tuple[int, int]] = []  # unique item -> (chunk, offset)
         for chunk_number, chunk in enumerate(chunks):
             for offset in range(len(chunk)):

@@ -48,7 +48,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEnvironment
 
 from feste.errors import MissingVariableError, TemplateSyntaxError, UnknownLanguageError
-from feste.task import FesteBase, FesteDelayed, is_eager, lazy_call, lazy_values_in
+from feste.task import FesteBase, FesteDelayed, eager_or_lazy
 
 __all__ = ["FesteEnvironment", "LanguageMismatch", "Prompt", "SandboxedFesteEnvironment"]
 
@@ -427,13 +427,7 @@ class Prompt(FesteBase):
         missing = self._required() - variables.keys()
         if missing:
             raise self._missing_error(missing, variables)
-        if is_eager():
-            if lazy_values_in(variables):
-                from feste.compute import compute
-
-                (variables,) = compute(variables, scheduler="sync")
-            return self._render(variables)
-        return lazy_call(_render_prompt, self, variables, name="prompt", pure=True)
+        return eager_or_lazy(_render_prompt, (self, variables), {}, name="prompt", pure=True)
 
     def _missing_error(
         self, missing: frozenset[str], variables: dict[str, Any]

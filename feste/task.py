@@ -29,16 +29,26 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from dask._task_spec import Dict, Set, Tuple  # containers public dask does not re-export
 from dask.base import is_dask_collection, tokenize
 from dask.delayed import Delayed, unpack_collections
 from dask.highlevelgraph import HighLevelGraph
-from dask.task_spec import GraphNode, List, Task, TaskRef
+from dask.task_spec import Task, TaskRef
 from dask.utils import funcname
 
 from feste import context
+from feste._nodes import BackendCall
+from feste.backend.base import Backend, install_call_builder
+from feste.compute import compute, run_dask_graph
+from feste.graph import build_task
 
-__all__ = ["FesteBase", "FesteDelayed", "FesteTaskFunction", "feste_task", "is_eager"]
+__all__ = [
+    "FesteBase",
+    "FesteDelayed",
+    "FesteTaskFunction",
+    "eager_or_lazy",
+    "feste_task",
+    "is_eager",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,25 +56,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 def is_eager() -> bool:
     """True inside ``context.set(eager=True)``."""
     return bool(context.get("eager"))
-
-
-def _feste_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
-    """``dask.compute(feste_value)`` lands here: optimize and run on feste's scheduler.
-
-    Dask hands over an expression or a graph; both become a plain dict first. The
-    optimizer runs here because dask does not apply ``__dask_optimize__`` everywhere.
-    """
-    from dask._task_spec import convert_legacy_graph
-    from dask.utils import ensure_dict
-
-    from feste.optimization import default_optimizer
-    from feste.schedulers import get_scheduler
-
-    if hasattr(dsk, "__dask_graph__"):
-        dsk = dsk.__dask_graph__()
-    graph = convert_legacy_graph(ensure_dict(dsk))
-    graph = default_optimizer().optimize(graph, keys)
-    return get_scheduler(None)(graph, keys, **kwargs)
 
 
 class FesteDelayed(Delayed):
@@ -78,12 +69,11 @@ class FesteDelayed(Delayed):
 
     __slots__ = ()
 
-    __dask_scheduler__ = staticmethod(_feste_get)
+    # dask.compute(feste_value) lands in feste's run path: optimizer, then scheduler.
+    __dask_scheduler__ = staticmethod(run_dask_graph)
 
     def compute(self, **kwargs: Any) -> Any:
         """Compute this value with ``feste.compute`` and return it."""
-        from feste.compute import compute
-
         (result,) = compute(self, **kwargs)
         return result
 
@@ -106,10 +96,7 @@ class FesteDelayed(Delayed):
         return FesteAttribute(self, attr)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if is_eager():
-            (func, plain_args, plain_kwargs), _ = _compute_if_lazy((self, args, kwargs), {})
-            return func(*plain_args, **plain_kwargs)
-        return _call_lazily(_apply, (self, args, kwargs), {}, name="call", pure=False)
+        return eager_or_lazy(_apply, (self, args, kwargs), {}, name="call", pure=False)
 
     def __iter__(self) -> Any:
         if self._length is None:
@@ -135,10 +122,7 @@ class FesteDelayed(Delayed):
         def lazy_operator(*args: Any) -> Any:
             if inv:
                 args = args[::-1]
-            if is_eager():
-                plain_args, _ = _compute_if_lazy(args, {})
-                return op(*plain_args)
-            return _call_lazily(op, args, {}, name=funcname(op), pure=True)
+            return eager_or_lazy(op, args, {}, name=funcname(op), pure=True)
 
         return lazy_operator
 
@@ -175,11 +159,8 @@ class FesteAttribute(FesteDelayed):
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if is_eager():
-            (obj, plain_args, plain_kwargs), _ = _compute_if_lazy((self._obj, args, kwargs), {})
-            return _call_method(obj, self._attr, plain_args, plain_kwargs)
         # x.method(...) calls the method in one node instead of fetching it first.
-        return _call_lazily(
+        return eager_or_lazy(
             _call_method, (self._obj, self._attr, args, kwargs), {}, name=self._attr, pure=True
         )
 
@@ -228,8 +209,6 @@ def _compute_if_lazy(
     """In eager mode, lazy values built earlier are computed before use."""
     if not _contains_lazy(args, kwargs):
         return args, kwargs
-    from feste.compute import compute
-
     computed_args, computed_kwargs = compute(list(args), kwargs, scheduler="sync")
     return tuple(computed_args), computed_kwargs
 
@@ -271,38 +250,6 @@ def _quick_token(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return hashlib.sha1(f"{head}|{text}".encode()).hexdigest()[:32]
 
 
-_CONTAINERS: dict[type, Any] = {list: List, tuple: Tuple, set: Set}
-
-
-def _node_argument(value: Any, collections: list[Any]) -> Any:
-    """``value`` as a node argument: lazy values become references to their keys.
-
-    Containers holding lazy values become ``task_spec`` containers, so the references
-    inside them are dependencies; plain values pass through unchanged. (dask's own
-    ``unpack_collections`` culls a graph per lazy element, quadratic for wide lists.)
-    """
-    if isinstance(value, Delayed):
-        collections.append(value)
-        return TaskRef(value.key)
-    kind = type(value)
-    container = _CONTAINERS.get(kind)
-    if container is not None:
-        items = [_node_argument(item, collections) for item in value]
-        if any(isinstance(item, (TaskRef, GraphNode)) for item in items):
-            return container(*items)
-        return value
-    if kind is dict:
-        entries = {name: _node_argument(item, collections) for name, item in value.items()}
-        if any(isinstance(item, (TaskRef, GraphNode)) for item in entries.values()):
-            return Dict(entries)
-        return value
-    if is_dask_collection(value):  # other Dask collections (arrays, bags...)
-        unpacked, found = unpack_collections(value)
-        collections.extend(found)
-        return unpacked
-    return value
-
-
 def _call_lazily(
     func: Callable[..., Any],
     args: tuple[Any, ...],
@@ -328,13 +275,46 @@ def _call_lazily(
             token = uuid.uuid4().hex  # random: every impure call is its own node
         key = f"{prefix}-{token}"
 
-    collections: list[Any] = []
-    node_args = [_node_argument(argument, collections) for argument in args]
-    node_kwargs = {name: _node_argument(value, collections) for name, value in kwargs.items()}
-
-    node = Task(key, func, *node_args, **node_kwargs)
+    node, collections = build_task(key, func, args, kwargs)
     graph = HighLevelGraph.from_collections(key, {key: node}, dependencies=collections)
     return FesteDelayed(key, graph, length=nout)
+
+
+def eager_or_lazy(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    name: str | None = None,
+    pure: bool | None = None,
+    nout: int | None = None,
+    key: Any = None,
+    token_source: Any = None,
+) -> Any:
+    """The one place that decides, when something is called, whether it runs now.
+
+    In eager mode (``context.set(eager=True)``) lazy arguments are computed first and
+    ``func`` runs at once; otherwise one node calling ``func`` is added to a new graph
+    and its lazy value returned. Feste tasks, operators and method calls on lazy values,
+    prompts and backend calls all come through here.
+    """
+    if is_eager():
+        args, kwargs = _compute_if_lazy(args, kwargs)
+        return func(*args, **kwargs)
+    return _call_lazily(
+        func, args, kwargs, name=name, pure=pure, nout=nout, key=key, token_source=token_source
+    )
+
+
+def _backend_call(
+    backend: Backend, method: str, item: Any, params: dict[str, Any], pure: bool
+) -> Any:
+    """How a backend method call becomes a node (installed as the backends' builder)."""
+    call = BackendCall(backend, method, pure=pure)
+    return eager_or_lazy(call, (item,), params, name=f"{backend.provider}-{method}", pure=pure)
+
+
+install_call_builder(_backend_call)
 
 
 class FesteTaskFunction:
@@ -369,10 +349,7 @@ class FesteTaskFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         pure = kwargs.pop("pure", self.pure)
         key = kwargs.pop("dask_key_name", None)
-        if is_eager():
-            args, kwargs = _compute_if_lazy(args, kwargs)
-            return self.func(*args, **kwargs)
-        return _call_lazily(
+        return eager_or_lazy(
             self.func,
             args,
             kwargs,

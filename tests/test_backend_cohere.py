@@ -12,8 +12,8 @@ import pytest
 import feste
 from feste import context
 from feste._calls import RunObserver, current_observer
+from feste._nodes import BatchCall
 from feste.backend import Cohere
-from feste.backend.base import BatchCall
 from feste.backend.types import Usage
 from feste.errors import (
     AuthenticationError,

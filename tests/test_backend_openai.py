@@ -12,8 +12,8 @@ import pytest
 import feste
 from feste import context
 from feste._calls import RunObserver, current_observer
+from feste._nodes import BatchCall, take_item
 from feste.backend import ChatParams, CompleteParams, EmbedParams, OpenAI
-from feste.backend.base import BatchCall, take_item
 from feste.backend.types import ItemFailure, Usage
 from feste.errors import (
     AuthenticationError,

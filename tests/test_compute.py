@@ -128,7 +128,13 @@ def test_shared_nodes_run_once():
 
 def test_prepare_returns_graph_keys_repack_and_postcomputes():
     d = diamond_and_friends()[0]
-    graph, keys, repack, postcomputes = prepare([d, "x"])
+    prepared = prepare([d, "x"])
+    graph, keys, repack, postcomputes = (
+        prepared.graph,
+        prepared.keys,
+        prepared.repack,
+        prepared.postcomputes,
+    )
     assert sorted(graph) == ["a", "b", "c", "d"]
     assert keys == [["d"]]
     assert len(postcomputes) == 1

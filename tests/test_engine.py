@@ -164,7 +164,8 @@ def test_intermediate_values_are_released_outputs_kept():
     a = inc(1)
     b = inc(a)
     c = inc(b)
-    graph, keys, _, _ = prepare(c, a)
+    prepared = prepare(c, a)
+    graph, keys = prepared.graph, prepared.keys
 
     async def run():
         engine = Engine(graph, keys)
@@ -193,7 +194,7 @@ def test_tasks_start_in_priority_order():
             node = record(f"len{length}-{step}", node)
         chains.append(node)
     sink = record("sink", *chains)
-    graph, _, _, _ = prepare(sink)
+    graph = prepare(sink).graph
     from dask.order import order
 
     priority = order(graph)

@@ -17,7 +17,9 @@ from dask.task_spec import List, Task, TaskRef
 
 import feste
 from feste import feste_task
-from feste.backend.base import Backend, BackendCall, BaseTransport, BatchCall, MethodSpec, take_item
+from feste._nodes import BackendCall, BatchCall, take_item
+from feste.backend import Backend, MethodSpec
+from feste.backend.transports import BaseTransport
 from feste.backend.types import ItemFailure, Parsed, Request, Response
 from feste.compute import prepare
 from feste.errors import AuthenticationError, BadRequestError
@@ -70,6 +72,8 @@ class FakeBackend(Backend):
 
     def __init__(self, *, name_bad_index: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("api_key", "test-key-1234")
+        if kwargs.get("client") is None:
+            kwargs.setdefault("transport", RecordingTransport)
         super().__init__(**kwargs)
         self._requests: list[list[str]] = []
         self._name_bad_index = name_bad_index
@@ -87,9 +91,6 @@ class FakeBackend(Backend):
     def parse_response(self, request: Request, response: Response) -> Parsed:
         return Parsed(list(response.body))
 
-    def make_transport(self) -> BaseTransport:
-        return RecordingTransport(self)
-
 
 @feste_task(pure=True)
 def shout(text: str) -> str:
@@ -97,8 +98,7 @@ def shout(text: str) -> str:
 
 
 def optimized(*values: Any) -> dict[Any, Any]:
-    graph, _, _, _ = prepare(*values)
-    return graph
+    return prepare(*values).graph
 
 
 def batch_nodes(graph: Mapping[Any, Any]) -> list[Task]:

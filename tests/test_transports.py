@@ -57,6 +57,12 @@ def test_sdk_transport_needs_an_official_client():
     class Custom(Backend):
         provider = "custom"
 
+        def build_request(self, method, items, params):
+            raise NotImplementedError
+
+        def parse_response(self, request, response):
+            raise NotImplementedError
+
     with pytest.raises(ConfigurationError, match=r"no official client.*transport='http'"):
         SDKTransport(Custom(transport="sdk"))
 

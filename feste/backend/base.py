@@ -1,27 +1,34 @@
-"""The backend base class: method declarations, request building, response parsing.
+"""The backend base class: who a backend is, what it accepts, how calls become requests.
 
 Design
 ------
 A backend knows how to talk to one provider *without doing I/O*: it declares its
-methods (:class:`MethodSpec`), turns a call into a provider-neutral
-:class:`~feste.backend.types.Request`, and turns a
-:class:`~feste.backend.types.Response` into values. Sending is the transport's job
-(:mod:`feste.backend.transports`), and retries, limits and batching belong to the
-scheduler (:mod:`feste._calls`, :mod:`feste.limits`, :mod:`feste.optimization`), which
-read only the declarations made here, never provider-specific code.
+methods (:class:`~feste.backend.spec.MethodSpec`), turns a call into a provider-neutral
+:class:`~feste.backend.types.Request` (:meth:`Backend.build_request`), and turns a
+:class:`~feste.backend.types.Response` into values (:meth:`Backend.parse_response`).
+Sending is the transports' job (:mod:`feste.backend.transports`), and limits, retries
+and batching belong to the layers above (:mod:`feste.limits`, :mod:`feste._calls`,
+:mod:`feste.optimization`), which read only the declarations made here.
 
-In a graph, a call is a ``Task`` whose function is a :class:`BackendCall` (one item) or
-a :class:`BatchCall` (a list of items, built by the batching pass). The batched item is
-always the call's first positional argument; every other argument is a keyword
-parameter, and two calls may share a batch only when their backend identity, method
-and all keyword parameters are equal (:meth:`BackendCall.batch_group`).
+A subclass declares: ``provider``, ``methods``, ``api_key_env``, ``default_base_url``,
+``params_types`` and ``method_defaults``, its extra constructor ``settings`` (public
+attributes such as OpenAI's ``organization``), the official client it accepts
+(``async_client``), and implements the two abstract methods. Its public methods
+(``chat``, ``embed``...) check their input and end in :meth:`Backend._call`.
+
+Calls: :meth:`Backend._call` hands the call to the *call builder*, which the graph
+layer (:mod:`feste.task`) installs when ``feste`` is imported: it returns a lazy node,
+or in eager mode the value. A backend never imports the layers above it; the package's
+``__init__`` imports :mod:`feste.task`, so the builder is in place before any backend
+module can be imported.
 
 Parameters: a public method merges the method's built-in defaults
 (``method_defaults``), the constructor's keyword defaults, a typed parameter object
-(:class:`CallParams` subclass) or mapping, and the call's keywords into one explicit
-dict when the node is built (:meth:`Backend.call_params`), so graph keys and batch
-groups show every parameter that will be sent; constructor defaults are therefore left
-out of :meth:`Backend.identity`. Unknown names are refused with the valid ones listed.
+(:class:`~feste.backend.spec.CallParams` subclass) or mapping, and the call's keywords
+into one explicit dict when the node is built (:meth:`Backend.call_params`), so graph
+keys and batch groups show every parameter that will be sent; constructor defaults are
+therefore left out of :meth:`Backend.identity`. Unknown names are refused with the
+valid ones listed.
 
 Secrets: the API key is kept in a private attribute, left out of ``repr``, of
 ``__dask_tokenize__`` (so out of graph keys and cache tokens) and of every request
@@ -32,96 +39,46 @@ is not stored at all and is re-read where the call runs.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from dask.base import tokenize
 
 from feste import context
-from feste.backend.types import ItemFailure, Parsed, Request, Response
-from feste.errors import BadRequestError, ConfigurationError, MalformedResponseError
-from feste.task import FesteBase, FesteDelayed, is_eager, lazy_call
+from feste.backend.spec import CallParams, MethodSpec
+from feste.backend.types import Parsed, Request, Response
+from feste.errors import ConfigurationError, MalformedResponseError, OptionError
 
-__all__ = [
-    "Backend",
-    "BackendCall",
-    "BaseTransport",
-    "BatchCall",
-    "CallParams",
-    "MethodSpec",
-    "take_item",
-]
+__all__ = ["Backend", "CallBuilder", "install_call_builder"]
+
+#: ``builder(backend, method, item, params, pure)``: a lazy node, or the value in eager mode.
+CallBuilder = Callable[["Backend", str, Any, dict[str, Any], bool], Any]
+
+_call_builder: CallBuilder | None = None
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """How one backend method may be sent.
-
-    ``batch_size`` > 1 makes the method batchable: up to that many calls (their first
-    positional arguments) go in one request. ``batch_tokens`` additionally caps the
-    estimated tokens of one batched request. ``params`` lists the keyword parameters the
-    method accepts (unknown names are refused before anything is sent).
-    """
-
-    name: str
-    params: frozenset[str] = field(default_factory=frozenset)
-    batch_size: int = 1
-    batch_tokens: int | None = None
-
-    @property
-    def batchable(self) -> bool:
-        return self.batch_size > 1
-
-
-@dataclass(frozen=True)
-class CallParams:
-    """Base class of typed parameter objects (``ChatParams``...).
-
-    Subclasses are frozen dataclasses whose fields all default to None; a field left at
-    None is not sent. :meth:`as_dict` gives the fields that are set.
-    """
-
-    def as_dict(self) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        for param in fields(self):
-            value = getattr(self, param.name)
-            if value is not None:
-                values[param.name] = value
-        return values
-
-
-class BaseTransport:
-    """Sends requests for one backend on one event loop.
-
-    ``send`` returns a 2xx :class:`Response` or raises a :mod:`feste.errors` error
-    (mapped from HTTP statuses and from the client library's exceptions).
-    """
-
-    async def send(self, request: Request) -> Response:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        """Release connections. Called before the event loop that used it closes."""
-
-
-def estimate_tokens(text: str) -> int:
-    """A cheap token estimate (about four characters a token) for limits and batching."""
-    return (len(text) + 3) // 4 if text else 0
+def install_call_builder(builder: CallBuilder) -> None:
+    """Called once by :mod:`feste.task`: how backend method calls become graph nodes."""
+    global _call_builder
+    _call_builder = builder
 
 
 _CREDENTIAL_SALT = os.urandom(16)
 
 
-class Backend(FesteBase):
-    """Base class of model providers.
+class Backend(abc.ABC):
+    """Base class of model providers (see the module docstring for what to declare).
 
-    Subclasses set ``provider``, ``methods``, ``api_key_env`` and implement
-    :meth:`build_request` and :meth:`parse_response`. Their public methods call
-    :meth:`_call`, which builds a graph node (or, in eager mode, sends at once).
+    Constructor settings common to every provider: ``api_key`` (else read from
+    ``api_key_env`` where each call runs), ``base_url``, ``timeout`` (seconds per
+    request), ``transport`` (``"http"`` or ``"sdk"``), ``client`` (a configured official
+    async client, used by the ``"sdk"`` transport), the limits ``max_concurrency``,
+    ``requests_per_minute`` and ``tokens_per_minute``, the subclass's own ``settings``,
+    and any other keyword as a default call parameter (``model=...``).
     """
 
     provider: ClassVar[str] = ""
@@ -134,20 +91,24 @@ class Backend(FesteBase):
     params_types: ClassVar[Mapping[str, type[CallParams]]] = {}
     #: Per method, values used when neither the call nor the constructor gives one.
     method_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: Provider-specific constructor settings, kept as public attributes (default None).
+    settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
-        *,
         api_key: str | None = None,
+        *,
         base_url: str | None = None,
         timeout: float = 60.0,
-        transport: str | None = None,
+        transport: Any = None,
         client: Any = None,
         max_concurrency: int | None = None,
         requests_per_minute: float | None = None,
         tokens_per_minute: float | None = None,
         **defaults: Any,
     ) -> None:
+        for name in self.settings:
+            setattr(self, name, defaults.pop(name, None))
         if api_key is not None and not isinstance(api_key, str):
             raise ConfigurationError(
                 f"api_key must be a string, got {type(api_key).__name__}", backend=self.provider
@@ -164,9 +125,10 @@ class Backend(FesteBase):
         self.timeout = float(timeout)
         if transport is None:
             transport = "sdk" if client is not None else "http"
-        if transport not in ("http", "sdk"):
+        if transport not in ("http", "sdk") and not callable(transport):
             raise ConfigurationError(
-                f"unknown transport {transport!r}; valid transports: 'http', 'sdk'",
+                f"unknown transport {transport!r}; valid transports: 'http', 'sdk', or a "
+                "BaseTransport subclass (called with the backend)",
                 backend=self.provider,
             )
         if client is not None and transport != "sdk":
@@ -176,27 +138,25 @@ class Backend(FesteBase):
             )
         self.transport = transport
         self._client = client
-        for name, value in (
-            ("max_concurrency", max_concurrency),
-            ("requests_per_minute", requests_per_minute),
-            ("tokens_per_minute", tokens_per_minute),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
-            ):
-                raise ConfigurationError(
-                    f"{name} must be a positive number or None, got {value!r}",
-                    backend=self.provider,
-                )
-        self.max_concurrency = max_concurrency
-        self.requests_per_minute = requests_per_minute
-        self.tokens_per_minute = tokens_per_minute
+        self.max_concurrency = self._checked_limit("max_concurrency", max_concurrency)
+        self.requests_per_minute = self._checked_limit("requests_per_minute", requests_per_minute)
+        self.tokens_per_minute = self._checked_limit("tokens_per_minute", tokens_per_minute)
         # Live connection pools, one per event loop; never pickled or tokenized.
-        self._transports: dict[Any, BaseTransport] = {}
+        self._transports: dict[Any, Any] = {}
         # Constructor defaults of call parameters. They are merged into each node's
         # keyword parameters when the node is built, so they are not part of identity().
         self._defaults: dict[str, Any] = {}
         self._set_defaults(defaults)
+
+    def _checked_limit(self, name: str, value: Any) -> Any:
+        """A limit checked by the rule of the context option of the same name."""
+        try:
+            return context.validate(name, value)
+        except OptionError as error:
+            reason = str(error).split(": ", 1)[-1]
+            raise ConfigurationError(
+                f"invalid {name} for {type(self).__name__}(...): {reason}", backend=self.provider
+            ) from None
 
     # -- identity and secrets ---------------------------------------------------------
 
@@ -231,6 +191,9 @@ class Backend(FesteBase):
                 str(getattr(self._client, "base_url", "")),
             )
         return state
+
+    def __dask_tokenize__(self) -> Any:
+        return (type(self).__module__, type(self).__qualname__, tokenize(self._token_state()))
 
     def __repr__(self) -> str:
         shown = {k: v for k, v in vars(self).items() if not k.startswith("_")}
@@ -411,32 +374,23 @@ class Backend(FesteBase):
     def _call(self, method: str, item: Any, params: dict[str, Any], *, pure: bool = True) -> Any:
         """A lazy node for ``method(item, **params)``, or its value in eager mode."""
         self.check_params(method, params)
-        call = BackendCall(self, method, pure=pure)
-        if is_eager():
-            from feste._calls import run_call
-            from feste._loop import run_sync
-            from feste.task import _compute_if_lazy
-
-            (item,), params = _compute_if_lazy((item,), params)
-            return run_sync(run_call(self, method, item, params))
-        return lazy_call(call, item, name=f"{self.provider}-{method}", pure=pure, **params)
+        if _call_builder is None:
+            raise ConfigurationError(
+                "feste's graph layer is not loaded; import feste before calling a backend",
+                backend=self.provider,
+            )
+        return _call_builder(self, method, item, params, pure)
 
     # -- to implement -----------------------------------------------------------------
 
+    @abc.abstractmethod
     def build_request(self, method: str, items: list[Any], params: Mapping[str, Any]) -> Request:
         """The request for ``items`` (one item, or a batch for batchable methods)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def parse_response(self, request: Request, response: Response) -> Parsed:
         """One value per item of ``request``, and the usage. Raise
         :class:`~feste.errors.MalformedResponseError` for a body that does not fit."""
-        raise NotImplementedError
-
-    def make_transport(self) -> BaseTransport:
-        """A new transport for the current event loop (``self.transport`` names the kind)."""
-        from feste.backend.transports import make_transport
-
-        return make_transport(self)
 
     def malformed(self, request: Request, detail: str) -> MalformedResponseError:
         return MalformedResponseError(
@@ -445,218 +399,3 @@ class Backend(FesteBase):
             method=request.method,
             model=request.model,
         )
-
-
-class BackendCall:
-    """The function of a graph node that calls ``backend.method(item, **params)``.
-
-    Called directly (sync, threads and processes schedulers) it sends the request on
-    this thread's event loop; the async scheduler recognizes it and awaits the call
-    itself, coalescing calls of one batch group.
-    """
-
-    __slots__ = ("backend", "method", "pure")
-
-    def __init__(self, backend: Backend, method: str, pure: bool = True) -> None:
-        self.backend = backend
-        self.method = method
-        # False for calls made with pure=False: never merged with an identical call.
-        self.pure = pure
-
-    @property
-    def __name__(self) -> str:  # used by dask's funcname() in reprs and keys
-        return f"{self.backend.provider}-{self.method}"
-
-    @property
-    def spec(self) -> MethodSpec:
-        return self.backend.spec(self.method)
-
-    def batch_group(self, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
-        """Calls with equal groups may share one request; None if not batchable."""
-        if not self.spec.batchable:
-            return None
-        return (
-            self.backend.identity(),
-            self.backend.credential_fingerprint(),
-            self.method,
-            tokenize(sorted(params.items())),
-        )
-
-    def __call__(self, item: Any, **params: Any) -> Any:
-        from feste._calls import run_call
-        from feste._loop import run_sync
-
-        return run_sync(run_call(self.backend, self.method, item, params))
-
-    def __dask_tokenize__(self) -> Any:
-        return ("feste.BackendCall", self.backend.identity(), self.method)
-
-    def __repr__(self) -> str:
-        return f"<{self.backend.provider}.{self.method}>"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (BackendCall, (self.backend, self.method, self.pure))
-
-
-class BatchCall:
-    """The function of a batched node: ``backend.method`` over a list of items.
-
-    Returns one entry per item: its value, or an :class:`ItemFailure` when the provider
-    rejected that item alone (the batch is split to find it).
-    """
-
-    __slots__ = ("backend", "distinct", "method")
-
-    def __init__(self, backend: Backend, method: str, distinct: bool = False) -> None:
-        self.backend = backend
-        self.method = method
-        # True when some items come from pure=False calls: identical items are then
-        # all sent, each asking for its own answer.
-        self.distinct = distinct
-
-    @property
-    def __name__(self) -> str:
-        return f"{self.backend.provider}-{self.method}-batch"
-
-    def __call__(self, items: list[Any], **params: Any) -> list[Any]:
-        from feste._calls import run_batch
-        from feste._loop import run_sync
-
-        batch = run_batch(self.backend, self.method, list(items), params, dedupe=not self.distinct)
-        return run_sync(batch)
-
-    def __dask_tokenize__(self) -> Any:
-        return ("feste.BatchCall", self.backend.identity(), self.method)
-
-    def __repr__(self) -> str:
-        return f"<{self.backend.provider}.{self.method} batch>"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (BatchCall, (self.backend, self.method, self.distinct))
-
-
-def take_item(batch_result: list[Any], index: int) -> Any:
-    """Pick one item's value out of a batch result (re-raising that item's own error)."""
-    value = batch_result[index]
-    if isinstance(value, ItemFailure):
-        import copy
-
-        # Duplicate calls share one item: each key raises its own copy of the error,
-        # so the scheduler labels every copy with the key that raised it.
-        try:
-            error = copy.copy(value.error)
-        except Exception:  # an exception type that cannot be rebuilt from its args
-            error = value.error
-        raise error
-    return value
-
-
-_MESSAGE_SHAPE = "{'role': 'user', 'content': 'some text'}"
-
-
-def chat_messages(
-    backend: Backend, method: str, prompt: Any, system: Any, roles: frozenset[str]
-) -> Any:
-    """The item of a chat call: its messages list (or a lazy prompt, turned into one later).
-
-    A string becomes one user message and ``system`` a leading system message. Messages
-    known now are checked now, so a bad shape is reported where the call is written;
-    lazy parts are checked when the call runs (:func:`check_messages`).
-    """
-    if system is not None and not isinstance(system, (str, FesteDelayed)):
-        raise BadRequestError(
-            f"system must be a string, got {type(system).__name__}",
-            backend=backend.provider,
-            method=method,
-        )
-    if isinstance(prompt, FesteDelayed):
-        if system is None:
-            return prompt  # a string or a messages list: settled when the call runs
-        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-    messages = check_messages(backend, method, prompt, roles)
-    if system is not None:
-        messages = [{"role": "system", "content": system}, *messages]
-    return messages
-
-
-def check_messages(backend: Backend, method: str, prompt: Any, roles: frozenset[str]) -> list[Any]:
-    """``prompt`` as a list of chat messages, or :class:`BadRequestError` naming the problem.
-
-    Lazy values inside messages are accepted as they are (they are resolved before the
-    request is built, and checked again then).
-    """
-
-    def bad(detail: str) -> BadRequestError:
-        return BadRequestError(detail, backend=backend.provider, method=method)
-
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, (list, tuple)):
-        raise bad(
-            f"expected a prompt string or a list of messages like [{_MESSAGE_SHAPE}], "
-            f"got {type(prompt).__name__}"
-        )
-    if not prompt:
-        raise bad(f"the list of messages is empty; give at least one message like {_MESSAGE_SHAPE}")
-    for index, message in enumerate(prompt):
-        if isinstance(message, FesteDelayed):
-            continue
-        if not isinstance(message, Mapping):
-            raise bad(
-                f"message {index} must be a dict like {_MESSAGE_SHAPE}, "
-                f"got {type(message).__name__}"
-            )
-        role = message.get("role")
-        if not isinstance(role, FesteDelayed) and role not in roles:
-            raise bad(
-                f"message {index} has role {role!r}; expected one of "
-                f"{', '.join(sorted(roles))} (shape: {_MESSAGE_SHAPE})"
-            )
-        content = message.get("content")
-        if content is None and message.get("tool_calls") is not None:
-            continue  # an assistant turn that only calls tools
-        if not isinstance(content, (str, list, FesteDelayed)):
-            found = "no content" if content is None else f"{type(content).__name__} content"
-            raise bad(
-                f"message {index} has {found}; content must be a string or a list of "
-                f"content parts (shape: {_MESSAGE_SHAPE})"
-            )
-    return list(prompt)
-
-
-def check_text(backend: Backend, method: str, text: Any, *, allow_empty: bool = True) -> None:
-    """Refuse an item that must be a string (lazy values are checked when they run)."""
-    if isinstance(text, FesteDelayed):
-        return
-    if not isinstance(text, str):
-        raise BadRequestError(
-            f"expected a string, got {type(text).__name__}"
-            + ("; call the method once per text" if isinstance(text, (list, tuple)) else ""),
-            backend=backend.provider,
-            method=method,
-        )
-    if not allow_empty and not text:
-        raise BadRequestError(
-            "the text is empty; the provider refuses empty inputs",
-            backend=backend.provider,
-            method=method,
-        )
-
-
-def check_texts(backend: Backend, method: str, texts: list[Any], *, allow_empty: bool) -> None:
-    """:func:`check_text` for each item of a batch; the error names the item's index, so
-    the batch runner fails that item alone and sends the others."""
-    for index, text in enumerate(texts):
-        try:
-            check_text(backend, method, text, allow_empty=allow_empty)
-        except BadRequestError as error:
-            error.message = f"input[{index}]: {error.message}"
-            error.args = (error.message,)
-            error.item_index = index
-            raise
-
-
-def backend_option(backend: Backend, name: str) -> Any:
-    """A limit for ``backend``: the context's value if set, else the backend's own."""
-    value = context.get(name)
-    return value if value is not None else getattr(backend, name)

@@ -17,18 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from feste.backend.base import (
-    Backend,
-    MethodSpec,
-    chat_messages,
-    check_messages,
-    check_text,
-    check_texts,
-    estimate_tokens,
-)
+from dask.delayed import Delayed
+
+from feste.backend.base import Backend
+from feste.backend.spec import MethodSpec, estimate_tokens
 from feste.backend.types import Parsed, Request, Response, Usage
+from feste.backend.validation import chat_messages, check_messages, check_text, check_texts
 from feste.errors import BadRequestError, ConfigurationError
-from feste.task import FesteDelayed
 
 __all__ = ["Cohere"]
 
@@ -90,30 +85,6 @@ class Cohere(Backend):
         "rerank": {"model": "rerank-v3.5"},
     }
 
-    def __init__(
-        self,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        timeout: float = 60.0,
-        client: Any = None,
-        transport: str | None = None,
-        max_concurrency: int | None = None,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
-        **defaults: Any,
-    ) -> None:
-        super().__init__(
-            api_key=api_key,
-            base_url=base_url,
-            timeout=timeout,
-            transport=transport,
-            client=client,
-            max_concurrency=max_concurrency,
-            requests_per_minute=requests_per_minute,
-            tokens_per_minute=tokens_per_minute,
-            **defaults,
-        )
-
     # -- public methods ---------------------------------------------------------------
 
     def chat(
@@ -168,7 +139,7 @@ class Cohere(Backend):
         points into ``documents``. ``top_n`` keeps the best ``top_n``.
         """
         check_text(self, "rerank", query, allow_empty=False)
-        if not isinstance(documents, FesteDelayed):
+        if not isinstance(documents, Delayed):
             if isinstance(documents, str) or not isinstance(documents, (list, tuple)):
                 raise BadRequestError(
                     f"documents must be a list of strings, got {type(documents).__name__}",
@@ -182,7 +153,7 @@ class Cohere(Backend):
                     method="rerank",
                 )
             for index, document in enumerate(documents):
-                if not isinstance(document, (str, FesteDelayed)):
+                if not isinstance(document, (str, Delayed)):
                     raise BadRequestError(
                         f"documents[{index}] must be a string, got {type(document).__name__}",
                         backend=self.provider,

@@ -21,17 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from feste.backend.base import (
-    Backend,
-    CallParams,
-    MethodSpec,
-    chat_messages,
-    check_messages,
-    check_text,
-    check_texts,
-    estimate_tokens,
-)
+from feste.backend.base import Backend
+from feste.backend.spec import CallParams, MethodSpec, estimate_tokens
 from feste.backend.types import Parsed, Request, Response, Usage
+from feste.backend.validation import chat_messages, check_messages, check_text, check_texts
 from feste.errors import ConfigurationError
 
 __all__ = ["ChatParams", "CompleteParams", "EmbedParams", "OpenAI"]
@@ -146,32 +139,8 @@ class OpenAI(Backend):
         "complete": {"model": "gpt-3.5-turbo-instruct"},
         "embed": {"model": "text-embedding-3-small"},
     }
-
-    def __init__(
-        self,
-        api_key: str | None = None,
-        base_url: str | None = None,
-        organization: str | None = None,
-        timeout: float = 60.0,
-        client: Any = None,
-        transport: str | None = None,
-        max_concurrency: int | None = None,
-        requests_per_minute: float | None = None,
-        tokens_per_minute: float | None = None,
-        **defaults: Any,
-    ) -> None:
-        self.organization = organization
-        super().__init__(
-            api_key=api_key,
-            base_url=base_url,
-            timeout=timeout,
-            transport=transport,
-            client=client,
-            max_concurrency=max_concurrency,
-            requests_per_minute=requests_per_minute,
-            tokens_per_minute=tokens_per_minute,
-            **defaults,
-        )
+    settings: ClassVar[tuple[str, ...]] = ("organization",)
+    organization: str | None
 
     def request_headers(self) -> dict[str, str]:
         return {"OpenAI-Organization": self.organization} if self.organization else {}

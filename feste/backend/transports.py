@@ -51,7 +51,7 @@ from typing import Any
 import aiohttp
 
 from feste._loop import on_loop_close
-from feste.backend.base import Backend, BaseTransport
+from feste.backend.base import Backend
 from feste.backend.types import Request, Response
 from feste.errors import (
     AuthenticationError,
@@ -64,6 +64,7 @@ from feste.errors import (
 )
 
 __all__ = [
+    "BaseTransport",
     "HTTPTransport",
     "SDKTransport",
     "make_transport",
@@ -81,8 +82,29 @@ _ITEM_PATTERN = re.compile(r"\b(?:input|inputs|texts|prompt|documents)\[(\d+)\]"
 _MAX_MESSAGE = 1000
 
 
+class BaseTransport:
+    """Sends requests for one backend on one event loop.
+
+    ``send`` returns a 2xx :class:`Response` or raises a :mod:`feste.errors` error
+    (mapped from HTTP statuses and from the client library's exceptions).
+    """
+
+    async def send(self, request: Request) -> Response:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release connections. Called before the event loop that used it closes."""
+
+
 def make_transport(backend: Backend) -> BaseTransport:
-    """A new transport of the kind ``backend.transport`` names, for the running loop."""
+    """A new transport of the kind ``backend.transport`` names, for the running loop.
+
+    ``backend.transport`` is ``"http"``, ``"sdk"``, or a callable (a
+    :class:`BaseTransport` subclass) that makes one from the backend.
+    """
+    if callable(backend.transport):
+        transport: BaseTransport = backend.transport(backend)
+        return transport
     if backend.transport == "sdk":
         return SDKTransport(backend)
     return HTTPTransport(backend)

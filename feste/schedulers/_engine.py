@@ -99,9 +99,10 @@ from dask._task_spec import identity as _dask_identity
 
 from feste import context
 from feste._calls import run_batch, run_call
-from feste.backend.base import BackendCall, BatchCall, backend_option, take_item
+from feste._nodes import BackendCall, BatchCall, take_item
 from feste.backend.types import ItemFailure
 from feste.errors import CancelledError, Failure, GraphError, SchedulerError, annotate_task_error
+from feste.limits import resolve_limits
 
 __all__ = ["Engine", "option_keywords", "run_graph"]
 
@@ -781,7 +782,7 @@ class Engine:
     def _lane(self, backend: Any) -> _Lane:
         lane = self._lanes.get(id(backend))
         if lane is None:
-            limit = backend_option(backend, "max_concurrency")
+            limit = resolve_limits(backend).max_concurrency
             cap = max(64, 4 * int(limit)) if limit else _NO_LANE_CAP
             lane = _Lane(cap)
             self._lanes[id(backend)] = lane

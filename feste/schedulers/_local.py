@@ -23,7 +23,7 @@ from typing import Any
 from dask.task_spec import Task
 
 from feste import context
-from feste.backend.base import take_item
+from feste._nodes import take_item
 from feste.errors import CancelledError, Failure, SchedulerError, annotate_task_error
 
 
