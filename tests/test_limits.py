@@ -254,14 +254,17 @@ def test_reduced_concurrency_is_enforced():
 @pytest.mark.parametrize("bad", [0, -1, "3", True, 2.5])
 def test_invalid_limits_are_rejected_by_one_rule_everywhere(bad):
     """The backend, the limiter and the context check max_concurrency the same way."""
-    with pytest.raises(ConfigurationError, match="'max_concurrency': .*positive integer"):
+    with pytest.raises(ConfigurationError, match=r"'max_concurrency': .*positive integer"):
         Limits(max_concurrency=bad).check()
     with pytest.raises(
         ConfigurationError, match=r"invalid max_concurrency for OpenAI\(...\): .*positive integer"
     ):
         OpenAI(api_key="k", max_concurrency=bad)
-    with pytest.raises(OptionError, match="'max_concurrency': .*positive integer"):
-        context.set(max_concurrency=bad).__enter__()
+    with (
+        pytest.raises(OptionError, match=r"'max_concurrency': .*positive integer"),
+        context.set(max_concurrency=bad),
+    ):
+        pass
 
 
 def test_invalid_context_limits_are_rejected():
