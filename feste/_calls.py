@@ -31,6 +31,7 @@ import copy
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from feste import context
@@ -45,14 +46,11 @@ from feste.errors import (
     RetryableError,
     TransientError,
 )
-from feste.limits import limiter_for
+from feste.limits import admit, release_all, run_limits
 
 __all__ = ["RunObserver", "current_observer", "run_batch", "run_call", "send"]
 
 _MAX_BACKOFF = 20.0
-# A Retry-After longer than this is taken as this long (a server asking for an hour
-# would otherwise park the whole run); the limiter's shared pause still applies.
-_MAX_RETRY_AFTER = 120.0
 
 
 class RunObserver:
@@ -87,32 +85,92 @@ def transport_for(backend: Backend) -> Any:
     return transport
 
 
-async def send(backend: Backend, request: Request) -> Parsed:
-    """Send ``request`` with limits, timeout and retries; return the parsed result.
+@dataclass(frozen=True)
+class _RetryPolicy:
+    """The retry settings of the current context, read once per request."""
 
-    Each attempt holds one admission of the backend's limiter only while the request is
-    in flight: the admission is given back before a retry waits, so waiting retries
-    never occupy concurrency. A 429 is reported to the limiter first (shared pause,
-    smaller concurrency), then the call waits the server's ``Retry-After`` (plus up to
-    20% jitter), or, without one and for other transient errors, an exponential
-    backoff with full jitter; then it tries again, up to ``max_retries`` retries.
+    max_retries: int
+    backoff: float
+    attempt_timeout: float
+    max_retry_after: float
+    rate_limit_timeout: float
+    call_timeout: float | None
+
+    @classmethod
+    def current(cls, backend: Backend) -> _RetryPolicy:
+        return cls(
+            max_retries=context.get("max_retries"),
+            backoff=context.get("retry_backoff"),
+            attempt_timeout=context.get("task_timeout") or backend.timeout,
+            max_retry_after=context.get("max_retry_after"),
+            rate_limit_timeout=context.get("rate_limit_timeout"),
+            call_timeout=context.get("call_timeout"),
+        )
+
+
+def _deadline_error(request: Request, policy: _RetryPolicy, waiting: str) -> TransientError:
+    return TransientError(
+        f"call_timeout of {policy.call_timeout:g} s passed while {waiting} "
+        "(raise call_timeout, or leave it unset for no overall bound)",
+        backend=request.provider,
+        method=request.method,
+        model=request.model,
+    )
+
+
+async def send(backend: Backend, request: Request) -> Parsed:
+    """Send ``request`` with limits, timeouts and retries; return the parsed result.
+
+    Each attempt is admitted by the computation's, the backend's and the account's
+    limiters (:mod:`feste.limits`) and holds them only while in flight, so waiting
+    retries never occupy concurrency. Rate limits (429) and other transient errors are
+    retried differently:
+
+    * a 429 is the server asking to wait, not a failure: the call waits the server's
+      ``Retry-After`` (jittered by up to 20%; one longer than ``max_retry_after`` is
+      ignored for an exponential backoff) and tries again, for as long as
+      ``rate_limit_timeout`` allows since its first 429, whatever the attempt count;
+    * other transient errors (5xx, timeouts, dropped connections) are retried up to
+      ``max_retries`` times with exponential backoff and full jitter;
+    * authentication errors trip the computation's breaker for the account (its other
+      calls then fail without being sent); bad requests are never retried.
+
+    ``call_timeout`` bounds the whole call: admission waits, attempts and the waits
+    between them.
     """
-    limiter = limiter_for(backend)
-    max_retries = context.get("max_retries")
-    backoff = context.get("retry_backoff")
-    timeout = context.get("task_timeout") or backend.timeout
+    scope = run_limits()
+    gates = scope.gates(backend)
+    policy = _RetryPolicy.current(backend)
     observer = current_observer.get()
+    transport = transport_for(backend)
+    loop = asyncio.get_running_loop()
+    deadline = None if policy.call_timeout is None else loop.time() + policy.call_timeout
     attempt = 0
     unexplained_failures = 0
+    first_rate_limit: float | None = None
     while True:
+        tripped = scope.tripped(gates.account)
+        if tripped is not None:
+            observer.request_failed(request, tripped, attempt)
+            raise tripped
         attempt += 1
-        ticket = await limiter.acquire(request.estimated_tokens)
+        try:
+            async with asyncio.timeout_at(deadline):
+                held = await admit(gates.limiters, request.estimated_tokens)
+        except TimeoutError:
+            error = _deadline_error(request, policy, "waiting for admission")
+            observer.request_failed(request, error, attempt)
+            raise error from None
+        account_ticket = held[-1][1]
         try:
             observer.request_started(request)
             started = time.monotonic()
+            timeout = policy.attempt_timeout
+            if deadline is not None:
+                timeout = min(timeout, max(0.0, deadline - loop.time()))
             try:
                 async with asyncio.timeout(timeout):
-                    response = await transport_for(backend).send(request)
+                    response = await transport.send(request)
             except TimeoutError:
                 raise TransientError(
                     f"no answer within {timeout:g} s (raise task_timeout or the backend's timeout)",
@@ -123,37 +181,49 @@ async def send(backend: Backend, request: Request) -> Parsed:
             parsed = backend.parse_response(request, response)
         except RetryableError as error:
             error.attempts = attempt
-            if isinstance(error, RateLimitError):
+            rate_limited = isinstance(error, RateLimitError)
+            hint = error.retry_after if isinstance(error, RateLimitError) else None
+            if rate_limited:
                 # Before the admission is given back, so no waiter slips in unpaused.
-                limiter.rate_limited(error.retry_after, ticket)
-            limiter.release(ticket)
-            if attempt > max_retries:
+                gates.account.rate_limited(hint, account_ticket, max_pause=policy.max_retry_after)
+            release_all(held)
+            now = loop.time()
+            if rate_limited:
+                first_rate_limit = now if first_rate_limit is None else first_rate_limit
+                give_up = now - first_rate_limit >= policy.rate_limit_timeout
+            else:
+                unexplained_failures += 1
+                give_up = unexplained_failures > policy.max_retries
+            if hint is not None and hint <= policy.max_retry_after:
+                # The server said when: wait that long, spread a little so the calls it
+                # turned away do not all come back in the same instant.
+                delay = hint * random.uniform(1.0, 1.2)
+            else:
+                if rate_limited:
+                    unexplained_failures += 1
+                ceiling = policy.backoff * 2 ** max(0, unexplained_failures - 1)
+                delay = random.uniform(0.0, min(_MAX_BACKOFF, ceiling))
+            if not give_up and deadline is not None and now + delay >= deadline:
+                give_up = True
+            if give_up:
                 observer.request_failed(request, error, attempt)
                 raise
             observer.request_retried(request, error, attempt)
-            if isinstance(error, RateLimitError) and error.retry_after is not None:
-                # The server said when: wait that long, spread a little so the calls it
-                # turned away do not all come back in the same instant.
-                delay = min(_MAX_RETRY_AFTER, error.retry_after) * random.uniform(1.0, 1.2)
-            else:
-                # The exponent counts only these failures: 429s answered with a
-                # Retry-After say nothing about how long the next outage may last.
-                unexplained_failures += 1
-                ceiling = backoff * 2 ** (unexplained_failures - 1)
-                delay = random.uniform(0.0, min(_MAX_BACKOFF, ceiling))
             await asyncio.sleep(delay)
             continue
         except BackendError as error:
-            limiter.release(ticket)
+            release_all(held)
             error.attempts = attempt
+            scope.trip(gates.account, error)
             observer.request_failed(request, error, attempt)
             raise
         except BaseException as error:  # cancelled, or a bug in a transport or parser
-            limiter.release(ticket)
+            release_all(held)
             observer.request_failed(request, error, attempt)
             raise
-        limiter.succeeded(request.estimated_tokens, parsed.usage, ticket)
-        limiter.release(ticket)
+        for limiter, ticket in held:
+            limiter.succeeded(request.estimated_tokens, parsed.usage, ticket, response.headers)
+        release_all(held)
         observer.request_finished(request, parsed.usage, time.monotonic() - started)
         return parsed
 

@@ -34,6 +34,7 @@ from dask.utils import ensure_dict
 from feste import context
 from feste.errors import SchedulerError
 from feste.graph import FesteGraph, GraphStats, build_task
+from feste.limits import run_scope
 from feste.optimization import default_optimizer
 from feste.schedulers import get_scheduler
 from feste.schedulers._engine import GraphStream, inline_function, option_keywords, run_graph
@@ -87,8 +88,17 @@ def prepare(*objs: Any, optimize_graph: bool = True, traverse: bool = True) -> P
 def run_graph_dict(
     graph: Mapping[Any, Any], keys: Any, scheduler: Any = None, **kwargs: Any
 ) -> Any:
-    """Step 3: run an optimized graph dict on a scheduler and return the key values."""
-    return get_scheduler(scheduler)(graph, keys, **kwargs)
+    """Step 3: run an optimized graph dict on a scheduler and return the key values.
+
+    Keywords that are feste options apply to this computation (set in the context
+    around the run, which also starts the computation's limits scope); any other
+    keyword goes to the scheduler, which refuses what it does not know.
+    """
+    options = {name: value for name, value in kwargs.items() if name in context.OPTIONS}
+    others = {name: value for name, value in kwargs.items() if name not in context.OPTIONS}
+    get = get_scheduler(scheduler)
+    with context.set(**options), run_scope():
+        return get(graph, keys, **others)
 
 
 def run_dask_graph(dsk: Any, keys: Any, **kwargs: Any) -> Any:
@@ -163,7 +173,7 @@ async def compute_async(
     if not prepared.keys:
         return objs
     if _runs_on_engine(scheduler):
-        with context.set(**option_keywords(kwargs)):
+        with context.set(**option_keywords(kwargs)), run_scope():
             results = await run_graph(prepared.graph, prepared.keys)
     else:
         results = await asyncio.to_thread(

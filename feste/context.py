@@ -143,20 +143,22 @@ _OPTION_LIST = [
     Option(
         "max_concurrency",
         None,
-        "Requests in flight at once, per backend (overrides the backend's own setting).",
+        "Requests in flight at once, per account, within one computation; the backend's own "
+        "max_concurrency applies as well, across computations.",
         _positive_int_or_none,
     ),
     Option(
         "requests_per_minute",
         None,
-        "Requests started per minute, per backend (overrides the backend's own setting).",
+        "Requests started per minute, per account, within one computation; the backend's "
+        "own requests_per_minute applies as well.",
         _positive_number_or_none,
     ),
     Option(
         "tokens_per_minute",
         None,
-        "Tokens per minute, per backend: estimated before each call, corrected with the usage "
-        "the provider returns (overrides the backend's own setting).",
+        "Tokens per minute, per account, within one computation: estimated before each call, "
+        "corrected with the usage the provider returns; the backend's own applies as well.",
         _positive_number_or_none,
     ),
     Option(
@@ -170,6 +172,27 @@ _OPTION_LIST = [
         0.5,
         "Base delay in seconds of the exponential backoff between retries (with full jitter).",
         _non_negative_number,
+    ),
+    Option(
+        "max_retry_after",
+        60.0,
+        "Longest server Retry-After (seconds) that feste honours; a longer one is treated as "
+        "no hint (exponential backoff) and never pauses other calls.",
+        _non_negative_number,
+    ),
+    Option(
+        "rate_limit_timeout",
+        600.0,
+        "Seconds a call keeps retrying after its first rate-limit (429) answer before it "
+        "fails. 429s do not count against max_retries: the server is asking to wait.",
+        _non_negative_number,
+    ),
+    Option(
+        "call_timeout",
+        None,
+        "Seconds one call may take in all: waiting for admission, every attempt and the "
+        "waits between retries. None: no overall bound (task_timeout bounds each attempt).",
+        _positive_number_or_none,
     ),
     Option(
         "task_timeout",

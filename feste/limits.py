@@ -1,73 +1,103 @@
-"""Per-backend limits: requests in flight, requests and tokens per minute, 429 back-off.
+"""Limits: who may send a request now, and what a provider's answers teach us.
 
 Design
 ------
-There is one :class:`Limiter` per backend *identity* (``Backend.identity()``: class,
-base URL and settings, never the API key) in the whole process, returned by
-:func:`limiter_for`. Every request feste sends goes through it (see
-``feste._calls.send``), so a limit holds across every graph computed at the same time,
-whichever thread or event loop computes it.
+Every request feste sends is admitted by up to three :class:`Limiter` s, each guarding
+one *scope*, acquired in this order and released together (:func:`admit`):
 
-Admission (``ticket = await limiter.acquire(tokens)`` ... ``limiter.release(ticket)``,
-or ``async with limiter.admit(tokens)``) waits until all of these allow the request:
+* **the compute** (``context.set(max_concurrency=...)`` or ``feste.compute(...,
+  max_concurrency=...)``): caps the calls of one computation, per account, whatever
+  other computations do at the same time. :class:`RunLimits`, made when a computation
+  starts (:func:`run_scope`), captures the context's limits then; without one (eager
+  mode, a Dask worker) each call resolves the current context alone.
+* **the backend** (``OpenAI(max_concurrency=...)``): caps the calls made through
+  backends of that configuration (identity, credential and limits), in the whole
+  process. Two backends with different caps on one URL each keep their own.
+* **the account** (provider, base URL, credential fingerprint, extra headers): the
+  state the provider shares among everyone using one key, in the whole process: a
+  pause ordered by the provider, the budgets it announces in ``x-ratelimit-*``
+  headers, and an *overload window*. Two keys on one URL are two accounts.
 
-* **concurrency**: fewer than the *effective* concurrency limit in flight. It starts at
-  ``max_concurrency`` (unlimited when unset) and follows AIMD: a 429 multiplies it by
-  0.75 (at most
-  once per generation of requests: a 429 from a request admitted before the last
-  decrease does not decrease it again), and each success while at least half of it is
-  in use raises it by one, back up to ``max_concurrency`` (or, when none is configured,
-  without bound);
-* **requests per minute**: a token bucket refilled at ``rpm / 60`` per second holding
-  at most one second's worth (providers enforce per-minute limits over short windows);
-* **tokens per minute**: the same with the request's estimated tokens; the estimate is
-  corrected by the usage the provider reports (:meth:`Limiter.succeeded`). A request
-  larger than the bucket is admitted when the bucket is full (the bucket goes into
-  debt) so that it is never starved;
-* **pause**: a 429 with ``Retry-After`` sets a shared pause-until time: nobody is
-  admitted before it, whichever call got the 429. Like the decrease, only the first
-  429 of a generation pauses; later ones answer requests sent before the reaction
-  (the request that got it still waits its own ``Retry-After`` before its retry).
+A backend's scopes are resolved once per computation (:meth:`RunLimits.gates`), not
+per request.
 
-Waiters are served first come, first served. The state is guarded by a
-``threading.Lock``; a waiter is an ``asyncio`` future on its own loop, resolved
-directly when the grant happens on that loop's thread and through
-``loop.call_soon_threadsafe`` otherwise. Waiters blocked by time (rate buckets, pause)
-are woken by a timer armed on each loop that has waiters.
+Overload control (the account's window) reacts to overload, not to every 429: it
+keeps a moving average of the share of answers that are 429s. Only when that share
+is high (above :data:`_OVERLOAD_SHARE`) while the window is in use does a 429 shrink
+the window (by a quarter, once per generation of requests) and pause the account for
+the announced ``Retry-After``; successes grow it back by one while it is in use. A
+provider that sheds a fifth of requests at random therefore costs each unlucky
+request its own ``Retry-After`` and nobody else anything, while a server at its
+capacity drives the window down to about what it can serve. A header saying a budget
+is spent (``x-ratelimit-remaining-requests: 0``, or no tokens left) pauses the
+account until the announced reset.
 
-Limits come from the backend (``OpenAI(max_concurrency=...)``) or from the context
-(``context.set(max_concurrency=...)``), the context winning; :func:`limiter_for` applies
-the current values each time it is asked for a backend's limiter.
+Mechanics (each :class:`Limiter`): admission waits until fewer than the window are in
+flight, the requests-per-minute bucket holds one request and the tokens-per-minute
+bucket the request's estimated tokens (corrected by reported usage; a request larger
+than the bucket is admitted when the bucket is full), and no pause is in force.
+Buckets refill at ``rate / 60`` per second and hold one second's worth, since
+providers enforce per-minute limits over short windows. Waiters are served first
+come, first served; state is guarded by a ``threading.Lock``; a waiter is a future on
+its own loop, resolved directly on that loop's thread or through
+``call_soon_threadsafe``; waiters blocked by time are woken by a timer armed on each
+loop that has waiters.
+
+The circuit breaker: once a request of a computation fails authentication, the
+computation's other calls on that account fail at once with a copy of that error
+instead of being sent (:meth:`RunLimits.trip`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
+import copy
+import hashlib
+import os
+import re
 import threading
 import time
-import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
 from feste import context
-from feste.errors import ConfigurationError, OptionError
+from feste.errors import AuthenticationError, ConfigurationError, OptionError
 
-__all__ = ["Limiter", "Limits", "Ticket", "all_limiters", "limiter_for", "resolve_limits"]
+__all__ = [
+    "Gates",
+    "Limiter",
+    "Limits",
+    "RunLimits",
+    "Ticket",
+    "account_limiter",
+    "admit",
+    "all_limiters",
+    "backend_limiter",
+    "limiter_for",
+    "resolve_limits",
+    "run_limits",
+    "run_scope",
+]
 
-# Each success (while the window is in use) raises the effective concurrency by this
-# much, back up to the limit: at most doubling per round of requests, so it recovers
-# within a few rounds after a burst of 429s without jumping back at once.
+# Each success (while the window is in use) raises the overload window by this much:
+# at most doubling per round of requests, so it recovers within a few rounds.
 _RECOVERY_STEP = 1.0
-# A 429 multiplies the effective concurrency by this. Gentler than halving: a provider
-# that sheds a share of requests at random (a common 429 pattern) should not starve
-# the run, while a sustained limit still shrinks the window geometrically.
+# An overload 429 multiplies the window by this.
 _DECREASE_FACTOR = 0.75
+# The moving average of "this answer was a 429" that counts as overload. Random
+# shedding by a healthy provider stays well below it; a server asked for several times
+# its capacity answers most requests with 429s.
+_OVERLOAD_SHARE = 0.4
+# Weight of each answer in that moving average (about the last 32 answers count).
+_SHARE_WEIGHT = 1.0 / 32
 
 
 class Limits(NamedTuple):
-    """The configured limits of one backend; ``None`` means unlimited."""
+    """The configured limits of one scope; ``None`` means unlimited."""
 
     max_concurrency: int | None = None
     requests_per_minute: float | None = None
@@ -81,6 +111,13 @@ class Limits(NamedTuple):
             except OptionError as error:
                 raise ConfigurationError(f"{error} ({owner})") from None
         return self
+
+    @property
+    def unlimited(self) -> bool:
+        return self == _NO_LIMITS
+
+
+_NO_LIMITS = Limits()
 
 
 class _Bucket:
@@ -137,10 +174,17 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class Limiter:
-    """Admission control for one backend identity (see the module docstring)."""
+    """Admission control for one scope (see the module docstring).
 
-    def __init__(self, name: str = "", limits: Limits | None = None) -> None:
+    ``adaptive`` limiters (accounts) run overload control, pauses and header budgets;
+    the others (a backend's, a computation's) enforce their configured limits only.
+    """
+
+    def __init__(
+        self, name: str = "", limits: Limits | None = None, adaptive: bool = False
+    ) -> None:
         self.name = name
+        self.adaptive = adaptive
         self._lock = threading.Lock()
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._waiting_loops: collections.Counter[asyncio.AbstractEventLoop] = collections.Counter()
@@ -152,11 +196,13 @@ class Limiter:
         self._window = float("inf")
         self._requests: _Bucket | None = None
         self._tokens: _Bucket | None = None
+        self._shed_share = 0.0
         # Counters for diagnostics and tests.
         self._max_in_flight = 0
         self._admitted = 0
         self._rate_limited = 0
         self._decreases = 0
+        self._pauses = 0
         self.configure(limits or Limits())
 
     # -- configuration --------------------------------------------------------------
@@ -166,7 +212,7 @@ class Limiter:
         return self._limits
 
     def configure(self, limits: Limits) -> None:
-        """Apply new limits (from the backend or the context); waiters are re-examined."""
+        """Apply new limits; waiters are re-examined."""
         limits = Limits(*limits).check(self.name or "limiter")
         with self._lock:
             old = self._limits
@@ -241,52 +287,90 @@ class Limiter:
             grants, delay = self._grant_locked(time.monotonic())
         self._deliver(grants, delay)
 
-    # -- outcomes -------------------------------------------------------------------
+    # -- outcomes (adaptive limiters learn from them) -----------------------------------
 
-    def succeeded(self, estimated_tokens: int, usage: Any, ticket: Ticket | None = None) -> None:
-        """A request succeeded: recover concurrency, correct the token estimate."""
+    def succeeded(
+        self,
+        estimated_tokens: int,
+        usage: Any,
+        ticket: Ticket | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """A request succeeded: grow the window, correct the token estimate, read budgets."""
+        now = time.monotonic()
         with self._lock:
-            cap = self._limits.max_concurrency
-            # Grow only while the window is in use (at least half of it in flight), not
-            # while few requests are in flight (a pause, or little demand).
-            in_flight = self._in_flight
-            if ticket is not None and ticket.released:
-                in_flight += 1
-            if (cap is None or self._window < cap) and 2 * in_flight >= self._window:
-                self._window += _RECOVERY_STEP
-                if cap is not None and self._window > cap:
-                    self._window = max(1.0, float(cap))
-            refund = 0.0
+            if self.adaptive:
+                self._shed_share *= 1.0 - _SHARE_WEIGHT
+                cap = self._limits.max_concurrency
+                # Grow only while the window is in use (at least half of it in flight).
+                in_flight = self._in_flight
+                if ticket is not None and ticket.released:
+                    in_flight += 1
+                in_use = 2 * in_flight >= self._window
+                if (cap is None or self._window < cap) and in_use:
+                    self._window += _RECOVERY_STEP
+                    if cap is not None and self._window > cap:
+                        self._window = max(1.0, float(cap))
+                if headers:
+                    self._read_budgets(headers, now)
             if self._tokens is not None and usage is not None:
                 used = getattr(usage, "total_tokens", None)
                 if isinstance(used, int):
-                    refund = estimated_tokens - used
                     bucket = self._tokens
-                    bucket.level = min(bucket.capacity, bucket.level + refund)
+                    bucket.level = min(bucket.capacity, bucket.level + estimated_tokens - used)
             if not self._waiters:
                 return
-            grants, delay = self._grant_locked(time.monotonic())
+            grants, delay = self._grant_locked(now)
         self._deliver(grants, delay)
 
-    def rate_limited(self, retry_after: float | None, ticket: Ticket | None = None) -> None:
-        """A request got a 429: pause everyone for ``retry_after`` and shrink concurrency."""
+    def rate_limited(
+        self,
+        retry_after: float | None,
+        ticket: Ticket | None = None,
+        max_pause: float | None = None,
+    ) -> bool:
+        """A request got a 429. Returns True when it was taken as overload: the window
+        shrank and, with a ``retry_after`` of at most ``max_pause``, everyone pauses."""
         now = time.monotonic()
         with self._lock:
             self._rate_limited += 1
-            if ticket is None or ticket.generation == self._generation:
-                # Only the first 429 of a generation pauses and shrinks: the others
-                # answer requests sent before the limiter reacted, and counting them
-                # again would stall a backend that merely sheds some load.
-                if retry_after is not None and retry_after > 0:
-                    self._paused_until = max(self._paused_until, now + retry_after)
-                # The number in flight when the 429 came, this request included.
-                in_flight = self._in_flight
-                if ticket is None or ticket.released:
-                    in_flight += 1
-                base = min(self._window, float(in_flight))
-                self._window = max(1.0, base * _DECREASE_FACTOR)
-                self._generation += 1
-                self._decreases += 1
+            if not self.adaptive:
+                return False
+            self._shed_share = self._shed_share * (1.0 - _SHARE_WEIGHT) + _SHARE_WEIGHT
+            # The number in flight when the 429 came, this request included.
+            in_flight = self._in_flight
+            if ticket is None or ticket.released:
+                in_flight += 1
+            window_in_use = self._window == float("inf") or 2 * in_flight >= self._window
+            overloaded = self._shed_share >= _OVERLOAD_SHARE and window_in_use
+            # Once per generation: other 429s of the same generation answer requests
+            # sent before the reaction, and counting them again would stall the run.
+            first_of_generation = ticket is None or ticket.generation == self._generation
+            if not (overloaded and first_of_generation):
+                return False
+            if (
+                retry_after is not None
+                and retry_after > 0
+                and (max_pause is None or retry_after <= max_pause)
+            ):
+                self._paused_until = max(self._paused_until, now + retry_after)
+                self._pauses += 1
+            base = min(self._window, float(in_flight))
+            self._window = max(1.0, base * _DECREASE_FACTOR)
+            self._generation += 1
+            self._decreases += 1
+            return True
+
+    def _read_budgets(self, headers: Mapping[str, str], now: float) -> None:
+        """Pause until the announced reset when a header says a budget is spent."""
+        for kind in ("requests", "tokens"):
+            remaining = _header_number(headers, f"x-ratelimit-remaining-{kind}")
+            if remaining is None or remaining > 0:
+                continue
+            reset = _duration(headers.get(f"x-ratelimit-reset-{kind}"))
+            if reset is not None and reset > 0:
+                self._paused_until = max(self._paused_until, now + min(reset, 60.0))
+                self._pauses += 1
 
     # -- diagnostics ----------------------------------------------------------------
 
@@ -300,6 +384,7 @@ class Limiter:
                 "admitted": self._admitted,
                 "rate_limited": self._rate_limited,
                 "decreases": self._decreases,
+                "pauses": self._pauses,
                 "concurrency": None if self._window == float("inf") else int(self._window),
                 "paused_for": max(0.0, self._paused_until - time.monotonic()),
             }
@@ -424,65 +509,214 @@ class Limiter:
         self._deliver(grants, delay)
 
 
-_registry: dict[str, Limiter] = {}
-_registry_lock = threading.Lock()
-_identities: weakref.WeakKeyDictionary[Any, tuple[dict[str, Any], str]] = (
-    weakref.WeakKeyDictionary()
-)
+# -- header budgets ------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def _identity(backend: Any) -> str:
-    """``backend.identity()``, remembered while the backend's public settings are unchanged.
-
-    Computing the identity tokenizes the backend's settings (about 10 us); every request
-    needs it, so it is kept per backend object and recomputed only when a public
-    attribute (or the client object) changed since.
-    """
-    state = {name: value for name, value in vars(backend).items() if not name.startswith("_")}
-    state["_client"] = id(getattr(backend, "_client", None))
+def _duration(text: str | None) -> float | None:
+    """Seconds in an OpenAI-style reset header ("1s", "6m0s", "20ms", "0.5s"), or None."""
+    if not text:
+        return None
+    text = text.strip()
     try:
-        remembered = _identities.get(backend)
-    except TypeError:  # not weak-referenceable or not hashable
-        return str(backend.identity())
-    if remembered is not None and remembered[0] == state:
-        return remembered[1]
-    identity = str(backend.identity())
-    _identities[backend] = (state, identity)
-    return identity
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    return sum(float(number) * _SECONDS_PER_UNIT[unit] for number, unit in parts)
+
+
+def _header_number(headers: Mapping[str, str], name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- the scopes ----------------------------------------------------------------------
+
+_registry_lock = threading.Lock()
+_accounts: dict[tuple[Any, ...], Limiter] = {}
+_backends: dict[tuple[Any, ...], Limiter] = {}
+# A per-process salt: account keys identify credentials only inside this process.
+_SALT = os.urandom(16)
+
+
+def _account_key(backend: Any) -> tuple[Any, ...]:
+    """Provider, base URL, extra headers and a salted fingerprint of the key sent now."""
+    fingerprint = backend.credential_fingerprint()
+    if fingerprint is None:
+        # The key comes from the environment where the call runs: fingerprint it now.
+        env_name = getattr(backend, "api_key_env", "")
+        env_key = os.environ.get(env_name, "") if env_name else ""
+        fingerprint = hashlib.sha256(_SALT + env_key.encode("utf-8", "replace")).hexdigest()
+    headers = tuple(sorted(backend.request_headers().items()))
+    return (backend.provider, backend.base_url, headers, fingerprint)
+
+
+def _registered(
+    registry: dict[tuple[Any, ...], Limiter],
+    key: tuple[Any, ...],
+    name: str,
+    limits: Limits,
+    adaptive: bool,
+) -> Limiter:
+    limiter = registry.get(key)
+    if limiter is None:
+        with _registry_lock:
+            limiter = registry.get(key)
+            if limiter is None:
+                limiter = registry[key] = Limiter(name, limits, adaptive=adaptive)
+    return limiter
+
+
+def account_limiter(backend: Any) -> Limiter:
+    """The process-wide limiter of ``backend``'s account (shared provider state)."""
+    key = _account_key(backend)
+    return _registered(_accounts, key, f"{backend.provider} {backend.base_url}", _NO_LIMITS, True)
+
+
+def _backend_limits(backend: Any) -> Limits:
+    return Limits(*(getattr(backend, name, None) for name in Limits._fields))
+
+
+def backend_limiter(backend: Any) -> Limiter | None:
+    """The process-wide limiter of ``backend``'s own limits; None when it sets none."""
+    limits = _backend_limits(backend)
+    if limits.unlimited:
+        return None
+    key = (backend.identity(), backend.credential_fingerprint(), limits)
+    name = f"{backend.provider} {backend.base_url} {type(backend).__name__}(...)"
+    return _registered(_backends, key, name, limits, False)
 
 
 def resolve_limits(backend: Any) -> Limits:
-    """The limits that apply to ``backend``'s calls now: the context's value of each
-    limit when set, else the backend's own (both checked by the context's rules)."""
+    """The limits that apply to ``backend``'s calls now: the tightest of the current
+    context's value and the backend's own, for each limit."""
     values = []
     for name in Limits._fields:
-        value = context.get(name)
-        values.append(value if value is not None else getattr(backend, name, None))
+        own = getattr(backend, name, None)
+        ambient = context.get(name)
+        candidates = [value for value in (own, ambient) if value is not None]
+        values.append(min(candidates) if candidates else None)
     return Limits(*values)
 
 
 def limiter_for(backend: Any) -> Limiter:
-    """The process-wide limiter of ``backend``'s identity, set to the current limits.
-
-    Limits set with ``context.set`` win over the backend's own attributes.
-    """
-    limits = resolve_limits(backend)
-    identity = _identity(backend)
-    limiter = _registry.get(identity)
-    if limiter is None:
-        with _registry_lock:
-            limiter = _registry.get(identity)
-            if limiter is None:
-                provider = getattr(backend, "provider", type(backend).__name__)
-                name = f"{provider} {getattr(backend, 'base_url', '')}".strip()
-                limiter = Limiter(name, limits)
-                _registry[identity] = limiter
-    if limiter.limits != limits:
-        limiter.configure(limits)
-    return limiter
+    """The account limiter of ``backend`` (kept for diagnostics and older callers)."""
+    return account_limiter(backend)
 
 
 def all_limiters() -> dict[str, Limiter]:
-    """Every limiter created so far, by backend identity (for diagnostics)."""
+    """Every account and backend limiter created so far, by a readable name."""
+    found: dict[str, Limiter] = {}
     with _registry_lock:
-        return dict(_registry)
+        for limiter in [*_accounts.values(), *_backends.values()]:
+            kind = "account" if limiter.adaptive else "backend"
+            found[f"{kind} {limiter.name} #{len(found)}"] = limiter
+    return found
+
+
+class Gates(NamedTuple):
+    """The limiters one backend's requests pass, outermost first, and its account."""
+
+    limiters: tuple[Limiter, ...]
+    account: Limiter
+
+
+class RunLimits:
+    """The limits of one computation: the context's limits captured when it started,
+    each backend's scopes resolved once, and the authentication circuit breaker."""
+
+    def __init__(self) -> None:
+        self.limits = Limits(*(context.get(name) for name in Limits._fields))
+        self._gates: dict[int, tuple[Any, Gates]] = {}
+        self._compute_limiters: dict[tuple[Any, ...], Limiter] = {}
+        self._tripped: dict[int, BaseException] = {}
+        self._lock = threading.Lock()
+
+    def gates(self, backend: Any) -> Gates:
+        """The limiters ``backend``'s requests pass in this computation."""
+        entry = self._gates.get(id(backend))
+        if entry is not None and entry[0] is backend:
+            return entry[1]
+        account = account_limiter(backend)
+        limiters: list[Limiter] = []
+        if not self.limits.unlimited:
+            key = _account_key(backend)
+            with self._lock:
+                limiter = self._compute_limiters.get(key)
+                if limiter is None:
+                    limiter = Limiter(f"compute {backend.provider}", self.limits)
+                    self._compute_limiters[key] = limiter
+            limiters.append(limiter)
+        own = backend_limiter(backend)
+        if own is not None:
+            limiters.append(own)
+        limiters.append(account)
+        gates = Gates(tuple(limiters), account)
+        # Keeps the backend alive with its entry, so an id is never reused meanwhile.
+        self._gates[id(backend)] = (backend, gates)
+        return gates
+
+    def trip(self, account: Limiter, error: BaseException) -> None:
+        """An authentication failure on ``account``: its other calls fail fast."""
+        if isinstance(error, AuthenticationError):
+            with self._lock:
+                self._tripped.setdefault(id(account), error)
+
+    def tripped(self, account: Limiter) -> BaseException | None:
+        """A copy of the error that tripped ``account``'s breaker in this computation."""
+        error = self._tripped.get(id(account))
+        if error is None:
+            return None
+        try:
+            return copy.copy(error)
+        except Exception:
+            return error
+
+
+_current_run: contextvars.ContextVar[RunLimits | None] = contextvars.ContextVar(
+    "feste_run_limits", default=None
+)
+
+
+@contextlib.contextmanager
+def run_scope() -> Iterator[RunLimits]:
+    """Start a computation's limits scope (the context's limits are captured now)."""
+    scope = RunLimits()
+    token = _current_run.set(scope)
+    try:
+        yield scope
+    finally:
+        _current_run.reset(token)
+
+
+def run_limits() -> RunLimits:
+    """The current computation's scope, or a fresh one (eager calls, Dask workers)."""
+    scope = _current_run.get()
+    return scope if scope is not None else RunLimits()
+
+
+async def admit(limiters: tuple[Limiter, ...], tokens: int) -> list[tuple[Limiter, Ticket]]:
+    """Acquire every limiter in order; on failure or cancellation release what was held."""
+    held: list[tuple[Limiter, Ticket]] = []
+    try:
+        for limiter in limiters:
+            held.append((limiter, await limiter.acquire(tokens)))
+    except BaseException:
+        release_all(held)
+        raise
+    return held
+
+
+def release_all(held: list[tuple[Limiter, Ticket]]) -> None:
+    for limiter, ticket in reversed(held):
+        limiter.release(ticket)
