@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import email.utils
 import json
+import math
+import re
 import struct
 import time
 from collections.abc import Iterator
@@ -30,10 +33,14 @@ from feste.testing import (
     count_tokens,
     embedding,
     embedding_base64,
+    key_label,
     rerank_order,
     rerank_scores,
 )
+from feste.testing.__main__ import build_parser
 from feste.testing.__main__ import main as cli_main
+from feste.testing._config import config_from_namespace, config_to_argv
+from feste.testing._limits import go_duration
 
 CHAT = "/v1/chat/completions"
 
@@ -344,9 +351,11 @@ def test_stats_count_requests_items_and_inputs(llm_server: TestServer) -> None:
     assert stats["inputs"] == {CHAT: [["one"]], "/v1/embeddings": [["a", "b", "c"], ["d"]]}
     assert stats["status_counts"] == {"200": 3, "400": 1}
     assert stats["max_in_flight"] == 1 and stats["in_flight"] == 0
+    assert stats["by_api_key"] == {key_label("test-key"): 3, key_label(None): 1}
     assert set(stats) == {
         "requests",
         "by_route",
+        "by_api_key",
         "items",
         "items_per_request",
         "max_in_flight",
@@ -660,3 +669,277 @@ def test_process_mode_serves_and_reports_stats() -> None:
         server.reset_stats()
         assert server.stats()["requests"] == 0
     assert not server.running
+
+
+# --- capabilities for client tests: credentials, arrival order, retry hints --------
+
+
+def test_by_api_key_counts_each_credential_under_a_digest_label(
+    llm_server_factory: Any,
+) -> None:
+    assert key_label("abc") == "sha256:ba7816bf8f01"  # the first 12 hex digits of SHA-256
+    assert key_label(None) == "(no key)"
+    # Keys differing only early on still get different labels.
+    assert key_label("sk-first-key-000000") != key_label("sk-second-key-00000")
+
+    server = llm_server_factory()
+    for _ in range(2):
+        openai_client(server, api_key="sk-key-A").chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "a"}]
+        )
+    cohere_client(server, api_key="co-key-B").chat(
+        model="c", messages=[{"role": "user", "content": "b"}]
+    )
+    post(server.url + CHAT, chat_body("no key"))
+    post(server.url + CHAT, chat_body("basic"), headers={"Authorization": "Basic c2VjcmV0"})
+
+    stats = server.stats()
+    assert stats["by_api_key"] == {
+        key_label("sk-key-A"): 2,
+        key_label("co-key-B"): 1,
+        "(no key)": 2,
+    }
+    assert sum(stats["by_api_key"].values()) == stats["requests"] == 5
+    shown = json.dumps(stats)
+    assert "sk-key-A" not in shown and "co-key-B" not in shown
+
+    # Refused requests count under the key they came with.
+    guarded = llm_server_factory(api_key="right-key")
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(guarded, api_key="wrong-key").chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        )
+    assert guarded.stats()["by_api_key"] == {key_label("wrong-key"): 1}
+
+
+async def _wait_until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_inputs_are_in_arrival_order_not_answer_order(llm_server: TestServer) -> None:
+    host, port = llm_server.url.removeprefix("http://").split(":")
+
+    async def scenario() -> tuple[list[list[str]], list[list[str]], bytes]:
+        # "first" sends its headers (so it has arrived) but holds its body back,
+        # so "second", sent afterwards, is answered first.
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps(chat_body("first")).encode()
+        writer.write(
+            f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        await _wait_until(lambda: llm_server.stats()["in_flight"] == 1, "the first request")
+        status, _, _ = await _post(llm_server.url + CHAT, chat_body("second"))
+        assert status == 200
+        while_first_waits = llm_server.stats()["inputs"][CHAT]
+        writer.write(body)
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        return while_first_waits, llm_server.stats()["inputs"][CHAT], answer
+
+    while_first_waits, at_the_end, answer = asyncio.run(scenario())
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert while_first_waits == [["second"]]  # answered first...
+    assert at_the_end == [["first"], ["second"]]  # ...listed second: arrival order
+
+
+def test_retry_after_as_an_http_date(llm_server_factory: Any) -> None:
+    server = llm_server_factory(retry_after=120, retry_after_http_date=True)
+    before = time.time()
+    status, headers, _ = post(server.url + CHAT, chat_body("[[status:429]]"))
+    after = time.time()
+    assert status == 429
+    assert "retry-after-ms" not in {name.lower() for name in headers}
+    date = headers["Retry-After"]
+    assert re.fullmatch(
+        r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} "
+        r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d{2}:\d{2}:\d{2} GMT",
+        date,
+    )
+    moment = email.utils.parsedate_to_datetime(date).timestamp()
+    assert before + 120 <= moment <= math.ceil(after + 120)
+
+    server.configure(retry_after_http_date=False)
+    _, headers, _ = post(server.url + CHAT, chat_body("[[status:429]]"))
+    assert (headers["Retry-After"], headers["retry-after-ms"]) == ("120", "120000")
+
+
+def _go_seconds(duration: str) -> float:
+    """Seconds of an OpenAI (Go-style) duration such as "20ms", "59.5s" or "1m0s"."""
+    match = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:([\d.]+)s)?(?:(\d+)ms)?", duration)
+    assert match is not None and duration, duration
+    hours, minutes, seconds, milliseconds = (float(group or 0) for group in match.groups())
+    return hours * 3600 + minutes * 60 + seconds + milliseconds / 1000
+
+
+def test_go_durations_are_written_like_openai() -> None:
+    written = [go_duration(seconds) for seconds in (0, 0.02, 1, 8.64, 59.9994, 360, 3725.5)]
+    assert written == ["0s", "20ms", "1s", "8.64s", "1m0s", "6m0s", "1h2m5.5s"]
+    assert [_go_seconds(text) for text in written] == [0, 0.02, 1, 8.64, 60, 360, 3725.5]
+
+
+def test_rate_limit_headers_and_tokens_per_minute(llm_server_factory: Any) -> None:
+    server = llm_server_factory(
+        requests_per_minute=3, tokens_per_minute=20, rate_limit_headers=True
+    )
+
+    def limits(headers: dict[str, str]) -> dict[str, str]:
+        return {name: value for name, value in headers.items() if name.startswith("x-ratelimit")}
+
+    status, headers, _ = post(server.url + CHAT, chat_body("x" * 16))  # 4 tokens
+    assert status == 200
+    shown = limits(headers)
+    assert {name: shown[name] for name in shown if "reset" not in name} == {
+        "x-ratelimit-limit-requests": "3",
+        "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-limit-tokens": "20",
+        "x-ratelimit-remaining-tokens": "16",
+    }
+    assert 0 < _go_seconds(shown["x-ratelimit-reset-requests"]) <= 60
+    assert 0 < _go_seconds(shown["x-ratelimit-reset-tokens"]) <= 60
+
+    # 17 more tokens would make 21: refused until the first request leaves the window.
+    status, headers, body = post(server.url + CHAT, chat_body("y" * 68))
+    assert status == 429
+    assert body["error"]["type"] == "tokens"
+    assert body["error"]["message"] == (
+        "Rate limit reached: 20 tokens per minute, 4 used, 17 requested"
+    )
+    assert 55 < float(headers["Retry-After"]) <= 60
+    assert limits(headers)["x-ratelimit-remaining-tokens"] == "16"
+    # Refused for its tokens, it still used a request slot (as with OpenAI).
+    assert limits(headers)["x-ratelimit-remaining-requests"] == "1"
+
+    # More tokens than the limit itself: waiting cannot help, so no Retry-After.
+    status, headers, body = post(server.url + CHAT, chat_body("z" * 100))
+    assert status == 429
+    assert body["error"]["message"] == (
+        "Request too large: 25 tokens, over the limit of 20 tokens per minute"
+    )
+    assert "Retry-After" not in headers
+
+    status, headers, _ = post(server.url + CHAT, chat_body("x"))
+    assert status == 429  # the requests window is full
+    assert limits(headers)["x-ratelimit-remaining-requests"] == "0"
+    assert server.stats()["faults"]["limit_429"] == 3
+
+    # Cohere routes, and servers without the knob, send none of these headers.
+    status, headers, _ = post(
+        server.url + "/v2/chat", {"model": "c", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert status == 429 and limits(headers) == {}
+    plain = llm_server_factory(requests_per_minute=3)
+    status, headers, _ = post(plain.url + CHAT, chat_body("x"))
+    assert status == 200 and limits(headers) == {}
+
+
+def test_fault_429_retry_after_overrides_injected_429s_only(llm_server_factory: Any) -> None:
+    server = llm_server_factory(fault_429=1.0, fault_429_retry_after=3600)
+
+    def retry_hint(content: str) -> tuple[int, str, str]:
+        status, headers, _ = post(server.url + CHAT, chat_body(content))
+        return status, headers["retry-after-ms"], headers["Retry-After"]
+
+    assert retry_hint("random") == (429, "3600000", "3600")
+    assert retry_hint("[[status:429]]") == (429, "3600000", "3600")
+    assert retry_hint("[[status:503]]") == (503, "50", "0.05")  # retry_after, as before
+    server.configure(fault_429_retry_after=None)
+    assert retry_hint("random") == (429, "50", "0.05")
+    assert server.stats()["faults"]["429"] == 3
+
+
+def test_retry_after_marker_refuses_each_text_once(llm_server: TestServer) -> None:
+    client = openai_client(llm_server)
+    ask = "wait [[retry_after:3600]]"
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": ask}])
+    headers = refused.value.response.headers
+    assert (headers["retry-after-ms"], headers["Retry-After"]) == ("3600000", "3600")
+    assert "triggered by input[0]" in refused.value.message
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": ask}])
+    assert reply.choices[0].message.content == f"echo(m): {ask}"
+
+    status, headers, _ = post(llm_server.url + CHAT, chat_body("other [[retry_after:1.5]]"))
+    assert (status, headers["retry-after-ms"], headers["Retry-After"]) == (429, "1500", "1.5")
+
+    texts = ["fine", "later [[retry_after:2]]"]
+    with pytest.raises(cohere.TooManyRequestsError):
+        cohere_client(llm_server).embed(model="e", texts=texts, input_type="search_query")
+    embedded = cohere_client(llm_server).embed(model="e", texts=texts, input_type="search_query")
+    assert embedded.embeddings.float_ == [embedding("e", text) for text in texts]
+
+    stats = llm_server.stats()
+    assert stats["faults"]["429"] == 3
+    assert stats["inputs"][CHAT] == [[ask]]
+    llm_server.reset_stats()  # also forgets which texts were refused
+    status, _, _ = post(llm_server.url + CHAT, chat_body(ask))
+    assert status == 429
+
+
+def test_bad_usage_marker_spoils_only_the_usage(llm_server: TestServer) -> None:
+    url = llm_server.url
+    status, _, body = post(url + CHAT, chat_body("count [[bad_usage]]"))
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == "echo(gpt-x): count [[bad_usage]]"
+    assert body["usage"] == {"prompt_tokens": "many"}
+
+    status, _, body = post(url + "/v1/embeddings", {"model": "m", "input": ["[[bad_usage]]"]})
+    assert status == 200 and body["usage"] == {"prompt_tokens": "many"}
+    assert body["data"][0]["embedding"] == embedding("m", "[[bad_usage]]")
+
+    cohere_chat = {"model": "c", "messages": [{"role": "user", "content": "[[bad_usage]]"}]}
+    status, _, body = post(url + "/v2/chat", cohere_chat)
+    assert status == 200 and body["usage"] == {"billed_units": {"input_tokens": "many"}}
+    assert body["message"]["content"][0]["text"] == "echo(c): [[bad_usage]]"
+
+    embed = {"model": "e", "texts": ["[[bad_usage]]"], "input_type": "search_query"}
+    status, _, body = post(url + "/v2/embed", embed)
+    assert status == 200 and body["meta"]["billed_units"] == {"input_tokens": "many"}
+
+    rerank = {"model": "r", "query": "q [[bad_usage]]", "documents": ["a", "q"]}
+    status, _, body = post(url + "/v2/rerank", rerank)
+    assert status == 200 and body["meta"]["billed_units"] == {"search_units": "many"}
+
+    stats = llm_server.stats()
+    assert stats["faults"]["bad_usage"] == 5
+    assert stats["items"] == 0  # fault answers are not counted as served items
+
+
+def test_deep_json_marker_nests_one_field_past_any_parser(llm_server: TestServer) -> None:
+    status, _, raw = asyncio.run(_post(llm_server.url + CHAT, chat_body("[[deep_json]]")))
+    assert status == 200
+    with pytest.raises(RecursionError):
+        json.loads(raw)
+    head, _, deep = raw.partition(b',"deep":')
+    assert deep == b"[" * 100_000 + b"]" * 100_000 + b"}"
+    normal = json.loads(head + b"}")  # the rest is the ordinary answer
+    assert normal["choices"][0]["message"]["content"] == "echo(gpt-x): [[deep_json]]"
+    assert llm_server.stats()["faults"]["deep_json"] == 1
+
+
+def test_new_knobs_validate_and_survive_the_command_line(llm_server: TestServer) -> None:
+    with pytest.raises(ValueError, match="rate_limit_headers must be true or false"):
+        llm_server.configure(rate_limit_headers=1)
+    with pytest.raises(ValueError, match="tokens_per_minute must be at least 1"):
+        llm_server.configure(tokens_per_minute=0)
+    with pytest.raises(ValueError, match="fault_429_retry_after must be at least 0"):
+        llm_server.configure(fault_429_retry_after=-1)
+
+    config = ServerConfig(
+        retry_after_http_date=True,
+        rate_limit_headers=True,
+        tokens_per_minute=500,
+        fault_429_retry_after=3600,
+    )
+    parsed = build_parser().parse_args(config_to_argv(config))
+    assert config_from_namespace(parsed) == config
+    assert config_from_namespace(build_parser().parse_args(["--rate-limit-headers", "false"])) == (
+        ServerConfig()
+    )

@@ -20,13 +20,52 @@ Deterministic outputs:
 - tokens: ``count_tokens(text) == ceil(len(text) / 4)`` (0 for "").
 
 ``TestServer.stats()`` (and ``GET /_stats``) keys: ``requests``, ``by_route``,
-``items``, ``items_per_request``, ``max_in_flight``, ``in_flight``, ``faults``,
-``status_counts``, ``inputs`` (meanings in ``feste.testing._server._Stats``).
+``by_api_key``, ``items``, ``items_per_request``, ``max_in_flight``,
+``in_flight``, ``faults``, ``status_counts``, ``inputs`` (meanings in
+``feste.testing._stats.Stats``). Lists are in ARRIVAL order: ``inputs[route]``
+holds the item texts of each successful request in the order the server
+received them, whatever order it answered them in. ``by_api_key`` counts every
+request under ``key_label(token)`` of its ``Authorization: Bearer`` token:
+``"sha256:"`` plus the first 12 hex digits of the token's SHA-256, so a test
+can tell keys apart without a secret in the statistics
+(``stats["by_api_key"][key_label("sk-a")]``); ``"(no key)"`` without one.
 
-Marker triggers answer with the status in the provider's error shape, whose
-message says ``"triggered by input[i]"`` (``i``: the poisoned item; a rerank
-query is ``"query"``). Random faults draw one number per admitted request
-from ``random.Random(seed)``, in arrival order, so a seed replays them.
+Markers inside one input, answered in the provider's shape (a status
+answer's message says ``"triggered by input[i]"``; ``i``: the poisoned item, a
+rerank query is ``"query"``):
+
+- ``[[status:NNN]]`` (400..599): that status; 429 and 503 carry Retry-After;
+- ``[[retry_after:SECONDS]]``: a 429 announcing exactly ``SECONDS`` in its
+  retry headers, once per distinct input text (the retry then succeeds;
+  ``reset_stats()`` forgets which texts were answered);
+- ``[[hang]]``: sleep ``hang_seconds``, then answer; ``[[drop]]``: close the
+  connection; ``[[malformed]]``: 200 whose body is not JSON;
+- ``[[bad_usage]]``: 200 with the normal body but a malformed usage: OpenAI
+  ``"usage": {"prompt_tokens": "many"}``, Cohere chat ``"usage":
+  {"billed_units": {"input_tokens": "many"}}``, Cohere embed / rerank
+  ``meta.billed_units`` ``{"input_tokens": "many"}`` / ``{"search_units": "many"}``;
+- ``[[deep_json]]``: 200 with the normal body plus a field ``"deep"`` holding
+  arrays nested 100,000 levels (valid JSON a recursive parser cannot read).
+
+Random faults draw one number per admitted request from ``random.Random(seed)``,
+in arrival order, so a seed replays them. Retry headers are ``retry-after-ms``
+plus ``Retry-After`` in seconds, or with ``retry_after_http_date=True`` only
+``Retry-After`` as an IMF-fixdate. ``fault_429_retry_after`` (None: use
+``retry_after``) is what injected 429s announce (``fault_429`` and
+``[[status:429]]``). ``tokens_per_minute`` refuses (429) a request whose input
+tokens would exceed the sliding 60 s window. With ``rate_limit_headers=True``,
+OpenAI-route 200 and 429 answers carry ``x-ratelimit-{limit,remaining,reset}-
+requests`` (when ``requests_per_minute`` is set) and ``-tokens`` (when
+``tokens_per_minute`` is set); reset is the time until the window is empty,
+written like OpenAI's ``"20ms"``, ``"1s"``, ``"6m0s"``.
+
+Modules: ``_config`` (knobs, CLI mapping), ``_stats`` (counters,
+``key_label``), ``_responses`` (deterministic outputs, markers), ``_answers``
+(error shapes, retry headers), ``_parsing`` (one parser per endpoint),
+``_limits`` (concurrency, requests and tokens windows, rate-limit headers),
+``_faults`` (fault choice and odd bodies), ``_app`` (``ApiSimulator``, the
+aiohttp handlers), ``_run`` (``TestServer``, ``serve``, thread and process
+modes).
 
 Usage::
 
@@ -39,6 +78,8 @@ or the pytest fixtures of ``feste.testing.fixtures`` (``llm_server``,
 ``llm_server_factory``), or ``python -m feste.testing --port 8000``.
 """
 
+from ._app import ApiSimulator
+from ._config import ServerConfig
 from ._responses import (
     chat_text,
     completion_text,
@@ -49,7 +90,8 @@ from ._responses import (
     rerank_scores,
     truncate_to_tokens,
 )
-from ._server import ApiSimulator, ServerConfig, TestServer, serve
+from ._run import TestServer, serve
+from ._stats import key_label
 
 __all__ = [
     "ApiSimulator",
@@ -60,6 +102,7 @@ __all__ = [
     "count_tokens",
     "embedding",
     "embedding_base64",
+    "key_label",
     "rerank_order",
     "rerank_scores",
     "serve",

@@ -17,13 +17,8 @@ import signal
 import sys
 import threading
 
-from ._server import (
-    LOOPBACK_HOSTS,
-    add_knob_arguments,
-    check_loopback_host,
-    config_from_namespace,
-    serve,
-)
+from ._config import LOOPBACK_HOSTS, add_knob_arguments, check_loopback_host, config_from_namespace
+from ._run import serve
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,7 +51,9 @@ CHARS_PER_TOKEN: Final = 4
 _UINT32_MAX: Final = 0xFFFFFFFF
 _FLOATS_PER_DIGEST: Final = 8  # 32 bytes of sha256 = 8 chunks of 4 bytes
 
-_TRIGGER_PATTERN: Final = re.compile(r"\[\[(status:(\d{3})|hang|drop|malformed)\]\]")
+_TRIGGER_PATTERN: Final = re.compile(
+    r"\[\[(status:(\d{3})|retry_after:(\d+(?:\.\d+)?)|hang|drop|malformed|bad_usage|deep_json)\]\]"
+)
 
 
 def count_tokens(text: str) -> int:
@@ -163,21 +165,27 @@ def rerank_order(
 class Trigger:
     """A fault requested by a marker inside an input text (see ``find_trigger``).
 
-    ``kind`` is ``"status"``, ``"hang"``, ``"drop"`` or ``"malformed"``; ``where``
-    names the input holding the marker, e.g. ``"input[3]"``; ``status`` is the
-    HTTP status for kind ``"status"``, else None.
+    ``kind`` is ``"status"``, ``"retry_after"``, ``"hang"``, ``"drop"``,
+    ``"malformed"``, ``"bad_usage"`` or ``"deep_json"``; ``where`` names the
+    input holding the marker, e.g. ``"input[3]"``; ``status`` is the HTTP
+    status for kind ``"status"``, else None; ``seconds`` the announced wait for
+    kind ``"retry_after"``, else None; ``text`` the whole input holding the marker.
     """
 
     kind: str
     where: str
     status: int | None = None
+    seconds: float | None = None
+    text: str = ""
 
 
 def find_trigger(texts: Sequence[str], name: str = "input", indexed: bool = True) -> Trigger | None:
     """The first fault marker in ``texts``, or None.
 
     Markers: ``[[status:NNN]]`` with NNN in 400..599 (other codes are ignored),
-    ``[[hang]]``, ``[[drop]]`` and ``[[malformed]]``. Within one text the
+    ``[[retry_after:SECONDS]]`` (digits, optionally a decimal fraction),
+    ``[[hang]]``, ``[[drop]]``, ``[[malformed]]``, ``[[bad_usage]]`` and
+    ``[[deep_json]]``. Within one text the
     leftmost marker wins; across texts the first text holding one wins. The
     trigger's ``where`` is ``f"{name}[{i}]"``, or just ``name`` when not
     ``indexed`` (for single-text fields such as a rerank query).
@@ -187,10 +195,12 @@ def find_trigger(texts: Sequence[str], name: str = "input", indexed: bool = True
             continue
         for match in _TRIGGER_PATTERN.finditer(text):
             where = f"{name}[{index}]" if indexed else name
-            code = match.group(2)
+            code, seconds = match.group(2), match.group(3)
+            if seconds is not None:
+                return Trigger("retry_after", where, seconds=float(seconds), text=text)
             if code is None:
-                return Trigger(match.group(1), where)
+                return Trigger(match.group(1), where, text=text)
             status = int(code)
             if 400 <= status <= 599:
-                return Trigger("status", where, status)
+                return Trigger("status", where, status, text=text)
     return None

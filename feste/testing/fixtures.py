@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ._server import TestServer
+from ._run import TestServer
 
 __all__ = ["llm_server", "llm_server_factory"]
 
