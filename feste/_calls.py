@@ -149,10 +149,6 @@ async def send(backend: Backend, request: Request) -> Parsed:
     unexplained_failures = 0
     first_rate_limit: float | None = None
     while True:
-        tripped = scope.tripped(gates.account)
-        if tripped is not None:
-            observer.request_failed(request, tripped, attempt)
-            raise tripped
         attempt += 1
         try:
             async with asyncio.timeout_at(deadline):
@@ -161,17 +157,26 @@ async def send(backend: Backend, request: Request) -> Parsed:
             error = _deadline_error(request, policy, "waiting for admission")
             observer.request_failed(request, error, attempt)
             raise error from None
+        # Checked once admitted: the breaker may have tripped while this call waited.
+        tripped = scope.tripped(gates.account)
+        if tripped is not None:
+            release_all(held)
+            observer.request_failed(request, tripped, attempt)
+            raise tripped
         account_ticket = held[-1][1]
         try:
             observer.request_started(request)
             started = time.monotonic()
             timeout = policy.attempt_timeout
+            cut_by_deadline = deadline is not None and deadline - loop.time() < timeout
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - loop.time()))
             try:
                 async with asyncio.timeout(timeout):
                     response = await transport.send(request)
             except TimeoutError:
+                if cut_by_deadline:
+                    raise _deadline_error(request, policy, "waiting for an answer") from None
                 raise TransientError(
                     f"no answer within {timeout:g} s (raise task_timeout or the backend's timeout)",
                     backend=request.provider,
@@ -188,12 +193,8 @@ async def send(backend: Backend, request: Request) -> Parsed:
                 gates.account.rate_limited(hint, account_ticket, max_pause=policy.max_retry_after)
             release_all(held)
             now = loop.time()
-            if rate_limited:
-                first_rate_limit = now if first_rate_limit is None else first_rate_limit
-                give_up = now - first_rate_limit >= policy.rate_limit_timeout
-            else:
+            if not rate_limited:
                 unexplained_failures += 1
-                give_up = unexplained_failures > policy.max_retries
             if hint is not None and hint <= policy.max_retry_after:
                 # The server said when: wait that long, spread a little so the calls it
                 # turned away do not all come back in the same instant.
@@ -203,7 +204,14 @@ async def send(backend: Backend, request: Request) -> Parsed:
                     unexplained_failures += 1
                 ceiling = policy.backoff * 2 ** max(0, unexplained_failures - 1)
                 delay = random.uniform(0.0, min(_MAX_BACKOFF, ceiling))
-            if not give_up and deadline is not None and now + delay >= deadline:
+            if rate_limited:
+                # Retry while the next attempt starts within rate_limit_timeout of the
+                # call's first 429.
+                first_rate_limit = now if first_rate_limit is None else first_rate_limit
+                give_up = now + delay - first_rate_limit > policy.rate_limit_timeout
+            else:
+                give_up = unexplained_failures > policy.max_retries
+            if deadline is not None and now + delay >= deadline:
                 give_up = True
             if give_up:
                 observer.request_failed(request, error, attempt)

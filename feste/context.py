@@ -183,8 +183,8 @@ _OPTION_LIST = [
     Option(
         "rate_limit_timeout",
         600.0,
-        "Seconds a call keeps retrying after its first rate-limit (429) answer before it "
-        "fails. 429s do not count against max_retries: the server is asking to wait.",
+        "Seconds after its first rate-limit (429) answer within which a call may still start "
+        "a retry; 429s do not count against max_retries: the server is asking to wait.",
         _non_negative_number,
     ),
     Option(

@@ -174,7 +174,10 @@ def test_errors_map_to_feste_errors(llm_server_factory, transport):
     ):
         wrong.chat("x")
     assert server.stats()["requests"] == 1  # never retried
-    with context.set(eager=True, max_retries=0), pytest.raises(RateLimitError) as info:
+    with (
+        context.set(eager=True, max_retries=0, rate_limit_timeout=0),
+        pytest.raises(RateLimitError) as info,
+    ):
         co.embed("[[status:429]]")
     assert info.value.retry_after == 0.05
     with context.set(eager=True, max_retries=0), pytest.raises(TransientError, match="HTTP 503"):
@@ -207,7 +210,7 @@ def test_both_transports_give_the_same_messages(llm_server):
         seen = []
         for text in ("[[status:429]]", "[[status:500]]", "[[status:422]]", "[[malformed]]"):
             try:
-                with context.set(eager=True, max_retries=0):
+                with context.set(eager=True, max_retries=0, rate_limit_timeout=0):
                     co.chat(text)
             except Exception as error:
                 seen.append((type(error).__name__, str(error)))

@@ -303,7 +303,10 @@ def test_wrong_key_is_an_authentication_error_and_not_retried(llm_server_factory
 def test_rate_limit_carries_retry_after(llm_server_factory, transport):
     server = llm_server_factory(retry_after=1.5)
     llm = backend(server, transport)
-    with context.set(eager=True, max_retries=0), pytest.raises(RateLimitError) as info:
+    with (
+        context.set(eager=True, max_retries=0, rate_limit_timeout=0),
+        pytest.raises(RateLimitError) as info,
+    ):
         llm.chat("please [[status:429]]")
     assert info.value.retry_after == 1.5
     assert info.value.status == 429
@@ -375,7 +378,7 @@ def outcomes_of(llm: OpenAI, intruder: OpenAI) -> list[tuple[str, object]]:
     seen: list[tuple[str, object]] = []
     for call in calls:
         try:
-            with context.set(eager=True, max_retries=0):
+            with context.set(eager=True, max_retries=0, rate_limit_timeout=0):
                 seen.append(("value", call()))
         except Exception as error:
             seen.append((type(error).__name__, str(error)))

@@ -344,11 +344,13 @@ def test_retry_after_is_honoured(llm_server_factory):
     llm = chat_backend(server)
     started = time.monotonic()
     (result,) = feste.compute(
-        llm.chat("q [[status:429]]"), max_retries=1, retry_backoff=0.001, errors="return"
+        llm.chat("q [[status:429]]"), rate_limit_timeout=0.5, retry_backoff=0.001, errors="return"
     )
     assert isinstance(result.exception, RateLimitError)
     assert result.exception.retry_after == pytest.approx(0.3)
+    # One retry: a second one would start past rate_limit_timeout (0.3 + 0.3 > 0.5).
     assert result.attempts == 2
+    assert server.stats()["requests"] == 2
     # The retry waited for the announced delay, not for the tiny backoff.
     assert time.monotonic() - started >= 0.3
 

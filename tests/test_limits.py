@@ -17,7 +17,17 @@ from feste import context
 from feste.backend.openai import OpenAI
 from feste.backend.types import Usage
 from feste.errors import ConfigurationError, OptionError
-from feste.limits import Limiter, Limits, limiter_for
+from feste.limits import (
+    Limiter,
+    Limits,
+    Ticket,
+    account_limiter,
+    all_limiters,
+    backend_limiter,
+    limiter_for,
+    resolve_limits,
+    run_scope,
+)
 
 
 class InFlight:
@@ -173,8 +183,43 @@ def test_a_request_larger_than_the_bucket_is_admitted_when_it_is_full():
     asyncio.run(main())
 
 
-def test_retry_after_pauses_every_waiter():
-    limiter = Limiter("test", Limits(max_concurrency=10))
+def overload(
+    limiter: Limiter,
+    tickets: list[Ticket],
+    retry_after: float | None = None,
+    max_pause: float | None = None,
+) -> None:
+    """Report 429s on ``tickets`` (round robin) until the limiter takes it as overload."""
+    decreases = limiter.stats()["decreases"]
+    for index in range(200):
+        limiter.rate_limited(retry_after, tickets[index % len(tickets)], max_pause=max_pause)
+        if limiter.stats()["decreases"] > decreases:
+            return
+    raise AssertionError("200 429s were not taken as overload")
+
+
+def test_a_few_random_429s_neither_pause_nor_shrink_the_account():
+    limiter = Limiter("account", adaptive=True)
+
+    async def main():
+        tickets = [await limiter.acquire() for _ in range(64)]
+        # One answer in five is a 429, the others succeed: a provider shedding at random.
+        for index, ticket in enumerate(tickets):
+            if index % 5 == 0:
+                assert limiter.rate_limited(0.2, ticket) is False
+            else:
+                limiter.succeeded(0, None, ticket)
+            limiter.release(ticket)
+
+    asyncio.run(main())
+    stats = limiter.stats()
+    assert (stats["rate_limited"], stats["decreases"], stats["pauses"]) == (13, 0, 0)
+    assert stats["paused_for"] == 0
+    assert stats["concurrency"] is None  # the window was never bounded
+
+
+def test_overload_pauses_every_waiter_and_shrinks_once_per_generation():
+    limiter = Limiter("account", adaptive=True)
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -184,10 +229,17 @@ def test_retry_after_pauses_every_waiter():
             limiter.release(ticket)
             return loop.time()
 
+        tickets = [await limiter.acquire() for _ in range(32)]
         started = loop.time()
-        ticket = await limiter.acquire()
-        limiter.rate_limited(0.5, ticket)
-        limiter.release(ticket)
+        overload(limiter, tickets, retry_after=0.5)
+        # 32 in flight when overload was recognized: the window is three quarters of it.
+        assert limiter.stats()["concurrency"] == 24
+        # The other 429s of that generation answer requests sent before the reaction.
+        for ticket in tickets:
+            assert limiter.rate_limited(0.5, ticket) is False
+        assert limiter.stats()["decreases"] == 1
+        for ticket in tickets:
+            limiter.release(ticket)
         assert limiter.stats()["paused_for"] > 0
         waiters = [asyncio.create_task(admitted_at()) for _ in range(3)]
         await asyncio.sleep(0.01)
@@ -199,30 +251,42 @@ def test_retry_after_pauses_every_waiter():
     asyncio.run(main())
 
 
-def test_aimd_shrinks_once_per_generation_and_recovers_on_successes():
-    limiter = Limiter("test", Limits(max_concurrency=16))
+def test_a_retry_after_over_the_cap_never_pauses_the_account():
+    limiter = Limiter("account", adaptive=True)
+
+    async def main():
+        tickets = [await limiter.acquire() for _ in range(32)]
+        overload(limiter, tickets, retry_after=3600, max_pause=60)
+
+    asyncio.run(main())
+    stats = limiter.stats()
+    # Overload shrinks the window, but an hour-long pause is not taken from the server.
+    assert (stats["decreases"], stats["pauses"], stats["paused_for"]) == (1, 0, 0.0)
+
+
+def test_the_overload_window_is_enforced_and_recovers_on_successes():
+    limiter = Limiter("account", Limits(max_concurrency=16), adaptive=True)
+    counter = InFlight()
 
     async def main():
         tickets = [await limiter.acquire() for _ in range(16)]
-        # All sixteen were admitted in the same generation: their 429s shrink it once
-        # (by a quarter).
-        for ticket in tickets[:4]:
-            limiter.rate_limited(None, ticket)
+        overload(limiter, tickets)
         assert limiter.stats()["concurrency"] == 12
-        assert limiter.stats()["decreases"] == 1
         for ticket in tickets:
             limiter.release(ticket)
-        # A request admitted after the decrease shrinks it again, to what was in flight.
-        later = await limiter.acquire()
-        limiter.rate_limited(None, later)
-        limiter.release(later)
-        assert limiter.stats()["concurrency"] == 1
-        # One request at a time grows the window only while it fills half of it (1 -> 3).
+        # A 429 while the window is mostly idle says nothing about overload.
+        lone = await limiter.acquire()
+        assert limiter.rate_limited(None, lone) is False
+        limiter.release(lone)
+        # The shrunken window holds.
+        await asyncio.gather(*(hold(limiter, counter, 0.002) for _ in range(30)))
+        assert counter.most == 12
+        # One request at a time never grows it: it is not in use.
         for _ in range(20):
             ticket = await limiter.acquire()
             limiter.succeeded(0, None, ticket)
             limiter.release(ticket)
-        assert limiter.stats()["concurrency"] == 3
+        assert limiter.stats()["concurrency"] == 12
         # Rounds of requests filling the window grow it back to the limit, not beyond.
         for _ in range(10):
             window = limiter.stats()["concurrency"]
@@ -235,20 +299,42 @@ def test_aimd_shrinks_once_per_generation_and_recovers_on_successes():
     asyncio.run(main())
 
 
-def test_reduced_concurrency_is_enforced():
-    limiter = Limiter("test", Limits(max_concurrency=8))
-    counter = InFlight()
-
+def succeed_with_headers(limiter: Limiter, headers: dict[str, str]) -> None:
     async def main():
         ticket = await limiter.acquire()
-        limiter.rate_limited(None, ticket)  # 1 in flight -> window max(1, 1 / 2) = 1
+        limiter.succeeded(0, None, ticket, headers)
         limiter.release(ticket)
-        await asyncio.gather(*(hold(limiter, counter, 0.005) for _ in range(6)))
 
     asyncio.run(main())
-    # No success was reported, so the window stayed at one request in flight.
-    assert counter.most == 1
-    assert counter.total == 6
+
+
+def test_a_spent_budget_in_the_headers_pauses_the_account_until_its_reset():
+    limiter = Limiter("account", adaptive=True)
+    succeed_with_headers(
+        limiter, {"x-ratelimit-remaining-tokens": "12", "x-ratelimit-reset-tokens": "6m0s"}
+    )
+    assert limiter.stats()["pauses"] == 0  # tokens left: no pause
+    succeed_with_headers(
+        limiter, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}
+    )
+    assert limiter.stats()["pauses"] == 1
+    assert 0.5 < limiter.stats()["paused_for"] <= 1.0
+
+
+def test_a_backend_or_compute_limiter_learns_nothing_from_answers():
+    limiter = Limiter("backend", Limits(max_concurrency=8))
+    succeed_with_headers(
+        limiter, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}
+    )
+
+    async def main():
+        tickets = [await limiter.acquire() for _ in range(8)]
+        for ticket in tickets * 10:
+            assert limiter.rate_limited(1.0, ticket) is False
+
+    asyncio.run(main())
+    stats = limiter.stats()
+    assert (stats["pauses"], stats["decreases"], stats["concurrency"]) == (0, 0, 8)
 
 
 @pytest.mark.parametrize("bad", [0, -1, "3", True, 2.5])
@@ -277,21 +363,48 @@ def test_invalid_context_limits_are_rejected():
         pass
 
 
-def test_one_limiter_per_identity_never_per_key():
-    a = OpenAI(base_url="http://127.0.0.1:9/v1", api_key="key-a", max_concurrency=5)
-    b = OpenAI(base_url="http://127.0.0.1:9/v1", api_key="key-b", max_concurrency=5)
-    c = OpenAI(base_url="http://127.0.0.1:10/v1", api_key="key-a", max_concurrency=5)
-    assert limiter_for(a) is limiter_for(b)
-    assert limiter_for(a) is not limiter_for(c)
-    assert "key-a" not in repr(limiter_for(a))
+def test_one_account_per_key_and_url_never_shared_between_keys():
+    a = OpenAI(base_url="http://127.0.0.1:9/v1", api_key="key-aaaaaaaa", max_concurrency=5)
+    a_again = OpenAI(base_url="http://127.0.0.1:9/v1", api_key="key-aaaaaaaa")
+    b = OpenAI(base_url="http://127.0.0.1:9/v1", api_key="key-bbbbbbbb", max_concurrency=5)
+    c = OpenAI(base_url="http://127.0.0.1:10/v1", api_key="key-aaaaaaaa", max_concurrency=5)
+    assert account_limiter(a) is account_limiter(a_again)
+    assert account_limiter(a) is not account_limiter(b)
+    assert account_limiter(a) is not account_limiter(c)
+    assert "key-aaaaaaaa" not in repr(account_limiter(a))
+    assert all("key-aaaaaaaa" not in name for name in all_limiters())
 
 
-def test_the_context_overrides_the_backend_limits():
+def test_a_backends_limits_belong_to_backends_of_its_configuration():
+    url = "http://127.0.0.1:12/v1"
+    small = OpenAI(base_url=url, api_key="k", max_concurrency=2)
+    small_again = OpenAI(base_url=url, api_key="k", max_concurrency=2)
+    large = OpenAI(base_url=url, api_key="k", max_concurrency=64)
+    assert backend_limiter(small) is backend_limiter(small_again)
+    assert backend_limiter(small) is not backend_limiter(large)
+    assert backend_limiter(small).limits.max_concurrency == 2
+    assert backend_limiter(large).limits.max_concurrency == 64
+    assert backend_limiter(OpenAI(base_url=url, api_key="k")) is None
+    assert account_limiter(small) is account_limiter(large)
+
+
+def test_a_computation_adds_its_own_limits_to_the_backends():
     backend = OpenAI(base_url="http://127.0.0.1:11/v1", api_key="k", max_concurrency=5)
-    assert limiter_for(backend).limits.max_concurrency == 5
-    with context.set(max_concurrency=2, tokens_per_minute=1000):
-        assert limiter_for(backend).limits == Limits(2, None, 1000.0)
-    assert limiter_for(backend).limits.max_concurrency == 5
+    with run_scope() as scope:
+        gates = scope.gates(backend)
+        assert [limiter.limits for limiter in gates.limiters] == [Limits(5), Limits()]
+        assert gates.account is gates.limiters[-1]
+    with context.set(max_concurrency=2, tokens_per_minute=1000), run_scope() as scope:
+        gates = scope.gates(backend)
+        limits = [limiter.limits for limiter in gates.limiters]
+        assert limits == [Limits(2, None, 1000.0), Limits(5), Limits()]
+        assert scope.gates(backend) is gates  # resolved once per computation
+    with context.set(max_concurrency=2), run_scope() as other:
+        # Another computation: its own compute limiter.
+        assert other.gates(backend).limiters[0] is not gates.limiters[0]
+    assert resolve_limits(backend) == Limits(5)
+    with context.set(max_concurrency=2):
+        assert resolve_limits(backend) == Limits(2)
 
 
 def test_calls_respect_max_concurrency_at_the_server(llm_server_factory):
@@ -343,4 +456,4 @@ def test_server_429s_are_reported_to_the_limiter(llm_server_factory):
     assert stats["status_counts"]["429"] > 0
     assert limiter["rate_limited"] == stats["status_counts"]["429"]
     assert limiter["admitted"] == stats["requests"]
-    assert limiter["decreases"] >= 1
+    assert stats["requests"] == 30 + stats["status_counts"]["429"]

@@ -92,6 +92,7 @@ from ._responses import (
 )
 from ._run import TestServer, serve
 from ._stats import key_label
+from ._waiting import wait_until
 
 __all__ = [
     "ApiSimulator",
@@ -107,4 +108,5 @@ __all__ = [
     "rerank_scores",
     "serve",
     "truncate_to_tokens",
+    "wait_until",
 ]
