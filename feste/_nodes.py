@@ -33,6 +33,7 @@ from feste._loop import run_sync
 from feste.backend.base import Backend
 from feste.backend.spec import MethodSpec
 from feste.backend.types import ItemFailure
+from feste.errors import BackendError, describe_call
 
 __all__ = ["BackendCall", "BatchCall", "call_now", "take_item"]
 
@@ -45,13 +46,18 @@ def call_now(backend: Backend, method: str, item: Any, params: Mapping[str, Any]
 class BackendCall:
     """The function of a graph node that calls ``backend.method(item, **params)``."""
 
-    __slots__ = ("backend", "method", "pure")
+    __slots__ = ("backend", "call_site", "method", "pure")
 
-    def __init__(self, backend: Backend, method: str, pure: bool = True) -> None:
+    def __init__(
+        self, backend: Backend, method: str, pure: bool = True, call_site: str | None = None
+    ) -> None:
         self.backend = backend
         self.method = method
         # False for calls made with pure=False: never merged with an identical call.
         self.pure = pure
+        # Where the user's code made the call ("app.py:12 in summarize"), for errors;
+        # not part of the call's identity.
+        self.call_site = call_site
 
     @property
     def __name__(self) -> str:  # used by dask's funcname() in reprs and keys
@@ -73,7 +79,10 @@ class BackendCall:
         )
 
     def __call__(self, item: Any, **params: Any) -> Any:
-        return call_now(self.backend, self.method, item, params)
+        try:
+            return call_now(self.backend, self.method, item, params)
+        except BackendError as error:
+            raise describe_call(error, item, self.call_site) from None
 
     def __dask_tokenize__(self) -> Any:
         return (
@@ -87,7 +96,7 @@ class BackendCall:
         return f"<{self.backend.provider}.{self.method}>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (BackendCall, (self.backend, self.method, self.pure))
+        return (BackendCall, (self.backend, self.method, self.pure, self.call_site))
 
 
 class BatchCall:

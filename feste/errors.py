@@ -100,8 +100,10 @@ class BackendError(FesteError):
 
     Attributes carry the context: ``backend`` (e.g. ``"openai"``), ``method``
     (``"chat"``), ``model``, ``status`` (HTTP status, if any), ``key`` (the graph key of
-    the task, filled in by the scheduler), ``attempts`` and ``item_index`` (the item of a
-    batch the provider blamed).
+    the task, filled in by the scheduler), ``attempts``, ``item_index`` (the item of a
+    batch the provider blamed), and where the user made the call: ``input_preview`` (a
+    short form of the call's input) and ``call_site`` (``"file.py:12 in func"``), set by
+    :func:`describe_call`.
     """
 
     retryable = False
@@ -127,6 +129,8 @@ class BackendError(FesteError):
         self.key = key
         self.attempts = attempts
         self.item_index = item_index
+        self.input_preview: str | None = None
+        self.call_site: str | None = None
 
     def __str__(self) -> str:
         where = ".".join(part for part in (self.backend, self.method) if part)
@@ -142,7 +146,15 @@ class BackendError(FesteError):
         if self.attempts and self.attempts > 1:
             context.append(f"attempts={self.attempts}")
         prefix = f"[{' '.join(context)}] " if context else ""
-        return prefix + self.message
+        origin = []
+        input_preview = getattr(self, "input_preview", None)
+        call_site = getattr(self, "call_site", None)
+        if input_preview is not None:
+            origin.append(f"input {input_preview}")
+        if call_site is not None:
+            origin.append(f"called at {call_site}")
+        suffix = f" ({', '.join(origin)})" if origin else ""
+        return prefix + self.message + suffix
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only context must survive pickling (process pools, distributed workers).
@@ -220,6 +232,32 @@ class Failure:
     def reraise(self) -> None:
         """Raise the stored exception."""
         raise self.exception
+
+
+_PREVIEW_LENGTH = 40
+
+
+def preview(value: Any) -> str:
+    """A short, one-line form of a call's input for error messages."""
+    if isinstance(value, (list, tuple)) and value and isinstance(value[-1], dict):
+        value = value[-1].get("content", value[-1])  # a chat: its last message
+    text = value if isinstance(value, str) else None
+    if text is None:
+        return f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    if len(text) > _PREVIEW_LENGTH:
+        text = text[: _PREVIEW_LENGTH - 1] + "\u2026"
+    return repr(text)
+
+
+def describe_call(exc: BaseException, item: Any, call_site: str | None) -> BaseException:
+    """Tell a backend error which input failed and where the user made the call."""
+    if isinstance(exc, BackendError):
+        if getattr(exc, "input_preview", None) is None:
+            exc.input_preview = preview(item)
+        if getattr(exc, "call_site", None) is None:
+            exc.call_site = call_site
+    return exc
 
 
 def annotate_task_error(exc: BaseException, key: Any) -> BaseException:

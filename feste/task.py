@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import operator
+import os
+import sys
 import types
 import uuid
 from collections.abc import Callable
@@ -306,11 +308,25 @@ def eager_or_lazy(
     )
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_call_site() -> str | None:
+    """``"file.py:12 in func"`` of the innermost frame outside feste, for error messages."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:
+        return None
+    code = frame.f_code
+    return f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+
+
 def _backend_call(
     backend: Backend, method: str, item: Any, params: dict[str, Any], pure: bool
 ) -> Any:
     """How a backend method call becomes a node (installed as the backends' builder)."""
-    call = BackendCall(backend, method, pure=pure)
+    call = BackendCall(backend, method, pure=pure, call_site=_user_call_site())
     return eager_or_lazy(call, (item,), params, name=f"{backend.provider}-{method}", pure=pure)
 
 
