@@ -48,7 +48,14 @@ from feste.errors import (
 )
 from feste.limits import admit, release_all, run_limits
 
-__all__ = ["RunObserver", "current_observer", "run_batch", "run_call", "send"]
+__all__ = [
+    "RunObserver",
+    "call_priority",
+    "current_observer",
+    "run_batch",
+    "run_call",
+    "send",
+]
 
 _MAX_BACKOFF = 20.0
 
@@ -68,6 +75,11 @@ class RunObserver:
     def request_failed(self, request: Request, error: BaseException, attempt: int) -> None:
         """The last attempt failed (not retried); ``error`` is what the caller gets."""
 
+
+#: The priority of the calls made in this context (higher is admitted first).
+call_priority: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "feste_call_priority", default=0.0
+)
 
 current_observer: contextvars.ContextVar[RunObserver] = contextvars.ContextVar(
     "feste_observer",
@@ -136,9 +148,12 @@ async def send(backend: Backend, request: Request) -> Parsed:
       calls then fail without being sent); bad requests are never retried.
 
     ``call_timeout`` bounds the whole call: admission waits, attempts and the waits
-    between them.
+    between them. When admissions are scarce, calls with a higher :data:`call_priority`
+    go first (the async engine sets it to the length of the longest chain of calls
+    waiting on the call).
     """
     scope = run_limits()
+    priority = call_priority.get()
     gates = scope.gates(backend)
     policy = _RetryPolicy.current(backend)
     observer = current_observer.get()
@@ -152,7 +167,7 @@ async def send(backend: Backend, request: Request) -> Parsed:
         attempt += 1
         try:
             async with asyncio.timeout_at(deadline):
-                held = await admit(gates.limiters, request.estimated_tokens)
+                held = await admit(gates.limiters, request.estimated_tokens, priority)
         except TimeoutError:
             error = _deadline_error(request, policy, "waiting for admission")
             observer.request_failed(request, error, attempt)

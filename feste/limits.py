@@ -56,6 +56,8 @@ import contextlib
 import contextvars
 import copy
 import hashlib
+import heapq
+import itertools
 import os
 import re
 import threading
@@ -157,15 +159,26 @@ class Ticket:
 
 
 class _Waiter:
-    __slots__ = ("future", "loop", "ticket", "tokens")
+    __slots__ = ("done", "future", "loop", "order", "ticket", "tokens")
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], tokens: int
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[None],
+        tokens: int,
+        order: tuple[float, int],
     ) -> None:
         self.loop = loop
         self.future = future
         self.tokens = tokens
+        # (-priority, arrival number): the heap serves the highest priority, then FIFO.
+        self.order = order
         self.ticket: Ticket | None = None
+        # Granted, or given up by its caller: skipped when it reaches the heap's top.
+        self.done = False
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return self.order < other.order
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -186,7 +199,11 @@ class Limiter:
         self.name = name
         self.adaptive = adaptive
         self._lock = threading.Lock()
-        self._waiters: collections.deque[_Waiter] = collections.deque()
+        # A heap of waiters and how many of them still wait (the heap may hold some that
+        # gave up: they are dropped when they reach its top).
+        self._waiters: list[_Waiter] = []
+        self._waiting = 0
+        self._arrivals = itertools.count()
         self._waiting_loops: collections.Counter[asyncio.AbstractEventLoop] = collections.Counter()
         self._armed: dict[asyncio.AbstractEventLoop, float] = {}
         self._in_flight = 0
@@ -251,14 +268,20 @@ class Limiter:
         finally:
             self.release(ticket)
 
-    async def acquire(self, tokens: int = 0) -> Ticket:
-        """Wait for admission of one request of about ``tokens`` tokens."""
+    async def acquire(self, tokens: int = 0, priority: float = 0) -> Ticket:
+        """Wait for admission of one request of about ``tokens`` tokens.
+
+        Waiters are served highest ``priority`` first (the engine gives a call the
+        length of the longest chain of calls waiting on it), then in arrival order.
+        """
         with self._lock:
-            if not self._waiters and self._blocked_for(tokens, time.monotonic()) == 0.0:
+            if not self._waiting and self._blocked_for(tokens, time.monotonic()) == 0.0:
                 return self._take(tokens)
             loop = asyncio.get_running_loop()
-            waiter = _Waiter(loop, loop.create_future(), tokens)
-            self._waiters.append(waiter)
+            order = (-priority, next(self._arrivals))
+            waiter = _Waiter(loop, loop.create_future(), tokens, order)
+            heapq.heappush(self._waiters, waiter)
+            self._waiting += 1
             self._waiting_loops[loop] += 1
             grants, delay = self._grant_locked(time.monotonic())
         self._deliver(grants, delay)
@@ -282,7 +305,7 @@ class Limiter:
                 return
             ticket.released = True
             self._in_flight -= 1
-            if not self._waiters:
+            if not self._waiting:
                 return
             grants, delay = self._grant_locked(time.monotonic())
         self._deliver(grants, delay)
@@ -318,7 +341,7 @@ class Limiter:
                 if isinstance(used, int):
                     bucket = self._tokens
                     bucket.level = min(bucket.capacity, bucket.level + estimated_tokens - used)
-            if not self._waiters:
+            if not self._waiting:
                 return
             grants, delay = self._grant_locked(now)
         self._deliver(grants, delay)
@@ -380,7 +403,7 @@ class Limiter:
             return {
                 "in_flight": self._in_flight,
                 "max_in_flight": self._max_in_flight,
-                "waiting": len(self._waiters),
+                "waiting": self._waiting,
                 "admitted": self._admitted,
                 "rate_limited": self._rate_limited,
                 "decreases": self._decreases,
@@ -422,10 +445,10 @@ class Limiter:
         return Ticket(tokens, self._generation)
 
     def _forget(self, waiter: _Waiter) -> None:
-        try:
-            self._waiters.remove(waiter)
-        except ValueError:
+        if waiter.done:
             return
+        waiter.done = True
+        self._waiting -= 1
         self._uncount(waiter.loop)
 
     def _uncount(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -434,21 +457,25 @@ class Limiter:
             del self._waiting_loops[loop]
 
     def _grant_locked(self, now: float) -> tuple[list[_Waiter], float | None]:
-        """Admit waiters in arrival order; return them and the delay of a time-based block."""
+        """Admit waiters in priority, then arrival order; return them and the delay of a
+        time-based block."""
         granted: list[_Waiter] = []
         while self._waiters:
             waiter = self._waiters[0]
+            if waiter.done:
+                heapq.heappop(self._waiters)
+                continue
             if waiter.future.cancelled():
-                self._waiters.popleft()
-                self._uncount(waiter.loop)
+                heapq.heappop(self._waiters)
+                self._forget(waiter)
                 continue
             wait = self._blocked_for(waiter.tokens, now)
             if wait is None:
                 return granted, None
             if wait > 0.0:
                 return granted, wait
-            self._waiters.popleft()
-            self._uncount(waiter.loop)
+            heapq.heappop(self._waiters)
+            self._forget(waiter)
             waiter.ticket = self._take(waiter.tokens)
             granted.append(waiter)
         return granted, None
@@ -705,12 +732,14 @@ def run_limits() -> RunLimits:
     return scope if scope is not None else RunLimits()
 
 
-async def admit(limiters: tuple[Limiter, ...], tokens: int) -> list[tuple[Limiter, Ticket]]:
+async def admit(
+    limiters: tuple[Limiter, ...], tokens: int, priority: float = 0
+) -> list[tuple[Limiter, Ticket]]:
     """Acquire every limiter in order; on failure or cancellation release what was held."""
     held: list[tuple[Limiter, Ticket]] = []
     try:
         for limiter in limiters:
-            held.append((limiter, await limiter.acquire(tokens)))
+            held.append((limiter, await limiter.acquire(tokens, priority)))
     except BaseException:
         release_all(held)
         raise

@@ -457,3 +457,28 @@ def test_server_429s_are_reported_to_the_limiter(llm_server_factory):
     assert limiter["rate_limited"] == stats["status_counts"]["429"]
     assert limiter["admitted"] == stats["requests"]
     assert stats["requests"] == 30 + stats["status_counts"]["429"]
+
+
+def test_waiters_with_a_higher_priority_are_admitted_first():
+    limiter = Limiter("test", Limits(max_concurrency=1))
+    order: list[str] = []
+
+    async def one(name: str, priority: float) -> None:
+        ticket = await limiter.acquire(0, priority)
+        order.append(name)
+        await asyncio.sleep(0)
+        limiter.release(ticket)
+
+    async def main():
+        first = await limiter.acquire()
+        waiters = [
+            asyncio.create_task(one(name, priority))
+            for name, priority in [("a", 0), ("b", 0), ("chain", 3), ("c", 0), ("next", 1)]
+        ]
+        await asyncio.sleep(0.01)
+        limiter.release(first)
+        await asyncio.gather(*waiters)
+
+    asyncio.run(main())
+    # Highest priority first, ties in arrival order.
+    assert order == ["chain", "next", "a", "b", "c"]
