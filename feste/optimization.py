@@ -27,25 +27,28 @@ Groups
     salted hash that lives only in memory (``Backend.credential_fingerprint``, part of
     ``batch_group``), so calls are never sent with another backend's key.
 
-Safety: levels
-    A fused node waits for the union of its members' dependencies, so no member may
-    depend, even indirectly, on another member's output: that would be a cycle. Each
-    node gets a *call level*: the largest number of backend-call nodes (any method,
-    batched or not) on a path from a source up to and including the node. Only
-    candidates of the same group *and the same level* are fused. If candidate ``u``
-    is an ancestor of ``v``, then ``level(v) >= level(u) + 1`` because ``v`` is itself
-    a call, so ancestors never share a level: in ``a -> embed1 -> f -> embed2`` the
-    two embeds have levels 1 and 2 and are sent separately. Nor can fusion create a
-    cycle across groups: levels never decrease along an edge and strictly increase
-    on entering a call node, and every member of a fused node has the same level, so a
-    path leaving a fused node can never come back into it. The levels are computed in
-    one topological sweep (Kahn's algorithm), linear in nodes plus edges.
+What is fused here, and what at run time
+    Only calls whose inputs need no other backend call are fused here: each node
+    gets a *call level*, the largest number of backend-call nodes (any method) on a
+    path from a source up to and including it, and only level-1 candidates are
+    candidates. Their inputs are literals or come from local steps (rendering a
+    prompt, a plain task), so a batch waits for nothing slow: ``embed("literal")`` and
+    ``embed(render(x))`` share a batch and go out at once. A call whose input comes
+    from another call (``embed(chat(x))``) is left as its own node: the async
+    scheduler gathers such calls as their inputs arrive (runtime coalescing, within the
+    ``batch_window`` option), so no request waits for the slowest input of a batch
+    planned in advance, and one failed input costs only its own call. The other
+    schedulers send those calls one by one. ``explain()`` reports both kinds.
 
-    Counting every backend call, not only batchable ones, also keeps the batches
-    honest about waiting: ``embed(text)`` and ``embed(chat(text))`` have levels 1 and
-    2, so the first batch goes out at once instead of waiting for the chats. Local
-    steps (rendering a prompt, parsing) do not count: ``embed(render(x))`` and
-    ``embed("literal")`` share a batch.
+    Safety: a fused node waits for the union of its members' dependencies, so no
+    member may depend on another member's output. A member that is an ancestor of
+    another call has a descendant of level at least 2, so two level-1 candidates
+    never depend on each other, and fusing them cannot create a cycle. The levels are
+    computed in one topological sweep (Kahn's algorithm), linear in nodes plus edges.
+
+    A fused batch whose local inputs partly fail (a plain task raising) still goes
+    out, with the items whose inputs succeeded: with ``errors="return"`` each failed
+    input fails its own item and its own dependents, on every scheduler.
 
 Deduplication
     Identical pure calls already share one key (the key is a hash of the backend
@@ -208,7 +211,7 @@ class BatchOptimization(Optimization):
         return optimized
 
     def _candidate_groups(self, graph: Mapping[Any, Any]) -> dict[Any, list[Any]]:
-        """(level, group) -> member keys in graph order; empty if nothing to fuse."""
+        """group -> level-1 member keys in graph order; empty if nothing to fuse."""
         candidates: list[tuple[Any, Any]] = []
         group_cache: dict[Any, Any] = {}
         for key, node in graph.items():
@@ -226,7 +229,8 @@ class BatchOptimization(Optimization):
             return {}
         groups: dict[Any, list[Any]] = {}
         for key, group in candidates:
-            groups.setdefault((levels[key], group), []).append(key)
+            if levels[key] == 1:
+                groups.setdefault(group, []).append(key)
         return groups
 
     @staticmethod
@@ -244,7 +248,7 @@ class BatchOptimization(Optimization):
 
     @staticmethod
     def _fuse(graph: dict[Any, Any], members: list[Any]) -> None:
-        """Replace ``members`` (one group, one level) by batch nodes and item picks."""
+        """Replace ``members`` (one group, all of level 1) by batch nodes and item picks."""
         first = graph[members[0]]
         call: BackendCall = first.func
         params = first.kwargs

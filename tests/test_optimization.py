@@ -243,7 +243,7 @@ def test_chunk_serving_one_key_keeps_its_node() -> None:
 # -- levels: never fuse a call with one it depends on ------------------------------------
 
 
-def test_chain_is_not_fused_and_parallel_chains_are_fused_per_level() -> None:
+def test_only_calls_needing_no_other_call_are_fused_in_advance() -> None:
     backend = FakeBackend()
     chains = []
     for name in ("a", "b", "c"):
@@ -252,23 +252,24 @@ def test_chain_is_not_fused_and_parallel_chains_are_fused_per_level() -> None:
         chains.append((first, second))
     graph = optimized([second for _, second in chains])
 
-    batches = batch_nodes(graph)
-    assert len(batches) == 2
-    levels = call_levels(graph)
-    assert levels is not None
-    for batch in batches:
-        members = [
-            k for k, n in graph.items() if n.func is take_item and n.args[0].key == batch.key
-        ]
-        assert len(members) == 3
-        assert len({levels[m] for m in members}) == 1
-    first_batch = [b for b in batches if all(isinstance(i, str) for i in batch_items(b))]
-    assert len(first_batch) == 1 and sorted(batch_items(first_batch[0])) == ["a", "b", "c"]
+    # The first embeds are fused; the second ones wait on calls, so they are left to
+    # runtime coalescing as their inputs arrive.
+    (batch,) = batch_nodes(graph)
+    assert sorted(batch_items(batch)) == ["a", "b", "c"]
+    for _, second in chains:
+        assert type(graph[second.key].func) is BackendCall
     FesteGraph(graph).topological_order()  # no cycle
 
     results = feste.compute([second for _, second in chains], scheduler="sync")[0]
     assert results == [f"embed(None):EMBED(NONE):{name.upper()}" for name in "abc"]
-    assert request_sizes(backend) == [3, 3]
+    # The sync scheduler does not coalesce at run time: the second embeds go alone.
+    assert request_sizes(backend) == [3, 1, 1, 1]
+    batched_at_run_time = FakeBackend()
+    values = []
+    for name in ("a", "b", "c"):
+        values.append(batched_at_run_time.embed(shout(batched_at_run_time.embed(name))))
+    assert feste.compute(values, batch_window=0.05)[0] == results
+    assert request_sizes(batched_at_run_time) == [3, 3]
 
 
 def test_single_chain_each_call_depends_on_the_previous() -> None:
@@ -294,10 +295,12 @@ def test_local_steps_do_not_separate_but_calls_do() -> None:
     assert levels is not None
     assert levels[literal.key] == levels[rendered.key] == 1
     assert levels[after_chat.key] == levels[after_chat_too.key] == 2
-    batches = batch_nodes(graph)
-    assert len(batches) == 2
-    level_one = [b for b in batches if "plain" in batch_items(b)]
-    assert len(level_one) == 1 and len(batch_items(level_one[0])) == 2
+    # The literal and the rendered input share a batch; the calls after chats do not.
+    (batch,) = batch_nodes(graph)
+    items = batch_items(batch)
+    assert len(items) == 2 and "plain" in items
+    assert type(graph[after_chat.key].func) is BackendCall
+    assert type(graph[after_chat_too.key].func) is BackendCall
 
 
 def test_crossing_groups_cannot_make_a_cycle() -> None:
@@ -425,7 +428,8 @@ def test_results_match_without_the_pass(scheduler: str) -> None:
     assert batched == plain
     assert batched[0] == "embed(m):t0"
     assert batched[9] == "embed(m):EMBED(M):T0"
-    assert request_sizes(batched_backend) == [4, 4, 3, 1]
+    # The nine literal calls are fused; the three after them go one by one.
+    assert request_sizes(batched_backend) == [4, 4, 1, 1, 1, 1]
     assert request_sizes(plain_backend) == [1] * 12
 
 
