@@ -35,6 +35,7 @@ from typing import Any
 
 from feste import context
 from feste.backend.base import Backend
+from feste.backend.transports import BaseTransport, make_transport
 from feste.backend.types import ItemFailure, Parsed, Request, Usage
 from feste.errors import (
     BackendError,
@@ -74,13 +75,15 @@ current_observer: contextvars.ContextVar[RunObserver] = contextvars.ContextVar(
 )
 
 
-def transport_for(backend: Backend) -> Any:
-    """The backend's transport for the running event loop (one connection pool each)."""
+async def transport_for(backend: Backend) -> BaseTransport:
+    """The backend's transport for the running event loop (one connection pool each),
+    prepared: its pool is open and its client built before a request's deadline starts."""
     loop = asyncio.get_running_loop()
     transport = backend._transports.get(loop)
     if transport is None:
-        transport = backend.make_transport()
+        transport = make_transport(backend)
         backend._transports[loop] = transport
+    await transport.prepare()
     return transport
 
 
@@ -108,10 +111,11 @@ async def send(backend: Backend, request: Request) -> Parsed:
         ticket = await limiter.acquire(request.estimated_tokens)
         try:
             observer.request_started(request)
+            transport = await transport_for(backend)
             started = time.monotonic()
             try:
                 async with asyncio.timeout(timeout):
-                    response = await transport_for(backend).send(request)
+                    response = await transport.send(request)
             except TimeoutError:
                 raise TransientError(
                     f"no answer within {timeout:g} s (raise task_timeout or the backend's timeout)",

@@ -17,7 +17,8 @@ from dask.task_spec import List, Task, TaskRef
 
 import feste
 from feste import feste_task
-from feste.backend.base import Backend, BackendCall, BaseTransport, BatchCall, MethodSpec, take_item
+from feste.backend.base import Backend, BackendCall, BatchCall, MethodSpec, take_item
+from feste.backend.transports import BaseTransport
 from feste.backend.types import ItemFailure, Parsed, Request, Response
 from feste.compute import prepare
 from feste.errors import AuthenticationError, BadRequestError
@@ -39,12 +40,11 @@ class RecordingTransport(BaseTransport):
     as a whole with one message; items holding ``DENIED`` get a 401.
     """
 
-    def __init__(self, backend: FakeBackend) -> None:
-        self.backend = backend
-
     async def send(self, request: Request) -> Response:
         items = list(request.payload["input"])
-        self.backend._requests.append(items)
+        backend = self.backend
+        assert isinstance(backend, FakeBackend)
+        backend._requests.append(items)
         await asyncio.sleep(0)
         context = {"backend": "fake", "method": request.method, "model": request.model}
         if request.model == "missing":
@@ -53,7 +53,7 @@ class RecordingTransport(BaseTransport):
             if "DENIED" in item:
                 raise AuthenticationError("invalid key", status=401, **context)
             if "BAD" in item:
-                named = index if self.backend._name_bad_index else None
+                named = index if backend._name_bad_index else None
                 raise BadRequestError(
                     f"input[{index}] is not acceptable", status=400, item_index=named, **context
                 )
@@ -62,6 +62,7 @@ class RecordingTransport(BaseTransport):
 
 class FakeBackend(Backend):
     provider = "fake"
+    transport_class = RecordingTransport
     api_key_env = "FAKE_TEST_API_KEY"
     methods = {
         "embed": MethodSpec("embed", frozenset({"model", "dims"}), batch_size=4, batch_tokens=40),
@@ -86,9 +87,6 @@ class FakeBackend(Backend):
 
     def parse_response(self, request: Request, response: Response) -> Parsed:
         return Parsed(list(response.body))
-
-    def make_transport(self) -> BaseTransport:
-        return RecordingTransport(self)
 
 
 @feste_task(pure=True)
