@@ -37,7 +37,7 @@ from typing import Any
 from feste import context
 from feste.backend.base import Backend
 from feste.backend.spec import chunk_items
-from feste.backend.transports import make_transport
+from feste.backend.transports import BaseTransport, make_transport
 from feste.backend.types import ItemFailure, Parsed, Request, Usage
 from feste.errors import (
     BackendError,
@@ -87,13 +87,15 @@ current_observer: contextvars.ContextVar[RunObserver] = contextvars.ContextVar(
 )
 
 
-def transport_for(backend: Backend) -> Any:
-    """The backend's transport for the running event loop (one connection pool each)."""
+async def transport_for(backend: Backend) -> BaseTransport:
+    """The backend's transport for the running event loop (one connection pool each),
+    prepared: its pool is open and its client built before a request's deadline starts."""
     loop = asyncio.get_running_loop()
     transport = backend._transports.get(loop)
     if transport is None:
         transport = make_transport(backend)
         backend._transports[loop] = transport
+    await transport.prepare()
     return transport
 
 
@@ -157,7 +159,6 @@ async def send(backend: Backend, request: Request) -> Parsed:
     gates = scope.gates(backend)
     policy = _RetryPolicy.current(backend)
     observer = current_observer.get()
-    transport = transport_for(backend)
     loop = asyncio.get_running_loop()
     deadline = None if policy.call_timeout is None else loop.time() + policy.call_timeout
     attempt = 0
@@ -181,6 +182,7 @@ async def send(backend: Backend, request: Request) -> Parsed:
         account_ticket = held[-1][1]
         try:
             observer.request_started(request)
+            transport = await transport_for(backend)
             started = time.monotonic()
             timeout = policy.attempt_timeout
             cut_by_deadline = deadline is not None and deadline - loop.time() < timeout

@@ -1,4 +1,4 @@
-"""Running coroutines from synchronous code.
+"""Running coroutines from synchronous code, and closing what lives on event loops.
 
 Backend calls are coroutines. Synchronous callers (eager mode, the ``sync``, ``threads``
 and ``processes`` schedulers, ``feste.compute`` itself) reach them through
@@ -6,6 +6,22 @@ and ``processes`` schedulers, ``feste.compute`` itself) reach them through
 connection pools are reused instead of rebuilt for every request. When the calling
 thread already runs a loop (Jupyter), the coroutine runs on a private background thread
 and the caller waits for it.
+
+Lifetime: connection pools belong to the loop they were opened on. Whoever opens one
+registers a closer with :func:`on_loop_close`; :func:`close_loop_resources` awaits the
+closers for one loop. They run
+
+* when a thread that used :func:`run_sync` ends: its loop is retired (a finalizer on an
+  object only that thread's locals hold) and closed, resources first, by the next
+  :func:`run_sync` call in any thread, or at exit;
+* when a loop feste does not own shuts down its async generators, as ``asyncio.run``
+  and ``asyncio.Runner`` do before closing it: :func:`watch_loop_shutdown` parks an
+  async generator on the running loop whose ``finally`` awaits the closers;
+* at interpreter exit, for every loop feste made.
+
+:func:`schedule_close` starts a closer on a loop from any thread without waiting
+(finalizers use it), and :func:`close_on_loop` / :func:`aclose_on_loop` close on a
+given loop from synchronous or asynchronous code, waiting where that is possible.
 """
 
 from __future__ import annotations
@@ -14,20 +30,43 @@ import asyncio
 import atexit
 import contextvars
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+__all__ = [
+    "aclose_on_loop",
+    "close_loop_resources",
+    "close_on_loop",
+    "on_loop_close",
+    "run_sync",
+    "schedule_close",
+    "watch_loop_shutdown",
+]
+
 T = TypeVar("T")
 
+Closer = Callable[[], Awaitable[Any]]
+
 _local = threading.local()
-_all_loops: list[asyncio.AbstractEventLoop] = []
-_all_loops_lock = threading.Lock()
+# Every loop feste made and has not closed yet (closed at exit).
+_own_loops: set[asyncio.AbstractEventLoop] = set()
+_own_loops_lock = threading.Lock()
+# Loops of threads that ended, waiting to be closed by the next run_sync caller.
+_retired_loops: list[asyncio.AbstractEventLoop] = []
 _loop_closers: list[Callable[[asyncio.AbstractEventLoop], Awaitable[None]]] = []
+# Closers started by schedule_close, kept referenced until they finish.
+_closing: set[asyncio.Task[Any]] = set()
+# Per loop with feste resources, the async generator that closes them at its shutdown.
+_shutdown_watchers: dict[asyncio.AbstractEventLoop, Any] = {}
+_watchers_lock = threading.Lock()
+# How long closing on a loop that runs in another thread may take before we give up.
+_CLOSE_WAIT = 10.0
 
 
 def on_loop_close(closer: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
-    """Register ``closer(loop)``, awaited before a feste-owned loop is closed.
+    """Register ``closer(loop)``, awaited before a loop with feste resources closes.
 
     Transports use it to close the connection pools they opened on that loop.
     """
@@ -35,35 +74,186 @@ def on_loop_close(closer: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]
 
 
 async def close_loop_resources(loop: asyncio.AbstractEventLoop) -> None:
-    """Await every registered closer for ``loop`` (errors are ignored: we are shutting down)."""
+    """Await every registered closer for ``loop``, and the closes already started on it.
+
+    Errors are ignored: the loop is shutting down. Code that runs backend calls on a
+    loop it closes itself without ``loop.shutdown_asyncgens()`` should await this first.
+    """
     for closer in list(_loop_closers):
         try:
             await closer(loop)
         except Exception:
             pass
+    started = [task for task in list(_closing) if task.get_loop() is loop]
+    if started:
+        await asyncio.gather(*started, return_exceptions=True)
+
+
+# -- loops that feste does not own -----------------------------------------------------
+
+
+async def _close_resources_at_shutdown(loop: asyncio.AbstractEventLoop) -> AsyncIterator[None]:
+    """Parked on ``loop`` until the loop closes its async generators, then closes."""
+    try:
+        yield
+    finally:
+        with _watchers_lock:
+            _shutdown_watchers.pop(loop, None)
+        await close_loop_resources(loop)
+
+
+async def watch_loop_shutdown() -> None:
+    """Close the running loop's feste resources when the loop shuts down.
+
+    ``asyncio.run`` (and ``asyncio.Runner``, and feste's own loops) call
+    ``loop.shutdown_asyncgens()`` before closing a loop; the generator parked here is
+    then closed, and its ``finally`` awaits :func:`close_loop_resources`. Cheap after
+    the first call on a loop.
+    """
+    loop = asyncio.get_running_loop()
+    if loop in _shutdown_watchers:
+        return
+    watcher = _close_resources_at_shutdown(loop)
+    with _watchers_lock:
+        if loop in _shutdown_watchers:
+            return
+        # A loop closed without shutting down its generators never ran its watcher.
+        for stale in [old for old in _shutdown_watchers if old.is_closed()]:
+            del _shutdown_watchers[stale]
+        _shutdown_watchers[loop] = watcher
+    # The first step registers the generator with the running loop (its asyncgen hooks).
+    await watcher.__anext__()
+
+
+# -- closing on a given loop ---------------------------------------------------------------
+
+
+async def _await(close: Closer) -> None:
+    await close()
+
+
+def _start_close(loop: asyncio.AbstractEventLoop, close: Closer) -> None:
+    task = loop.create_task(_await(close))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+def schedule_close(loop: asyncio.AbstractEventLoop, close: Closer) -> None:
+    """Start ``close()`` on ``loop`` from any thread, without waiting for it.
+
+    Safe in finalizers. An idle loop runs it when it next runs, at the latest when it
+    shuts down; on a closed loop nothing can run and nothing happens.
+    """
+    if loop.is_closed():
+        return
+    try:
+        loop.call_soon_threadsafe(_start_close, loop, close)
+    except RuntimeError:  # closed in the meantime
+        pass
+
+
+def close_on_loop(loop: asyncio.AbstractEventLoop, close: Closer) -> None:
+    """Run ``close()`` on ``loop`` from synchronous code, waiting for it where possible.
+
+    It waits when ``loop`` is this thread's idle feste loop (run here) or runs in
+    another thread; when ``loop`` runs this very code, or is idle and someone else's,
+    the close is only started (:func:`schedule_close`).
+    """
+    if loop.is_closed():
+        return
+    if loop.is_running():
+        if _running_loop() is loop:
+            schedule_close(loop, close)
+            return
+        future = asyncio.run_coroutine_threadsafe(_await(close), loop)
+        future.result(_CLOSE_WAIT)
+        return
+    if loop is getattr(_local, "loop", None) and _running_loop() is None:
+        loop.run_until_complete(_await(close))
+        return
+    schedule_close(loop, close)
+
+
+async def aclose_on_loop(loop: asyncio.AbstractEventLoop, close: Closer) -> None:
+    """Run ``close()`` on ``loop`` from a coroutine, waiting for it where possible."""
+    if loop.is_closed():
+        return
+    if loop is asyncio.get_running_loop():
+        await close()
+    elif loop.is_running():
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_await(close), loop))
+    else:
+        schedule_close(loop, close)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+# -- feste's own loops -------------------------------------------------------------------
+
+
+def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
+    """Close an idle loop feste made: its tasks, its resources, its generators, itself."""
+    with _own_loops_lock:
+        _own_loops.discard(loop)
+    if loop.is_closed():
+        return
+    try:
+        # Closes already started are left to finish; anything else cannot run anymore.
+        pending = [
+            task for task in asyncio.all_tasks(loop) if not task.done() and task not in _closing
+        ]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(close_loop_resources(loop))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    except Exception:
+        pass
+    finally:
+        loop.close()
+
+
+class _ThreadLoopOwner:
+    """Held only by one thread's locals: dropped when the thread ends, which retires
+    the thread's loop (a finalizer appends it to ``_retired_loops``)."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _close_retired_loops() -> None:
+    while True:
+        try:
+            loop = _retired_loops.pop()
+        except IndexError:
+            return
+        _shut_down(loop)
 
 
 def _thread_loop() -> asyncio.AbstractEventLoop:
+    if _retired_loops:
+        _close_retired_loops()
     loop = getattr(_local, "loop", None)
     if loop is None or loop.is_closed():
         loop = asyncio.new_event_loop()
+        owner = _ThreadLoopOwner()
+        retire = weakref.finalize(owner, _retired_loops.append, loop)
+        retire.atexit = False  # at exit, _close_all_loops closes every loop
         _local.loop = loop
-        with _all_loops_lock:
-            _all_loops.append(loop)
+        _local.owner = owner
+        with _own_loops_lock:
+            _own_loops.add(loop)
     return loop
-
-
-def _in_running_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion from synchronous code and return its result."""
-    if _in_running_loop():
+    if _running_loop() is not None:
         return _run_on_helper_thread(coro)
     loop = _thread_loop()
     task = loop.create_task(coro)
@@ -93,8 +283,8 @@ def _start_helper() -> asyncio.AbstractEventLoop:
             thread = threading.Thread(target=loop.run_forever, name="feste-loop", daemon=True)
             thread.start()
             _helper_loop = loop
-            with _all_loops_lock:
-                _all_loops.append(loop)
+            with _own_loops_lock:
+                _own_loops.add(loop)
         return _helper_loop
 
 
@@ -136,9 +326,9 @@ def _run_on_helper_thread(coro: Coroutine[Any, Any, T]) -> T:
 
 @atexit.register
 def _close_all_loops() -> None:
-    with _all_loops_lock:
-        loops = list(_all_loops)
-        _all_loops.clear()
+    with _own_loops_lock:
+        loops = list(_own_loops)
+    _retired_loops.clear()
     for loop in loops:
         if loop.is_closed():
             continue
@@ -147,7 +337,6 @@ def _close_all_loops() -> None:
                 asyncio.run_coroutine_threadsafe(close_loop_resources(loop), loop).result(5)
                 loop.call_soon_threadsafe(loop.stop)
             else:
-                loop.run_until_complete(close_loop_resources(loop))
-                loop.close()
+                _shut_down(loop)
         except Exception:
             pass

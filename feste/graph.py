@@ -183,6 +183,41 @@ class _Container:
         self.items = items
 
 
+def _template(
+    obj: Any, traverse: bool, collections: list[Any], position_of_key: dict[Any, int]
+) -> Any:
+    """A template of ``obj`` with _Slot(i) where collection i sits (collected on the way).
+
+    A module function, not a closure: a recursive closure is a reference cycle that
+    would keep every collected value (backends and their connection pools included)
+    alive until the cycle collector runs.
+    """
+    # Delayed first: is_dask_collection probes attributes, which costs more.
+    if isinstance(obj, Delayed) or is_dask_collection(obj):
+        identity = obj.key if isinstance(obj, Delayed) else id(obj)
+        position = position_of_key.get(identity)
+        if position is None:
+            position = position_of_key[identity] = len(collections)
+            collections.append(obj)
+        return _Slot(position)
+    if not traverse:
+        return obj
+    kind = type(obj)
+    if kind in (list, tuple, set, frozenset):
+        return _Container(
+            kind, [_template(item, traverse, collections, position_of_key) for item in obj]
+        )
+    if kind is dict:
+        return _Container(
+            dict,
+            [
+                (key, _template(value, traverse, collections, position_of_key))
+                for key, value in obj.items()
+            ],
+        )
+    return obj
+
+
 def _fill(template: Any, results: list[Any]) -> Any:
     if isinstance(template, _Slot):
         return results[template.position]
@@ -213,27 +248,7 @@ class FesteGraph(MutableMapping[Any, Any]):
         """
         collections: list[Any] = []
         position_of_key: dict[Any, int] = {}
-
-        def unpack(obj: Any) -> Any:
-            # Returns a template of ``obj`` with _Slot(i) where collection i sits.
-            # Delayed first: is_dask_collection probes attributes, which costs more.
-            if isinstance(obj, Delayed) or is_dask_collection(obj):
-                identity = obj.key if isinstance(obj, Delayed) else id(obj)
-                position = position_of_key.get(identity)
-                if position is None:
-                    position = position_of_key[identity] = len(collections)
-                    collections.append(obj)
-                return _Slot(position)
-            if not traverse:
-                return obj
-            kind = type(obj)
-            if kind in (list, tuple, set, frozenset):
-                return _Container(kind, [unpack(item) for item in obj])
-            if kind is dict:
-                return _Container(dict, [(key, unpack(value)) for key, value in obj.items()])
-            return obj
-
-        templates = [unpack(obj) for obj in objs]
+        templates = [_template(obj, traverse, collections, position_of_key) for obj in objs]
 
         def repack(results: Any) -> tuple[Any, ...]:
             results = list(results)

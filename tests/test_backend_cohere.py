@@ -163,7 +163,11 @@ def test_bad_input_is_refused():
 
 def test_errors_map_to_feste_errors(llm_server_factory, transport):
     server = llm_server_factory(api_key=KEY, hang_seconds=5)
-    co = backend(server, transport, timeout=0.2)
+    co = backend(server, transport)
+    # Only the hang meets the short timeout, so a slow first call (cohere imports its
+    # response types on first use) cannot turn another case into a timeout. Building
+    # the client happens before the deadline starts (the transport's prepare()).
+    impatient = backend(server, transport, timeout=0.2)
     wrong = Cohere(
         api_key="co-wrong-key-000000", base_url=server.cohere_base_url, transport=transport
     )
@@ -185,7 +189,7 @@ def test_errors_map_to_feste_errors(llm_server_factory, transport):
     with context.set(eager=True, max_retries=0), pytest.raises(TransientError, match="connection"):
         co.chat("[[drop]]")
     with context.set(eager=True, max_retries=0), pytest.raises(TransientError, match=r"0.2 s"):
-        co.chat("[[hang]]")
+        impatient.chat("[[hang]]")
     with context.set(eager=True, max_retries=0), pytest.raises(MalformedResponseError):
         co.embed("[[malformed]]")
     with context.set(eager=True, max_retries=0), pytest.raises(BadRequestError) as bad:

@@ -41,12 +41,11 @@ class RecordingTransport(BaseTransport):
     as a whole with one message; items holding ``DENIED`` get a 401.
     """
 
-    def __init__(self, backend: FakeBackend) -> None:
-        self.backend = backend
-
     async def send(self, request: Request) -> Response:
         items = list(request.payload["input"])
-        self.backend._requests.append(items)
+        backend = self.backend
+        assert isinstance(backend, FakeBackend)
+        backend._requests.append(items)
         await asyncio.sleep(0)
         context = {"backend": "fake", "method": request.method, "model": request.model}
         if request.model == "missing":
@@ -55,7 +54,7 @@ class RecordingTransport(BaseTransport):
             if "DENIED" in item:
                 raise AuthenticationError("invalid key", status=401, **context)
             if "BAD" in item:
-                named = index if self.backend._name_bad_index else None
+                named = index if backend._name_bad_index else None
                 raise BadRequestError(
                     f"input[{index}] is not acceptable", status=400, item_index=named, **context
                 )
@@ -64,6 +63,7 @@ class RecordingTransport(BaseTransport):
 
 class FakeBackend(Backend):
     provider = "fake"
+    transport_class = RecordingTransport
     api_key_env = "FAKE_TEST_API_KEY"
     methods = {
         "embed": MethodSpec("embed", frozenset({"model", "dims"}), batch_size=4, batch_tokens=40),
@@ -72,8 +72,6 @@ class FakeBackend(Backend):
 
     def __init__(self, *, name_bad_index: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("api_key", "test-key-1234")
-        if kwargs.get("client") is None:
-            kwargs.setdefault("transport", RecordingTransport)
         super().__init__(**kwargs)
         self._requests: list[list[str]] = []
         self._name_bad_index = name_bad_index

@@ -1,19 +1,24 @@
-"""Tests of feste.backend.transports: the status table, sessions per loop, raw JSON."""
+"""Tests of feste.backend.transports: the status table, sessions per loop, raw JSON, and
+the boundary: every exception leaving a transport is a feste error without the key."""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import pickle
 import socket
+import threading
 import time
 
+import cohere
 import openai
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 
 from feste import context
-from feste._calls import run_call
+from feste._calls import RunObserver, current_observer, run_call, transport_for
 from feste._loop import close_loop_resources
 from feste.backend import Backend, Cohere, OpenAI
 from feste.backend.transports import (
@@ -24,6 +29,7 @@ from feste.backend.transports import (
     retry_after_seconds,
     status_error,
 )
+from feste.backend.types import Usage
 from feste.errors import (
     AuthenticationError,
     BadRequestError,
@@ -36,6 +42,9 @@ from feste.testing import embedding
 
 KEY = "sk-transport-test-0123456789"
 TRANSPORTS = ["http", "sdk"]
+
+# cohere's own response models use a pydantic API that pydantic deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:The `__fields__` attribute is deprecated")
 
 
 @pytest.fixture
@@ -246,3 +255,231 @@ def test_a_configured_client_does_not_travel_to_other_processes(llm_server):
     ):
         copy.chat("hi")
     assert llm_server.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("backend_type", [OpenAI, Cohere])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_prepare_opens_the_pool_before_any_request(llm_server, loop, backend_type, transport):
+    base_url = llm_server.openai_base_url if backend_type is OpenAI else llm_server.cohere_base_url
+    llm = backend_type(api_key=KEY, base_url=base_url, transport=transport)
+
+    prepared = loop.run_until_complete(transport_for(llm))
+    pool = prepared._session if transport == "http" else prepared._client
+
+    assert pool is not None
+    assert loop.run_until_complete(transport_for(llm)) is prepared
+    assert (prepared._session if transport == "http" else prepared._client) is pool
+    assert llm._transports == {loop: prepared}
+    assert llm_server.stats()["requests"] == 0
+
+
+# -- the boundary: keys, URLs, answers feste cannot use ------------------------------
+
+BAD_KEYS = {
+    "trailing newline": (
+        KEY + "\n",
+        "has leading or trailing whitespace (a newline from a file or a paste?)",
+    ),
+    "leading space": (
+        " " + KEY,
+        "has leading or trailing whitespace (a newline from a file or a paste?)",
+    ),
+    "inner space": ("sk-two words-0123456789", "has whitespace or control characters inside"),
+    "inner tab": ("sk-a\tb-0123456789", "has whitespace or control characters inside"),
+    "non-ASCII": ("sk-clé-0123456789", "has non-ASCII characters"),
+}
+
+
+def assert_keeps_no_key(error: BaseException, key: str) -> None:
+    shown = " ".join([str(error), repr(error), repr(error.args), repr(vars(error))])
+    for fragment in (key, key.strip(), "0123456789"):
+        assert fragment not in shown
+    assert error.__context__ is None and error.__cause__ is None
+
+
+@pytest.mark.parametrize("backend_type", [OpenAI, Cohere])
+@pytest.mark.parametrize("case", sorted(BAD_KEYS))
+def test_an_unusable_explicit_key_is_refused_at_construction(backend_type, case):
+    key, problem = BAD_KEYS[case]
+    with pytest.raises(ConfigurationError) as caught:
+        backend_type(api_key=key)
+    assert str(caught.value) == (
+        f"[{backend_type.provider}] the API key in the api_key given to "
+        f"{backend_type.__name__} {problem}; fix the key (it is not shown here)"
+    )
+    assert_keeps_no_key(caught.value, key)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("case", ["trailing newline", "non-ASCII"])
+def test_an_unusable_environment_key_is_refused_before_sending(
+    llm_server, monkeypatch, transport, case
+):
+    key, problem = BAD_KEYS[case]
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    llm = OpenAI(base_url=llm_server.openai_base_url, transport=transport)
+    with context.set(eager=True, max_retries=3), pytest.raises(ConfigurationError) as caught:
+        llm.chat("hi")
+    error = caught.value
+    assert f"the API key in the OPENAI_API_KEY environment variable {problem}" in str(error)
+    assert (error.backend, error.method, error.attempts) == ("openai", "chat", 1)
+    assert_keeps_no_key(error, key)
+    assert llm_server.stats()["requests"] == 0
+
+
+def test_a_configured_client_with_an_unusable_key_is_refused(llm_server):
+    key = KEY + "\n"
+    client = openai.AsyncOpenAI(api_key=key, base_url=llm_server.openai_base_url)
+    with pytest.raises(ConfigurationError, match="the API key in the client given to OpenAI"):
+        OpenAI(client=client)
+
+
+def test_a_header_the_client_refuses_is_a_configuration_error(llm_server):
+    # cohere's client keeps its key out of reach, so it is only refused when sending.
+    key = KEY + "\n"
+    client = cohere.AsyncClientV2(api_key=key, base_url=llm_server.cohere_base_url)
+    co = Cohere(client=client)
+    with context.set(eager=True, max_retries=3), pytest.raises(ConfigurationError) as caught:
+        co.chat("hi")
+    error = caught.value
+    assert error.message == (
+        "the request could not be sent (LocalProtocolError: the client refused a header "
+        "value); check the API key and the headers this backend sends"
+    )
+    assert (error.backend, error.method, error.attempts) == ("cohere", "chat", 1)
+    assert_keeps_no_key(error, key)
+    assert llm_server.stats()["requests"] == 0
+
+
+def test_a_key_the_client_cannot_encode_is_a_configuration_error(llm_server):
+    key = "sk-clé-0123456789"
+    client = openai.AsyncOpenAI(api_key=KEY, base_url=llm_server.openai_base_url)
+    llm = OpenAI(client=client)
+    client.api_key = key  # changed after the backend checked it
+    with context.set(eager=True, max_retries=3), pytest.raises(ConfigurationError) as caught:
+        llm.chat("hi")
+    error = caught.value
+    assert "could not encode the request (UnicodeEncodeError)" in str(error)
+    assert (error.backend, error.method) == ("openai", "chat")
+    assert_keeps_no_key(error, key)
+    assert llm_server.stats()["requests"] == 0
+
+
+@pytest.mark.parametrize("backend_type", [OpenAI, Cohere])
+@pytest.mark.parametrize("base_url", ["localhost:8000/v1", "ftp://example.com", "//host/v1"])
+def test_a_base_url_without_http_scheme_is_refused_at_construction(backend_type, base_url):
+    with pytest.raises(ConfigurationError) as caught:
+        backend_type(api_key=KEY, base_url=base_url)
+    assert str(caught.value) == (
+        f"[{backend_type.provider}] base_url must start with http:// or https://, got {base_url!r}"
+    )
+
+
+class StaticServer:
+    """A tiny aiohttp app answering every POST with one fixed 200 body: for answers the
+    feste.testing server does not make (usage of the wrong type, absurd nesting)."""
+
+    def __init__(self) -> None:
+        self.body = b"{}"
+        self.requests = 0
+        self.url = ""
+
+    async def answer(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        await request.read()
+        return web.Response(body=self.body, content_type="application/json")
+
+
+@pytest.fixture
+def static_server():
+    server = StaticServer()
+    app = web.Application()
+    app.router.add_post("/{path:.*}", server.answer)
+    server_loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    server_loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    server_loop.run_until_complete(site.start())
+    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    thread = threading.Thread(target=server_loop.run_forever, daemon=True)
+    thread.start()
+    yield server
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), server_loop).result(10)
+    server_loop.call_soon_threadsafe(server_loop.stop)
+    thread.join()
+    server_loop.close()
+
+
+class UsageRecorder(RunObserver):
+    def __init__(self) -> None:
+        self.usages: list[Usage | None] = []
+
+    def request_finished(self, request, usage, seconds) -> None:
+        self.usages.append(usage)
+
+
+def openai_chat_answer(usage: object) -> dict:
+    return {
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"}}],
+        "usage": usage,
+    }
+
+
+def cohere_chat_answer(usage: object) -> dict:
+    return {
+        "id": "answer-1",
+        "finish_reason": "COMPLETE",
+        "message": {"role": "assistant", "content": [{"type": "text", "text": "fine"}]},
+        "usage": {"tokens": usage},
+    }
+
+
+BAD_USAGES = [
+    {"prompt_tokens": "many", "completion_tokens": 3},
+    {"prompt_tokens": 2, "completion_tokens": [3]},
+    {"prompt_tokens": -2, "completion_tokens": 3},
+    {"prompt_tokens": float("inf"), "completion_tokens": 3},
+    {"prompt_tokens": True, "completion_tokens": 3},
+]
+
+
+@pytest.mark.parametrize("backend_type", [OpenAI, Cohere])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("usage", BAD_USAGES, ids=range(len(BAD_USAGES)))
+def test_an_unreadable_usage_keeps_the_answer(static_server, backend_type, transport, usage):
+    if backend_type is OpenAI:
+        body = openai_chat_answer(usage)
+        llm = OpenAI(api_key=KEY, base_url=static_server.url + "/v1", transport=transport)
+    else:
+        cohere_usage = {"input_tokens": usage["prompt_tokens"]}
+        cohere_usage["output_tokens"] = usage["completion_tokens"]
+        body = cohere_chat_answer(cohere_usage)
+        llm = Cohere(api_key=KEY, base_url=static_server.url, transport=transport)
+    static_server.body = json.dumps(body).encode()  # inf is written as Infinity
+    recorder = UsageRecorder()
+    token = current_observer.set(recorder)
+    try:
+        with context.set(eager=True, max_retries=3):
+            answer = llm.chat("hi")
+    finally:
+        current_observer.reset(token)
+    assert answer == "fine"
+    assert recorder.usages == [None]
+    assert static_server.requests == 1
+
+
+@pytest.mark.parametrize("backend_type", [OpenAI, Cohere])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_deeply_nested_json_is_malformed_and_not_retried(static_server, backend_type, transport):
+    depth = 100_000
+    static_server.body = b"[" * depth + b"]" * depth
+    base_url = static_server.url + ("/v1" if backend_type is OpenAI else "")
+    llm = backend_type(api_key=KEY, base_url=base_url, transport=transport)
+    with context.set(eager=True, max_retries=3), pytest.raises(MalformedResponseError) as caught:
+        llm.chat("hi")
+    error = caught.value
+    assert error.message == "unexpected response body: the JSON body is nested too deeply to decode"
+    assert (error.backend, error.method, error.attempts) == (backend_type.provider, "chat", 1)
+    assert error.__context__ is None
+    assert static_server.requests == 1

@@ -1,8 +1,8 @@
 """Model providers: the backend base class and the OpenAI and Cohere backends.
 
-Importing this package is cheap: the HTTP client (aiohttp) and the official ``openai``
-and ``cohere`` packages are imported by :mod:`feste.backend.transports` when the first
-request is sent, not here.
+Importing this package is cheap: the official ``openai`` and ``cohere`` packages are
+imported by the ``sdk`` transport (:mod:`feste.backend.transports`) when it first
+builds a client, not here.
 """
 
 from feste.backend.base import Backend, MethodSpec

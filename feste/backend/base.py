@@ -34,7 +34,12 @@ Secrets: the API key is kept in a private attribute, left out of ``repr``, of
 ``__dask_tokenize__`` (so out of graph keys and cache tokens) and of every request
 payload; the transports add it to headers at send time. A key given explicitly is
 pickled with the backend (so it reaches Dask workers); a key read from the environment
-is not stored at all and is re-read where the call runs.
+is not stored at all and is re-read where the call runs. A key that cannot go into a
+header (whitespace, non-ASCII) is refused, given or read, without being quoted.
+
+Connections: the sender keeps the backend's transports (one per event loop) in
+``_transports``; :meth:`Backend.close`, :meth:`Backend.aclose` and ``with`` /
+``async with`` close them (see :mod:`feste.backend.transports.base` for the others).
 """
 
 from __future__ import annotations
@@ -42,13 +47,15 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from dask.base import tokenize
 
 from feste import context
+from feste._loop import aclose_on_loop, close_on_loop
 from feste.backend.spec import CallParams, MethodSpec
 from feste.backend.types import Parsed, Request, Response
 from feste.errors import ConfigurationError, MalformedResponseError, OptionError
@@ -68,6 +75,21 @@ def install_call_builder(builder: CallBuilder) -> None:
 
 
 _CREDENTIAL_SALT = os.urandom(16)
+
+# An API key goes into an HTTP header: visible ASCII only, no whitespace.
+_KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")
+_URL_SCHEME = re.compile(r"https?://[^/\s]", re.IGNORECASE)
+
+
+def _key_problem(key: str) -> str | None:
+    """What makes ``key`` unusable in a header, described without quoting it."""
+    if _KEY_CHARACTERS.fullmatch(key):
+        return None
+    if not key.isascii():
+        return "has non-ASCII characters"
+    if key != key.strip():
+        return "has leading or trailing whitespace (a newline from a file or a paste?)"
+    return "has whitespace or control characters inside"
 
 
 class Backend(abc.ABC):
@@ -93,6 +115,9 @@ class Backend(abc.ABC):
     method_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     #: Provider-specific constructor settings, kept as public attributes (default None).
     settings: ClassVar[tuple[str, ...]] = ()
+    #: A ``feste.backend.transports.BaseTransport`` subclass that sends this backend's
+    #: requests instead of the ``transport=`` kinds (a provider with its own protocol).
+    transport_class: ClassVar[Any] = None
 
     def __init__(
         self,
@@ -100,7 +125,7 @@ class Backend(abc.ABC):
         *,
         base_url: str | None = None,
         timeout: float = 60.0,
-        transport: Any = None,
+        transport: str | None = None,
         client: Any = None,
         max_concurrency: int | None = None,
         requests_per_minute: float | None = None,
@@ -113,10 +138,17 @@ class Backend(abc.ABC):
             raise ConfigurationError(
                 f"api_key must be a string, got {type(api_key).__name__}", backend=self.provider
             )
+        if api_key is not None:
+            self._check_key(api_key, f"the api_key given to {type(self).__name__}")
         if client is not None:
             self._check_client(client)
         self._api_key = api_key
         self.base_url = (base_url or self.default_base_url).rstrip("/")
+        if self.base_url and not _URL_SCHEME.match(self.base_url):
+            raise ConfigurationError(
+                f"base_url must start with http:// or https://, got {self.base_url!r}",
+                backend=self.provider,
+            )
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ConfigurationError(
                 f"timeout must be a positive number of seconds, got {timeout!r}",
@@ -125,10 +157,9 @@ class Backend(abc.ABC):
         self.timeout = float(timeout)
         if transport is None:
             transport = "sdk" if client is not None else "http"
-        if transport not in ("http", "sdk") and not callable(transport):
+        if transport not in ("http", "sdk"):
             raise ConfigurationError(
-                f"unknown transport {transport!r}; valid transports: 'http', 'sdk', or a "
-                "BaseTransport subclass (called with the backend)",
+                f"unknown transport {transport!r}; valid transports: 'http', 'sdk'",
                 backend=self.provider,
             )
         if client is not None and transport != "sdk":
@@ -141,7 +172,8 @@ class Backend(abc.ABC):
         self.max_concurrency = self._checked_limit("max_concurrency", max_concurrency)
         self.requests_per_minute = self._checked_limit("requests_per_minute", requests_per_minute)
         self.tokens_per_minute = self._checked_limit("tokens_per_minute", tokens_per_minute)
-        # Live connection pools, one per event loop; never pickled or tokenized.
+        # Live transports (connection pools), one per event loop, filled in by the
+        # sender (feste._calls.transport_for); never pickled or tokenized.
         self._transports: dict[Any, Any] = {}
         # Constructor defaults of call parameters. They are merged into each node's
         # keyword parameters when the node is built, so they are not part of identity().
@@ -231,9 +263,13 @@ class Backend(abc.ABC):
         if isinstance(client_key, str):
             secrets.append(client_key)
         for secret in secrets:
-            # Very short values would mangle ordinary words; real keys are long.
-            if secret and len(secret) >= 8 and secret in text:
-                text = text.replace(secret, "***")
+            if not secret:
+                continue
+            # A key with stray whitespace is quoted by clients without it (or escaped).
+            for form in {secret, secret.strip()}:
+                # Very short values would mangle ordinary words; real keys are long.
+                if len(form) >= 8 and form in text:
+                    text = text.replace(form, "***")
         return text
 
     def api_key(self) -> str:
@@ -247,7 +283,17 @@ class Backend(abc.ABC):
                 f"{self.api_key_env} environment variable where the call runs",
                 backend=self.provider,
             )
+        self._check_key(key, f"the {self.api_key_env} environment variable")
         return key
+
+    def _check_key(self, key: str, where: str) -> None:
+        """Refuse a key that cannot go into a header, without ever quoting it."""
+        problem = _key_problem(key)
+        if problem is not None:
+            raise ConfigurationError(
+                f"the API key in {where} {problem}; fix the key (it is not shown here)",
+                backend=self.provider,
+            )
 
     # -- calls ------------------------------------------------------------------------
 
@@ -304,6 +350,9 @@ class Backend(abc.ABC):
             return  # this backend declares no official client: nothing to check
         module = sys.modules.get(module_name)
         if module is not None and isinstance(client, getattr(module, class_name)):
+            client_key = getattr(client, "api_key", None)
+            if isinstance(client_key, str) and client_key:
+                self._check_key(client_key, f"the client given to {type(self).__name__}")
             return
         hint = ""
         for sync_module_name, sync_class_name in self.sync_clients:
@@ -399,3 +448,40 @@ class Backend(abc.ABC):
             method=request.method,
             model=request.model,
         )
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection pools this backend opened (one per event loop it used).
+
+        The backend stays usable: a later call opens a new pool. Pools are also closed
+        when the backend is garbage-collected and when their event loop shuts down;
+        ``close()`` (or ``with backend:``) releases them at a known moment: it waits for
+        pools on this thread's loop and on loops running in other threads. A pool on a
+        loop that cannot be run from here (the loop running this very code, an idle
+        loop of another thread) is closed when that loop next runs or shuts down; from
+        async code, ``await backend.aclose()`` waits for the running loop's pool.
+        """
+        transports = list(self._transports.items())
+        self._transports.clear()
+        for loop, transport in transports:
+            close_on_loop(loop, transport.aclose)
+
+    async def aclose(self) -> None:
+        """:meth:`close` for async code (``async with backend:``)."""
+        transports = list(self._transports.items())
+        self._transports.clear()
+        for loop, transport in transports:
+            await aclose_on_loop(loop, transport.aclose)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

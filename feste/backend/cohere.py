@@ -14,6 +14,7 @@ scores a list of documents against its query, so the documents are a keyword par
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -281,7 +282,11 @@ def _chat_usage(body: dict[str, Any], model: str | None) -> Usage | None:
         tokens = usage.get("billed_units")
     if not isinstance(tokens, dict):
         return None
-    return Usage(model, int(tokens.get("input_tokens") or 0), int(tokens.get("output_tokens") or 0))
+    input_tokens = _token_count(tokens.get("input_tokens"))
+    output_tokens = _token_count(tokens.get("output_tokens"))
+    if input_tokens is None or output_tokens is None:
+        return None  # unreadable counts: the answer is still good, the usage unknown
+    return Usage(model, input_tokens, output_tokens)
 
 
 def _billed_usage(body: dict[str, Any], model: str | None) -> Usage | None:
@@ -289,4 +294,16 @@ def _billed_usage(body: dict[str, Any], model: str | None) -> Usage | None:
     billed = meta.get("billed_units") if isinstance(meta, dict) else None
     if not isinstance(billed, dict):
         return None
-    return Usage(model, int(billed.get("input_tokens") or 0), 0)
+    input_tokens = _token_count(billed.get("input_tokens"))
+    return None if input_tokens is None else Usage(model, input_tokens, 0)
+
+
+def _token_count(value: Any) -> int | None:
+    """A count of tokens as reported (missing: 0), or None for anything but a number."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return int(value)

@@ -17,6 +17,7 @@ server...) through ``base_url``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -305,14 +306,28 @@ def _messages_tokens(messages: list[Any]) -> int:
 
 
 def _usage(body: dict[str, Any], model: str | None) -> Usage | None:
+    """The reported token counts; None when absent or unreadable (the answer still counts)."""
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt_tokens = usage.get("prompt_tokens") or 0
-    completion_tokens = usage.get("completion_tokens") or 0
+    prompt_tokens = _token_count(usage.get("prompt_tokens"))
+    completion_tokens = _token_count(usage.get("completion_tokens"))
+    if prompt_tokens is None or completion_tokens is None:
+        return None
     reported_model = body.get("model")
     return Usage(
         reported_model if isinstance(reported_model, str) else model,
-        int(prompt_tokens),
-        int(completion_tokens),
+        prompt_tokens,
+        completion_tokens,
     )
+
+
+def _token_count(value: Any) -> int | None:
+    """A count of tokens as reported (missing: 0), or None for anything but a number."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return int(value)

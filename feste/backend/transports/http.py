@@ -1,0 +1,116 @@
+"""The ``http`` transport: lean aiohttp, the default.
+
+Design
+------
+One ``aiohttp.ClientSession`` per backend per loop, opened by :meth:`HTTPTransport.prepare`,
+over an unlimited keep-alive connection pool (the scheduler limits concurrency, not
+the pool). Bodies are encoded and decoded by the stdlib ``json``; the
+``Authorization`` header is built from ``backend.api_key()`` at send time, so a key
+from the environment is read where the call runs. Every failure is mapped at the one
+``except`` in :meth:`HTTPTransport.send` (see :mod:`._errors`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+
+from feste.backend.base import Backend
+from feste.backend.transports._errors import (
+    connection_error,
+    decode_body,
+    invalid_url_error,
+    status_error,
+    unexpected_error,
+)
+from feste.backend.transports.base import BaseTransport
+from feste.backend.types import Request, Response
+from feste.errors import BackendError, BadRequestError
+
+__all__ = ["HTTPTransport"]
+
+# One encoder for every request: json.dumps with options builds a new encoder per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+class HTTPTransport(BaseTransport):
+    """aiohttp: one session per backend per loop, auth added at send time."""
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__(backend)
+        self._base_url = backend.base_url
+        self._connect_timeout = backend.timeout
+        self._static_headers = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            **backend.request_headers(),
+        }
+        self._session: aiohttp.ClientSession | None = None
+        # The headers for the last key seen, rebuilt only when the key changes.
+        self._key_seen: str | None = None
+        self._headers: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<HTTPTransport {self.provider} {self._base_url}>"
+
+    async def prepare(self) -> None:
+        if self._pool is not None:
+            return
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        # The request deadline is applied by feste._calls around send(); aiohttp only
+        # bounds the connect phase, so a dead host fails fast.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
+        session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        self._session = session
+        await self._hold_pool(session.close)
+
+    def _request_headers(self, backend: Backend, request: Request) -> dict[str, str]:
+        key = self._api_key(backend, request)
+        if key != self._key_seen:
+            self._headers = {**self._static_headers, "Authorization": f"Bearer {key}"}
+            self._key_seen = key
+        return self._headers
+
+    async def send(self, request: Request) -> Response:
+        if self._pool is None:
+            await self.prepare()
+        session = self._session
+        assert session is not None
+        backend = self.backend
+        headers = self._request_headers(backend, request)
+        failure: BackendError | None = None
+        try:
+            data = _ENCODER.encode(request.payload).encode()
+        except (TypeError, ValueError) as exc:
+            failure = BadRequestError(
+                f"the request body cannot be encoded as JSON: {backend.scrub(str(exc))}",
+                backend=request.provider,
+                method=request.method,
+                model=request.model,
+            )
+        else:
+            try:
+                async with session.post(
+                    self._base_url + request.path, data=data, headers=headers
+                ) as answer:
+                    content = await answer.read()
+                    status = answer.status
+                    answer_headers = answer.headers
+            except aiohttp.InvalidURL as exc:
+                failure = invalid_url_error(backend, request, exc)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                failure = connection_error(backend, request, exc)
+            except Exception as exc:
+                failure = unexpected_error(backend, request, "aiohttp", exc)
+        if failure is not None:
+            # Raised outside the handler: the client's exception must not ride along as
+            # __context__ (it may hold the request and its Authorization header).
+            raise failure
+        if 200 <= status < 300:
+            return Response(status, decode_body(backend, request, content), answer_headers)
+        raise status_error(backend, request, status, answer_headers, content)
+
+    async def aclose(self) -> None:
+        self._session = None
+        await super().aclose()
