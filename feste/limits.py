@@ -62,6 +62,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
@@ -664,16 +665,18 @@ class RunLimits:
 
     def __init__(self) -> None:
         self.limits = Limits(*(context.get(name) for name in Limits._fields))
-        self._gates: dict[int, tuple[Any, Gates]] = {}
+        # Weak: contexts copied during a run (timers of connection pools) may outlive it,
+        # and must not keep its backends and their pools alive.
+        self._gates: weakref.WeakKeyDictionary[Any, Gates] = weakref.WeakKeyDictionary()
         self._compute_limiters: dict[tuple[Any, ...], Limiter] = {}
         self._tripped: dict[int, BaseException] = {}
         self._lock = threading.Lock()
 
     def gates(self, backend: Any) -> Gates:
         """The limiters ``backend``'s requests pass in this computation."""
-        entry = self._gates.get(id(backend))
-        if entry is not None and entry[0] is backend:
-            return entry[1]
+        gates = self._gates.get(backend)
+        if gates is not None:
+            return gates
         account = account_limiter(backend)
         limiters: list[Limiter] = []
         if not self.limits.unlimited:
@@ -689,8 +692,7 @@ class RunLimits:
             limiters.append(own)
         limiters.append(account)
         gates = Gates(tuple(limiters), account)
-        # Keeps the backend alive with its entry, so an id is never reused meanwhile.
-        self._gates[id(backend)] = (backend, gates)
+        self._gates[backend] = gates
         return gates
 
     def trip(self, account: Limiter, error: BaseException) -> None:
