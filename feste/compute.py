@@ -14,6 +14,9 @@ from feste.errors import SchedulerError
 from feste.graph import FesteGraph, GraphStats
 from feste.optimization import default_optimizer
 from feste.schedulers import get_scheduler
+from feste.schedulers._engine import inline_function, run_graph
+from feste.schedulers._policy import option_keywords
+from feste.schedulers._stream import GraphStream
 
 __all__ = ["as_completed", "compute", "compute_async", "explain", "prepare"]
 
@@ -91,8 +94,6 @@ async def compute_async(
     (``errors="return"``, ``max_concurrency=...``). Another scheduler runs in a worker
     thread, so the loop is never blocked.
     """
-    from feste.schedulers._engine import option_keywords, run_graph
-
     graph, keys, repack, postcomputes = prepare(
         *objs, optimize_graph=optimize_graph, traverse=traverse
     )
@@ -142,7 +143,6 @@ def as_completed(
     from dask.base import is_dask_collection
     from dask.delayed import Delayed
 
-    from feste.schedulers._engine import GraphStream, inline_function, option_keywords
     from feste.task import lazy_call, lazy_values_in
 
     scheduler = options.pop("scheduler", None)
