@@ -341,7 +341,12 @@ def test_a_request_over_task_timeout_is_retried_then_fails(llm_server):
     assert isinstance(result.exception, TransientError)
     assert "no answer within 0.1 s" in str(result.exception)
     assert result.attempts == 2
-    assert llm_server.stats()["faults"]["hang"] == 2
+    # Each attempt was abandoned: the server answered neither. (Under load an attempt
+    # may time out before the server has even read it, so the hangs it counts are at
+    # most the two attempts.)
+    stats = llm_server.stats()
+    assert stats["status_counts"] == {}
+    assert stats["faults"]["hang"] <= stats["requests"] <= 2
 
 
 def test_retry_after_is_honoured(llm_server_factory):
