@@ -37,7 +37,9 @@ from feste.graph import FesteGraph, GraphStats, build_task
 from feste.limits import run_scope
 from feste.optimization import default_optimizer
 from feste.schedulers import get_scheduler
-from feste.schedulers._engine import GraphStream, inline_function, option_keywords, run_graph
+from feste.schedulers._engine import inline_function, run_graph
+from feste.schedulers._policy import option_keywords
+from feste.schedulers._stream import GraphStream
 
 __all__ = [
     "Prepared",

@@ -246,6 +246,53 @@ def test_errors_return_gives_failures_and_cancels_dependents(scheduler):
         assert bad.key in str(out.exception)
 
 
+def test_a_chain_of_cancelled_tasks_names_each_task_and_the_failed_one(scheduler):
+    bad = refuse(1)
+    first = inc(bad)
+    second = mul(first, 2)
+    ((first_out, second_out),) = feste.compute(
+        [first, second], scheduler=scheduler, errors="return"
+    )
+    for out, task in ((first_out, first), (second_out, second)):
+        assert out.cancelled
+        assert out.key == task.key
+        assert out.attempts == 0
+        assert str(out.exception) == (
+            f"task {task.key!r} was not run because task {bad.key!r} failed: "
+            f"ValueError: refused 1 (in feste task {bad.key!r})"
+        )
+
+
+def test_a_call_on_a_failed_input_is_cancelled_and_never_sent(scheduler, llm_server):
+    llm = OpenAI(base_url=llm_server.openai_base_url, api_key="k")
+    bad = refuse(2)
+    vectors = [llm.embed(bad), llm.embed("fine")]
+    # Unoptimized: the optimizer would put both calls in one batch, which the failed
+    # input cancels as a whole.
+    cancelled, fine = feste.compute(
+        *vectors, scheduler=scheduler, errors="return", optimize_graph=False
+    )
+    assert fine == embedding("text-embedding-3-small", "fine")
+    assert cancelled.cancelled
+    assert cancelled.key == vectors[0].key
+    assert str(cancelled.exception).startswith(
+        f"task {vectors[0].key!r} was not run because task {bad.key!r} failed: ValueError"
+    )
+    assert llm_server.stats()["inputs"]["/v1/embeddings"] == [["fine"]]
+
+
+def test_progress_counts_tasks_not_literals(get):
+    progress = []
+    graph = {
+        "x": DataNode("x", 1),
+        "y": Task("y", add, TaskRef("x"), 1),
+        "z": Task("z", add, TaskRef("y"), TaskRef("x")),
+    }
+    result = get(graph, "z", on_progress=lambda finished, total: progress.append((finished, total)))
+    assert result == 3
+    assert progress == [(1, 2), (2, 2)]
+
+
 def test_callbacks_see_every_task(scheduler):
     done, failed, progress = [], [], []
     values = [inc(i) for i in range(3)]

@@ -4,24 +4,33 @@
 ``feste.compute``) and the keys to return, possibly nested lists of keys, and returns
 the values in the same nesting. :data:`SCHEDULERS` maps names to those modules; a
 distributed ``Client`` or any ``get`` function is accepted as well.
+
+Layers, each importing only the ones below it: the scheduler modules (``asyncio``,
+``sync``, ``threads``, ``processes``) adapt the protocol; ``_engine`` (the async
+engine's scheduling loop, with ``_pools`` for its worker pools and ``_stream`` for
+streaming on top of it) and ``_local`` (dask's local schedulers) run graphs; ``_policy``
+is what every scheduler promises about keywords, failures and callbacks. Below them
+are the sender (``feste._calls``) and the graph nodes; ``feste.compute`` sits above.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
+from feste import context
 from feste.errors import SchedulerError
+from feste.schedulers import asyncio, processes, sync, threads
 
 __all__ = ["DEFAULT_SCHEDULER", "SCHEDULERS", "get_scheduler"]
 
 #: name -> module that defines ``get``
-SCHEDULERS: dict[str, str] = {
-    "async": "feste.schedulers.asyncio",
-    "processes": "feste.schedulers.processes",
-    "sync": "feste.schedulers.sync",
-    "threads": "feste.schedulers.threads",
+SCHEDULERS: dict[str, ModuleType] = {
+    "async": asyncio,
+    "processes": processes,
+    "sync": sync,
+    "threads": threads,
 }
 
 DEFAULT_SCHEDULER = "async"
@@ -38,19 +47,18 @@ _ALIASES = {
 def get_scheduler(scheduler: Any = None) -> Callable[..., Any]:
     """The ``get`` function for a scheduler name, a ``get`` function or a Client."""
     if scheduler is None:
-        from feste import context
-
         scheduler = context.get("scheduler") or DEFAULT_SCHEDULER
     if isinstance(scheduler, str):
         name = _ALIASES.get(scheduler, scheduler)
-        module_name = SCHEDULERS.get(name)
-        if module_name is None:
+        module = SCHEDULERS.get(name)
+        if module is None:
             valid = ", ".join(repr(n) for n in sorted(SCHEDULERS))
             raise SchedulerError(
                 f"unknown scheduler {scheduler!r}; valid schedulers: {valid}, "
                 "or a distributed.Client"
             )
-        return importlib.import_module(module_name).get
+        get: Callable[..., Any] = module.get
+        return get
     client_get = getattr(scheduler, "get", None)
     if type(scheduler).__name__ == "Client" and callable(client_get):
         return client_get

@@ -20,12 +20,13 @@ Where each node runs
 * **Cheap internal nodes** (``DataNode``, ``Alias``, item picks such as ``take_item``
   and ``operator.getitem``, dask's ``List``/``Tuple``/``Set``/``Dict`` containers) run
   inline on the loop, without an asyncio task.
-* **Plain Python tasks** run in a pool of worker threads (``num_workers``, default
-  ``max(4, cores)``), or of processes when the ``python_executor`` option says
-  ``"processes"``. Ready tasks are sent in chunks sized from their measured run time
-  (about 2 ms of work per chunk for threads, 50 ms for processes), so that thousands of
-  trivial tasks cost a few hand-offs, and long tasks still spread over all workers.
-  Workers hand results back in bulk with one loop wake-up.
+* **Plain Python tasks** run in worker threads (``num_workers``, default
+  ``max(4, cores)``), or in processes when the ``python_executor`` option says
+  ``"processes"`` (the pools are :mod:`feste.schedulers._pools`). Ready tasks are sent
+  in chunks sized from their measured run time (about 2 ms of work per chunk for
+  threads, 50 ms for processes), so that thousands of trivial tasks cost a few
+  hand-offs, and long tasks still spread over all workers. Workers hand results back in
+  bulk with one loop wake-up.
 
 Every node runs inside the ``contextvars`` context captured where the computation
 started, so options and callbacks set with ``feste.context.set`` apply in worker
@@ -52,20 +53,18 @@ flight) and counters (``remaining``, ``done``, ``failed``, ``running``).
 
 Failure
 -------
-With ``errors="raise"`` the first failure, annotated with its task key, stops the run:
+The policy is the one every scheduler shares (:mod:`feste.schedulers._policy`). With
+``errors="raise"`` the first failure, annotated with its task key, stops the run:
 in-flight requests are cancelled and awaited (no orphan request keeps running) and the
 error is raised. With ``errors="return"`` the failed key settles to a
-:class:`~feste.errors.Failure`, its dependents to cancelled failures (an item pick of a
-failed batch, or an alias of a failed key, fails with the same error instead), and
-everything independent finishes. Every result lands in :meth:`Engine._finish` and
-every failure in :meth:`Engine._fail`: caches and traces hook in there.
+:class:`~feste.errors.Failure`, its dependents to what
+:func:`~feste.schedulers._policy.dependent_failure` says (cancelled, or the same error
+for an item pick or an alias), and everything independent finishes. Every result
+lands in :meth:`Engine._finish` and every failure in :meth:`Engine._fail`: callbacks,
+caches and traces hook in there.
 
-Streaming
----------
-:class:`GraphStream` (behind ``feste.as_completed``) runs an engine with an
-``on_output`` hook and hands each output over as it settles, to a ``for`` loop (the
-engine then runs on feste's helper loop thread) or an ``async for`` loop (on the
-caller's loop); leaving the loop early cancels the run.
+An ``on_output`` hook sees each output as it settles: streaming
+(:mod:`feste.schedulers._stream`) is built on it.
 """
 
 from __future__ import annotations
@@ -77,13 +76,8 @@ import heapq
 import math
 import operator
 import os
-import queue
-import threading
 import time
-import weakref
 from collections.abc import Callable, Hashable, Mapping
-from concurrent.futures import Future as ConcurrentFuture
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from dask._task_spec import (
@@ -96,15 +90,32 @@ from dask._task_spec import (
     convert_legacy_graph,
 )
 from dask._task_spec import identity as _dask_identity
+from dask.order import order as dask_order
 
 from feste import context
 from feste._calls import run_batch, run_call
 from feste._nodes import BackendCall, BatchCall, take_item
+from feste._progress import RunProgress
 from feste.backend.types import ItemFailure
-from feste.errors import CancelledError, Failure, GraphError, SchedulerError, annotate_task_error
+from feste.errors import Failure, GraphError, annotate_task_error
 from feste.limits import resolve_limits
+from feste.schedulers._policy import (
+    TaskEvents,
+    dependent_failure,
+    passes_failure_on,
+    returns_failures,
+    task_failure,
+)
+from feste.schedulers._pools import (
+    Chunk,
+    ChunkResults,
+    ThreadWorkers,
+    run_chunk,
+    submit_to_processes,
+    thread_pool,
+)
 
-__all__ = ["Engine", "option_keywords", "run_graph"]
+__all__ = ["CANCEL_GRACE", "Engine", "inline_function", "run_graph"]
 
 # How a node runs.
 _DATA = 0  # a literal value
@@ -119,7 +130,7 @@ _INLINE_FUNCTIONS: set[Any] = {take_item, operator.getitem, _dask_identity}
 
 _CHUNK_SECONDS = {"threads": 0.002, "processes": 0.05}
 _MAX_CHUNK = 256
-_CANCEL_GRACE = 5.0  # seconds to wait for cancelled work to wind down
+CANCEL_GRACE = 5.0  # seconds to wait for cancelled work to wind down
 _NO_LANE_CAP = 1024
 
 
@@ -127,18 +138,6 @@ def inline_function(func: Callable[..., Any]) -> Callable[..., Any]:
     """Mark ``func`` as cheap: nodes calling it run on the engine's loop."""
     _INLINE_FUNCTIONS.add(func)
     return func
-
-
-def option_keywords(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The scheduler keywords that are feste options; anything else is refused."""
-    unknown = sorted(name for name in kwargs if name not in context.OPTIONS)
-    if unknown:
-        raise SchedulerError(
-            f"unknown keyword{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(map(repr, unknown))} for the 'async' scheduler; it accepts feste "
-            f"options: {', '.join(sorted(context.OPTIONS))}"
-        )
-    return dict(kwargs)
 
 
 def _classify_function(func: Any) -> int:
@@ -201,109 +200,6 @@ def _flat_keys(keys: Any, into: list[Hashable]) -> list[Hashable]:
     else:
         into.append(keys)
     return into
-
-
-# -- worker pools ---------------------------------------------------------------------
-
-
-class _ThreadWorkers:
-    """A minimal thread pool: chunks of work from one queue, no futures."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"feste-worker-{i}", daemon=True)
-            for i in range(size)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, function: Callable[..., None], *args: Any) -> None:
-        self._queue.put((function, args))
-
-    def shutdown(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            function, args = job
-            try:
-                function(*args)
-            except BaseException:  # the function reports its own errors; keep the worker
-                pass
-
-
-_pools_lock = threading.Lock()
-_thread_pools: dict[tuple[int, int], tuple[threading.Thread, _ThreadWorkers]] = {}
-_process_pools: dict[int, ProcessPoolExecutor] = {}
-
-
-def _thread_pool(size: int) -> _ThreadWorkers:
-    # One pool per calling thread: a task that itself calls feste.compute from a worker
-    # must not wait for chunks queued behind it in the same pool.
-    caller = threading.current_thread()
-    with _pools_lock:
-        entry = _thread_pools.get((caller.ident or 0, size))
-        if entry is not None and entry[0] is caller:
-            return entry[1]
-        for key, (owner, pool) in list(_thread_pools.items()):
-            if not owner.is_alive():
-                pool.shutdown()
-                del _thread_pools[key]
-        pool = _ThreadWorkers(size)
-        _thread_pools[(caller.ident or 0, size)] = (caller, pool)
-        return pool
-
-
-def _process_pool(size: int) -> ProcessPoolExecutor:
-    import multiprocessing
-
-    with _pools_lock:
-        pool = _process_pools.get(size)
-        if pool is None:
-            # spawn: forking a process that runs threads and event loops is unsafe.
-            pool = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"))
-            _process_pools[size] = pool
-        return pool
-
-
-def _run_chunk_in_process(payload: bytes) -> list[tuple[Hashable, bool, Any]]:
-    """Worker-process side: run a pickled chunk under the caller's options."""
-    import pickle
-
-    import cloudpickle
-
-    chunk, options = cloudpickle.loads(payload)
-    results: list[tuple[Hashable, bool, Any]] = []
-    with context.set(**options):
-        for key, node, data in chunk:
-            try:
-                value = node(data)
-            except BaseException as exc:
-                results.append((key, False, exc))
-                continue
-            results.append((key, True, value))
-    try:
-        pickle.dumps(results)
-    except Exception:
-        # Something does not pickle: send it back as a clear error, per task.
-        checked: list[tuple[Hashable, bool, Any]] = []
-        for key, ok, value in results:
-            try:
-                pickle.dumps(value)
-                checked.append((key, ok, value))
-            except Exception as exc:
-                kind = "result" if ok else "exception"
-                checked.append(
-                    (key, False, TypeError(f"the {kind} of task {key!r} cannot be pickled: {exc}"))
-                )
-        results = checked
-    return results
 
 
 # -- the engine -----------------------------------------------------------------------
@@ -400,10 +296,8 @@ class Engine:
         self.outputs = set(self.output_list)
         self.on_output = on_output
 
-        self.errors = context.get("errors")
-        self.on_task_done = context.get("on_task_done")
-        self.on_task_failed = context.get("on_task_failed")
-        self.on_progress = context.get("on_progress")
+        self.return_failures = returns_failures()
+        self.events = TaskEvents()
         self.batch_window = context.get("batch_window")
         self.executor_kind = context.get("python_executor")
         workers = context.get("num_workers")
@@ -437,7 +331,7 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sequence = 0
 
-        self._pool: _ThreadWorkers | None = None
+        self._pool: ThreadWorkers | None = None
         self._chunks_in_flight = 0
         self._task_seconds: float | None = None
         self._completed: collections.deque[Any] = collections.deque()
@@ -486,6 +380,7 @@ class Engine:
             self.refs[key] = len(users)
         self.remaining = len(nodes)
         self.total = sum(1 for k in kind.values() if k != _DATA)
+        self.events.total = self.total
         self._order()
 
     def _order(self) -> None:
@@ -503,10 +398,8 @@ class Engine:
             sources = [key for key, node in nodes.items() if not node.dependencies]
             self.priority = {key: index for index, key in enumerate(sources + users)}
             return
-        from dask.order import order
-
         try:
-            self.priority = dict(order(nodes))  # type: ignore[arg-type]
+            self.priority = dict(dask_order(nodes))  # type: ignore[arg-type]
         except RuntimeError as exc:
             if "Cycle" in str(exc):
                 raise GraphError(f"the graph has a cycle: {exc}") from None
@@ -516,8 +409,6 @@ class Engine:
 
     async def run(self) -> Any:
         """Run the graph on the current loop; return the results shaped like ``keys``."""
-        from feste._progress import RunProgress
-
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._finished = loop.create_future()
@@ -654,47 +545,29 @@ class Engine:
                 self._ready(user)
         if self.kind[key] != _DATA:
             self.done += 1
-            if self.on_task_done is not None:
-                self.on_task_done(key, value)
-            if self.on_progress is not None:
-                self.on_progress(self.done + self.failed, self.total)
+            self.events.done(key, value)
         if self.on_output is not None and key in self.outputs:
             self.on_output(key, value)
 
     def _fail(self, key: Hashable, exc: BaseException) -> None:
-        """``key`` failed: raise mode stops the run; return mode settles it and cancels
-        its dependents."""
-        exc = annotate_task_error(exc, key)
-        if self.on_task_failed is not None:
-            self.on_task_failed(key, exc)
-        if self.errors == "raise":
+        """``key`` failed: raise mode stops the run; return mode settles it and its
+        dependents (see :mod:`feste.schedulers._policy`)."""
+        if not self.return_failures:
+            exc = annotate_task_error(exc, key)
+            self.events.failed(key, exc)
             self._abort(exc)
             return
-        attempts = getattr(exc, "attempts", None) or 1
-        self._settle_failed(key, Failure(exc, key, attempts))
-        cause = exc
-        stack = list(self.dependents[key])
+        failure = task_failure(key, exc)
+        self._settle_failed(key, failure)
+        stack = [(user, failure) for user in self.dependents[key]]
         while stack:
-            user = stack.pop()
+            user, upstream = stack.pop()
             if user in self.settled:
                 continue
-            node = self.nodes[user]
-            if type(node) is Alias or (type(node) is Task and node.func is take_item):
-                # Another name for the failed value, or an item of a failed batch: it
-                # fails with the same error rather than as "cancelled".
-                failure = Failure(cause, user, attempts)
-                if self.on_task_failed is not None:
-                    self.on_task_failed(user, cause)
-            else:
-                error = CancelledError(
-                    f"task {user!r} was not run because task {key!r} failed: "
-                    f"{type(cause).__name__}: {cause}"
-                )
-                failure = Failure(error, user, 0, cancelled=True)
-                if self.on_task_failed is not None:
-                    self.on_task_failed(user, error)
+            same_error = passes_failure_on(self.nodes[user])
+            failure = dependent_failure(user, upstream, same_error=same_error)
             self._settle_failed(user, failure)
-            stack.extend(self.dependents[user])
+            stack.extend((dependent, failure) for dependent in self.dependents[user])
 
     def _settle_failed(self, key: Hashable, failure: Failure) -> None:
         self.settled.add(key)
@@ -703,8 +576,7 @@ class Engine:
         if self.refs[key] or key in self.outputs:
             self.failures[key] = failure
         self._release_inputs(key)
-        if self.on_progress is not None:
-            self.on_progress(self.done + self.failed, self.total)
+        self.events.failed(key, failure.exception)
         if self.on_output is not None and key in self.outputs:
             self.on_output(key, failure)
 
@@ -740,7 +612,7 @@ class Engine:
         current = asyncio.current_task()
         tasks = [task for task in self._tasks if task is not current and not task.done()]
         if tasks:
-            await asyncio.wait(tasks, timeout=_CANCEL_GRACE)
+            await asyncio.wait(tasks, timeout=CANCEL_GRACE)
 
     # -- coroutines on the loop -------------------------------------------------------
 
@@ -934,65 +806,30 @@ class Engine:
         nodes = self.nodes
         while heap and self._chunks_in_flight < max_chunks:
             size = self._chunk_size(len(heap))
-            chunk = []
+            chunk: Chunk = []
             for _ in range(min(size, len(heap))):
                 _, key = heapq.heappop(heap)
                 chunk.append((key, nodes[key], self._inputs(key)))
             self._chunks_in_flight += 1
             self.running += len(chunk)
             if self.executor_kind == "processes":
-                self._submit_to_processes(chunk)
+                submit_to_processes(self.workers, chunk, self._hand_back)
             else:
                 assert self._context is not None
                 if self._pool is None:
-                    self._pool = _thread_pool(self.workers)
+                    self._pool = thread_pool(self.workers)
                 self._pool.submit(self._run_chunk, self._context.copy(), chunk)
 
-    def _run_chunk(self, ctx: contextvars.Context, chunk: list[tuple[Hashable, Any, Any]]) -> None:
+    def _run_chunk(self, ctx: contextvars.Context, chunk: Chunk) -> None:
         """Worker thread: run a chunk in the caller's context, hand the results back."""
-        ctx.run(self._run_chunk_here, chunk)
-
-    def _run_chunk_here(self, chunk: list[tuple[Hashable, Any, Any]]) -> None:
-        results: list[tuple[Hashable, bool, Any]] = []
-        clock = time.perf_counter
-        started = clock()
-        for key, node, data in chunk:
-            if self._closed:
-                break
-            try:
-                value = node(data)
-            except BaseException as exc:
-                results.append((key, False, exc))
-                continue
-            results.append((key, True, value))
-        self._hand_back(results, clock() - started, len(chunk))
-
-    def _submit_to_processes(self, chunk: list[tuple[Hashable, Any, Any]]) -> None:
-        import cloudpickle
-
-        from feste.schedulers._local import portable_options
-
-        keys = [key for key, _, _ in chunk]
-        try:
-            payload = cloudpickle.dumps((chunk, portable_options()))
-        except Exception as exc:
-            error = TypeError(f"cannot send tasks to a worker process: {exc}")
-            self._hand_back([(key, False, error) for key in keys], 0.0, len(chunk))
-            return
         started = time.perf_counter()
-        future = _process_pool(self.workers).submit(_run_chunk_in_process, payload)
+        results = ctx.run(run_chunk, chunk, self._is_closed)
+        self._hand_back(results, time.perf_counter() - started, len(chunk))
 
-        def returned(future: ConcurrentFuture[Any]) -> None:
-            elapsed = time.perf_counter() - started
-            try:
-                results = future.result()
-            except BaseException as exc:
-                results = [(key, False, exc) for key in keys]
-            self._hand_back(results, elapsed, len(chunk))
+    def _is_closed(self) -> bool:
+        return self._closed
 
-        future.add_done_callback(returned)
-
-    def _hand_back(self, results: list[Any], seconds: float, count: int) -> None:
+    def _hand_back(self, results: ChunkResults, seconds: float, count: int) -> None:
         """Any thread: queue finished results; wake the loop once for many of them."""
         self._completed.append((results, seconds, count))
         if not self._wake_pending:
@@ -1041,189 +878,3 @@ async def run_graph(
 ) -> Any:
     """Run ``graph`` on the current event loop and return the values of ``keys``."""
     return await Engine(graph, keys, on_output=on_output).run()
-
-
-# -- streaming results ----------------------------------------------------------------
-
-
-class _Release:
-    """Lets ``(index, value)`` pairs out at once, or in index order when ``in_order``."""
-
-    def __init__(self, in_order: bool) -> None:
-        self.in_order = in_order
-        self.pending: dict[int, Any] = {}
-        self.next_index = 0
-
-    def add(self, index: int, value: Any) -> list[tuple[int, Any]]:
-        if not self.in_order:
-            return [(index, value)]
-        self.pending[index] = value
-        released = []
-        while self.next_index in self.pending:
-            released.append((self.next_index, self.pending.pop(self.next_index)))
-            self.next_index += 1
-        return released
-
-
-class GraphStream:
-    """Runs a graph and yields ``(index, value)`` as each output settles.
-
-    ``outputs`` maps each output key to the indexes it answers (one key may answer
-    several indexes); ``ready`` holds indexes whose values are known before running.
-    Iterating with ``for`` runs the engine on feste's helper loop thread and hands
-    results over through a thread-safe queue; ``async for`` runs it on the caller's
-    loop. Either way, leaving the loop early (``break``, an exception, ``close()``)
-    cancels the run and waits for its in-flight requests to end. With
-    ``preserve_order`` results come in index order, each as soon as it and all the
-    earlier ones are known.
-    """
-
-    def __init__(
-        self,
-        graph: Mapping[Hashable, Any],
-        outputs: Mapping[Hashable, list[int]],
-        ready: Mapping[int, Any],
-        *,
-        options: Mapping[str, Any],
-        preserve_order: bool = False,
-    ) -> None:
-        self.graph = graph
-        self.outputs = dict(outputs)
-        self.ready = dict(ready)
-        self.options = dict(options)
-        self.preserve_order = preserve_order
-        self.count = len(self.ready) + sum(len(indexes) for indexes in self.outputs.values())
-        self._started = False
-        self._generator: Any = None
-
-    async def _run(self, on_output: Callable[[Hashable, Any], None]) -> None:
-        if not self.outputs:
-            return
-        with context.set(**self.options):
-            await run_graph(self.graph, list(self.outputs), on_output=on_output)
-
-    def _claim(self) -> None:
-        if self._started:
-            raise RuntimeError("as_completed results can be iterated only once")
-        self._started = True
-
-    def __len__(self) -> int:
-        return self.count
-
-    # -- synchronous iteration ----------------------------------------------------------
-
-    def __iter__(self) -> Any:
-        self._claim()
-        generator = self._iterate()
-        # A weak reference: the generator refers to self, and breaking out of a ``for``
-        # loop must leave it unreferenced so that it is closed (and the run cancelled)
-        # at once.
-        self._generator = weakref.ref(generator)
-        return generator
-
-    def close(self) -> None:
-        """Stop the run (if iteration began and has not finished)."""
-        generator = self._generator() if self._generator is not None else None
-        if generator is not None:
-            generator.close()
-
-    def __enter__(self) -> GraphStream:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _iterate(self) -> Any:
-        from feste._loop import _start_helper
-
-        results: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
-        loop = _start_helper()
-        ctx = contextvars.copy_context()
-        started: list[asyncio.Task[None]] = []
-
-        def start() -> None:
-            task = ctx.run(
-                loop.create_task, self._run(lambda key, value: results.put(("item", key, value)))
-            )
-            started.append(task)
-            task.add_done_callback(lambda task: results.put(("end", task, None)))
-
-        loop.call_soon_threadsafe(start)
-        ended = False
-        release = _Release(self.preserve_order)
-        try:
-            for index in sorted(self.ready):
-                yield from release.add(index, self.ready[index])
-            while True:
-                kind, key, value = results.get()
-                if kind == "end":
-                    ended = True
-                    task = key
-                    if not task.cancelled() and task.exception() is not None:
-                        raise task.exception()
-                    return
-                for index in self.outputs[key]:
-                    yield from release.add(index, value)
-        finally:
-            if not ended:
-
-                def cancel() -> None:
-                    for task in started:
-                        task.cancel()
-
-                loop.call_soon_threadsafe(cancel)
-                deadline = time.monotonic() + _CANCEL_GRACE * 2
-                while time.monotonic() < deadline:
-                    try:
-                        kind, _, _ = results.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
-                    if kind == "end":
-                        break
-
-    # -- asynchronous iteration ---------------------------------------------------------
-
-    def __aiter__(self) -> Any:
-        self._claim()
-        generator = self._aiterate()
-        self._generator = weakref.ref(generator)
-        return generator
-
-    async def aclose(self) -> None:
-        """Stop the run (if ``async for`` began and has not finished)."""
-        generator = self._generator() if self._generator is not None else None
-        if generator is not None:
-            await generator.aclose()
-
-    async def __aenter__(self) -> GraphStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def _aiterate(self) -> Any:
-        results: asyncio.Queue[tuple[Hashable, Any] | None] = asyncio.Queue()
-        task = asyncio.get_running_loop().create_task(
-            self._run(lambda key, value: results.put_nowait((key, value)))
-        )
-        task.add_done_callback(lambda _: results.put_nowait(None))
-        release = _Release(self.preserve_order)
-        try:
-            for index in sorted(self.ready):
-                for pair in release.add(index, self.ready[index]):
-                    yield pair
-            while True:
-                item = await results.get()
-                if item is None:
-                    if not task.cancelled() and task.exception() is not None:
-                        raise task.exception()  # type: ignore[misc]
-                    return
-                key, value = item
-                for index in self.outputs[key]:
-                    for pair in release.add(index, value):
-                        yield pair
-        finally:
-            if not task.done():
-                task.cancel()
-                # Wait for the run to wind down without raising its CancelledError here.
-                await asyncio.wait({task})

@@ -14,7 +14,8 @@ from typing import Any
 
 from feste import context
 from feste._loop import run_sync
-from feste.schedulers._engine import option_keywords, run_graph
+from feste.schedulers._engine import run_graph
+from feste.schedulers._policy import option_keywords
 
 __all__ = ["get"]
 
