@@ -34,7 +34,6 @@ from dask.utils import ensure_dict
 from feste import context
 from feste.errors import SchedulerError
 from feste.graph import FesteGraph, GraphStats, build_task
-from feste.limits import run_scope
 from feste.optimization import default_optimizer
 from feste.schedulers import get_scheduler
 from feste.schedulers._engine import inline_function, run_graph
@@ -92,15 +91,10 @@ def run_graph_dict(
 ) -> Any:
     """Step 3: run an optimized graph dict on a scheduler and return the key values.
 
-    Keywords that are feste options apply to this computation (set in the context
-    around the run, which also starts the computation's limits scope); any other
-    keyword goes to the scheduler, which refuses what it does not know.
+    Keywords go to the scheduler: feste's own take feste options (``errors=``,
+    ``max_concurrency=``...) for this computation and refuse anything else.
     """
-    options = {name: value for name, value in kwargs.items() if name in context.OPTIONS}
-    others = {name: value for name, value in kwargs.items() if name not in context.OPTIONS}
-    get = get_scheduler(scheduler)
-    with context.set(**options), run_scope():
-        return get(graph, keys, **others)
+    return get_scheduler(scheduler)(graph, keys, **kwargs)
 
 
 def run_dask_graph(dsk: Any, keys: Any, **kwargs: Any) -> Any:
@@ -175,7 +169,7 @@ async def compute_async(
     if not prepared.keys:
         return objs
     if _runs_on_engine(scheduler):
-        with context.set(**option_keywords(kwargs)), run_scope():
+        with context.set(**option_keywords(kwargs)):
             results = await run_graph(prepared.graph, prepared.keys)
     else:
         results = await asyncio.to_thread(

@@ -98,7 +98,7 @@ from feste._nodes import BackendCall, BatchCall, take_item
 from feste._progress import RunProgress
 from feste.backend.types import ItemFailure
 from feste.errors import Failure, GraphError, annotate_task_error
-from feste.limits import resolve_limits
+from feste.limits import resolve_limits, run_scope
 from feste.schedulers._policy import (
     TaskEvents,
     dependent_failure,
@@ -876,5 +876,10 @@ async def run_graph(
     *,
     on_output: Callable[[Hashable, Any], None] | None = None,
 ) -> Any:
-    """Run ``graph`` on the current event loop and return the values of ``keys``."""
-    return await Engine(graph, keys, on_output=on_output).run()
+    """Run ``graph`` on the current event loop and return the values of ``keys``.
+
+    The run is one computation for the limits: its context limits apply to its own
+    calls only (:func:`feste.limits.run_scope`).
+    """
+    with run_scope():
+        return await Engine(graph, keys, on_output=on_output).run()

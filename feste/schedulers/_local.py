@@ -27,6 +27,7 @@ from dask.task_spec import Task
 from feste import context
 from feste._loop import run_sync
 from feste.errors import Failure, annotate_task_error
+from feste.limits import run_scope
 from feste.schedulers._policy import (
     TaskEvents,
     dependent_failure,
@@ -153,7 +154,7 @@ def run_on_dask(
     processes (threads share the caller's context already).
     """
     options, passed_on = split_keywords(kwargs, scheduler=scheduler, accepted=accepted)
-    with context.set(**options):
+    with context.set(**options), run_scope():
         shipped = portable_options() if ship_options else None
         wrapped = keyed_graph(graph, shipped, returns_failures())
         task_keys = {key for key, node in wrapped.items() if type(node) is Task}
