@@ -23,7 +23,7 @@ made with different keys are never one node either.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dask.base import tokenize
@@ -35,7 +35,13 @@ from feste.backend.spec import MethodSpec
 from feste.backend.types import ItemFailure
 from feste.errors import BackendError, describe_call
 
-__all__ = ["BackendCall", "BatchCall", "call_now", "take_item"]
+__all__ = [
+    "BackendCall",
+    "BatchCall",
+    "call_now",
+    "describe_item_failures",
+    "take_item",
+]
 
 
 def call_now(backend: Backend, method: str, item: Any, params: Mapping[str, Any]) -> Any:
@@ -106,22 +112,31 @@ class BatchCall:
     rejected that item alone (the batch is split to find it).
     """
 
-    __slots__ = ("backend", "distinct", "method")
+    __slots__ = ("backend", "call_sites", "distinct", "method")
 
-    def __init__(self, backend: Backend, method: str, distinct: bool = False) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        method: str,
+        distinct: bool = False,
+        call_sites: tuple[str | None, ...] = (),
+    ) -> None:
         self.backend = backend
         self.method = method
         # True when some items come from pure=False calls: identical items are then
         # all sent, each asking for its own answer.
         self.distinct = distinct
+        # Where the user made each item's call, in item order, for error messages.
+        self.call_sites = call_sites
 
     @property
     def __name__(self) -> str:
         return f"{self.backend.provider}-{self.method}-batch"
 
     def __call__(self, items: list[Any], **params: Any) -> list[Any]:
-        batch = run_batch(self.backend, self.method, list(items), params, dedupe=not self.distinct)
-        return run_sync(batch)
+        items = list(items)
+        batch = run_batch(self.backend, self.method, items, params, dedupe=not self.distinct)
+        return describe_item_failures(run_sync(batch), items, self.call_sites)
 
     def __dask_tokenize__(self) -> Any:
         return (
@@ -135,7 +150,18 @@ class BatchCall:
         return f"<{self.backend.provider}.{self.method} batch>"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (BatchCall, (self.backend, self.method, self.distinct))
+        return (BatchCall, (self.backend, self.method, self.distinct, self.call_sites))
+
+
+def describe_item_failures(
+    results: list[Any], items: list[Any], call_sites: Sequence[str | None]
+) -> list[Any]:
+    """Tell each failed item of a batch its input and where its call was made."""
+    for index, value in enumerate(results):
+        if isinstance(value, ItemFailure):
+            site = call_sites[index] if index < len(call_sites) else None
+            describe_call(value.error, items[index], site)
+    return results
 
 
 def take_item(batch_result: list[Any], index: int) -> Any:

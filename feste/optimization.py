@@ -281,11 +281,18 @@ class BatchOptimization(Optimization):
             served[chunk_number].append((key, offset))
 
         distinct = not all(graph[key].func.pure for key in members)
-        batch_call = BatchCall(call.backend, call.method, distinct=distinct)
+        # The call site of each unique item: that of the first member asking for it.
+        site_of_item: list[str | None] = [None] * len(unique_items)
+        for key, index in reversed(list(zip(members, item_index_of_member))):
+            site_of_item[index] = graph[key].func.call_site
         prefix = f"{call.backend.provider}-{call.method}-batch-"
+        first_item = 0
         for chunk, keys_and_offsets in zip(chunks, served):
+            chunk_sites = tuple(site_of_item[first_item : first_item + len(chunk)])
+            first_item += len(chunk)
             if len(keys_and_offsets) < 2:
                 continue  # one key: its original node is already one request
+            batch_call = BatchCall(call.backend, call.method, distinct, chunk_sites)
             batch_key = prefix + tokenize(sorted(str(key) for key, _ in keys_and_offsets))
             graph[batch_key] = Task(batch_key, batch_call, List(chunk), **params)
             for key, offset in keys_and_offsets:

@@ -312,9 +312,13 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _user_call_site() -> str | None:
-    """``"file.py:12 in func"`` of the innermost frame outside feste, for error messages."""
+    """``"file.py:12 in func"`` of the innermost frame outside feste and outside a
+    backend's own methods (a user-defined backend's ``embed``), for error messages."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+        or isinstance(frame.f_locals.get("self"), Backend)
+    ):
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -435,10 +436,17 @@ def run_batch_graph(
     backend: FakeBackend, items: list[str], **params: Any
 ) -> tuple[list[Any], list[Any]]:
     """Values of one batch node of ``items``, and the lazy calls."""
-    values = [backend.embed(item, **params) for item in items]
+    values = [backend.embed(item, **params) for item in items]  # CALL_LINE
     graph = optimized(values)
     (batch,) = batch_nodes(graph)
     return batch.func(batch_items(batch), **batch.kwargs), values
+
+
+CALL_LINE = next(
+    number
+    for number, line in enumerate(Path(__file__).read_text().splitlines(), 1)
+    if line.endswith("# CALL_LINE")
+)
 
 
 def test_bad_item_is_isolated_by_bisection() -> None:
@@ -447,7 +455,11 @@ def test_bad_item_is_isolated_by_bisection() -> None:
     assert results[:2] == ["embed(None):a", "embed(None):b"]
     assert results[3] == "embed(None):d"
     assert isinstance(results[2], ItemFailure)
-    assert str(results[2].error).endswith("input[0] is not acceptable")
+    # The error names the item and the line of this file that made its call.
+    assert str(results[2].error).endswith(
+        "input[0] is not acceptable (input 'BAD', called at test_optimization.py:"
+        f"{CALL_LINE} in <listcomp>)"
+    )
     # the whole, two halves, then each of the bad half's items
     assert backend._requests == [["a", "b", "BAD", "d"], ["a", "b"], ["BAD", "d"], ["BAD"], ["d"]]
 

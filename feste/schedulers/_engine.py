@@ -72,6 +72,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import copy
 import heapq
 import math
 import operator
@@ -84,6 +85,7 @@ from dask._task_spec import (
     Alias,
     DataNode,
     GraphNode,
+    List,
     NestedContainer,
     Task,
     TaskRef,
@@ -93,14 +95,15 @@ from dask._task_spec import identity as _dask_identity
 from dask.order import order as dask_order
 
 from feste import context
-from feste._calls import run_batch, run_call
-from feste._nodes import BackendCall, BatchCall, take_item
+from feste._calls import call_priority, run_batch, run_call
+from feste._nodes import BackendCall, BatchCall, describe_item_failures, take_item
 from feste._progress import RunProgress
 from feste.backend.types import ItemFailure
-from feste.errors import Failure, GraphError, annotate_task_error
+from feste.errors import Failure, GraphError, annotate_task_error, describe_call
 from feste.limits import resolve_limits, run_scope
 from feste.schedulers._policy import (
     TaskEvents,
+    batch_without_failed_inputs,
     dependent_failure,
     passes_failure_on,
     returns_failures,
@@ -186,6 +189,14 @@ def _argument(arg: Any, values: Mapping[Hashable, Any]) -> Any:
     return arg
 
 
+def _copied(error: BaseException) -> BaseException:
+    """A separate error object, so each key's failure is labelled on its own."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error
+
+
 def _nest(keys: Any, lookup: Callable[[Hashable], Any]) -> Any:
     """Results in the shape of ``keys`` (lists become tuples, as in dask's schedulers)."""
     if isinstance(keys, list):
@@ -212,14 +223,25 @@ class _Lane:
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.heap: list[tuple[int, int, _Job]] = []
+        self.heap: list[tuple[int, int, int, _Job]] = []
         self.outstanding = 0
 
 
 class _Job:
     """One request to start: a single call, a coalesced batch, or an optimizer batch."""
 
-    __slots__ = ("backend", "dedupe", "items", "keys", "method", "params", "whole")
+    __slots__ = (
+        "backend",
+        "call_sites",
+        "calls_below",
+        "dedupe",
+        "items",
+        "keys",
+        "merge",
+        "method",
+        "params",
+        "whole",
+    )
 
     def __init__(
         self,
@@ -240,6 +262,13 @@ class _Job:
         self.whole = whole
         # False when an item comes from a pure=False call: identical items all go out.
         self.dedupe = dedupe
+        # Where the user made each item's call, for error messages.
+        self.call_sites: list[str | None] = []
+        # A planned batch some of whose inputs failed: puts the results of the items
+        # sent back among the failed items' entries.
+        self.merge: Callable[[list[Any]], list[Any]] | None = None
+        # The length of the longest chain of calls waiting on this request.
+        self.calls_below = 0
 
 
 class _Group:
@@ -247,6 +276,8 @@ class _Group:
 
     __slots__ = (
         "backend",
+        "call_sites",
+        "calls_below",
         "dedupe",
         "group_key",
         "items",
@@ -275,6 +306,8 @@ class _Group:
         self.keys: list[Hashable] = []
         self.items: list[Any] = []
         self.priority = math.inf
+        self.call_sites: list[str | None] = []
+        self.calls_below = 0
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -312,6 +345,8 @@ class Engine:
         self.waiting: dict[Hashable, int] = {}
         self.refs: dict[Hashable, int] = {}
         self.priority: dict[Hashable, int] = {}
+        # Backend-call nodes: the most calls on a path from them to an output, excluded.
+        self.calls_below: dict[Hashable, int] = {}
         self.values: dict[Hashable, Any] = {}
         self.failures: dict[Hashable, Failure] = {}
         self.settled: set[Hashable] = set()
@@ -390,6 +425,7 @@ class Engine:
             # Independent nodes: dask.order has nothing to decide, keep graph order.
             self.priority = {key: index for index, key in enumerate(nodes)}
             return
+        self._count_calls_below()
         if all(not nodes[dep].dependencies for key in users for dep in nodes[key].dependencies):
             # Two levels (calls or batches, and the nodes reading them, such as item
             # picks): every source is ready at once and every user right after its
@@ -404,6 +440,35 @@ class Engine:
             if "Cycle" in str(exc):
                 raise GraphError(f"the graph has a cycle: {exc}") from None
             raise
+
+    def _count_calls_below(self) -> None:
+        """For each backend call, the most calls on a path from it to an output.
+
+        When admissions are scarce the limiter serves the longest remaining chain of
+        calls first (the critical path), so a chain next to hundreds of independent
+        calls is not sent last. One sweep from the outputs back, linear in the graph.
+        """
+        kind = self.kind
+        below: dict[Hashable, int] = {}
+        pending = {key: len(users) for key, users in self.dependents.items() if key in kind}
+        ready = [key for key, count in pending.items() if count == 0]
+        found_chain = False
+        while ready:
+            key = ready.pop()
+            longest = 0
+            for user in self.dependents[key]:
+                through = below.get(user, 0) + (1 if kind[user] in (_CALL, _BATCH) else 0)
+                if through > longest:
+                    longest = through
+            below[key] = longest
+            if longest and kind[key] in (_CALL, _BATCH):
+                found_chain = True
+            for dep in self.nodes[key].dependencies:
+                pending[dep] -= 1
+                if pending[dep] == 0:
+                    ready.append(dep)
+        if found_chain:
+            self.calls_below = {key: below[key] for key in below if kind[key] in (_CALL, _BATCH)}
 
     # -- running ----------------------------------------------------------------------
 
@@ -564,6 +629,13 @@ class Engine:
             user, upstream = stack.pop()
             if user in self.settled:
                 continue
+            if self.kind[user] == _BATCH:
+                # A planned batch still goes out with its other items: the failed
+                # input costs only its own item (see _ready_call).
+                self.waiting[user] -= 1
+                if self.waiting[user] == 0:
+                    self._ready(user)
+                continue
             same_error = passes_failure_on(self.nodes[user])
             failure = dependent_failure(user, upstream, same_error=same_error)
             self._settle_failed(user, failure)
@@ -668,16 +740,17 @@ class Engine:
         lane = self._lane(call.backend)
         priority = self.priority[key]
         if kind == _BATCH:
-            items = list(_argument(node.args[0], values))
-            job = _Job(call.backend, call.method, [key], items, params, True, not call.distinct)
+            job = self._batch_job(key, call, node.args[0], params)
+            job.calls_below = self.calls_below.get(key, 0)
             self._queue_job(lane, priority, job)
             return
         item = _argument(node.args[0], values)
         group_key = self._batch_group(call, params) if len(node.args) == 1 else None
         if group_key is None:
-            self._queue_job(
-                lane, priority, _Job(call.backend, call.method, [key], [item], params, False)
-            )
+            job = _Job(call.backend, call.method, [key], [item], params, False)
+            job.call_sites = [call.call_site]
+            job.calls_below = self.calls_below.get(key, 0)
+            self._queue_job(lane, priority, job)
             return
         group = self._groups.get(group_key)
         if group is None:
@@ -692,10 +765,35 @@ class Engine:
                 self._flush_soon.append(group)
         group.keys.append(key)
         group.items.append(item)
+        group.call_sites.append(call.call_site)
         group.dedupe = group.dedupe and call.pure
         group.priority = min(group.priority, priority)
+        group.calls_below = max(group.calls_below, self.calls_below.get(key, 0))
         if len(group.keys) >= call.spec.batch_size:
             self._flush_group(group)
+
+    def _batch_job(self, key: Hashable, call: BatchCall, items_arg: Any, params: Any) -> _Job:
+        """The request of a planned batch, leaving out items whose input failed."""
+        elements = list(items_arg.args) if isinstance(items_arg, List) else list(items_arg)
+        failures: list[Failure | None] = []
+        for element in elements:
+            failed = None
+            for dep in getattr(element, "dependencies", ()):
+                if dep in self.failures:
+                    failed = self.failures[dep]
+                    break
+            failures.append(failed)
+        job = _Job(call.backend, call.method, [key], [], params, True, not call.distinct)
+        job.call_sites = list(call.call_sites)
+        if any(failure is not None for failure in failures):
+            kept_elements, job.merge = batch_without_failed_inputs(elements, failures)
+            job.items = [_argument(element, self.values) for element in kept_elements]
+            job.call_sites = [
+                site for site, failure in zip(job.call_sites, failures) if failure is None
+            ]
+        else:
+            job.items = [_argument(element, self.values) for element in elements]
+        return job
 
     def _batch_group(self, call: BackendCall, params: Mapping[str, Any]) -> Hashable | None:
         if not call.spec.batchable:
@@ -727,56 +825,67 @@ class Engine:
         job = _Job(
             group.backend, group.method, group.keys, group.items, group.params, False, group.dedupe
         )
+        job.call_sites = group.call_sites
+        job.calls_below = group.calls_below
         self._queue_job(group.lane, int(group.priority), job)
 
     def _queue_job(self, lane: _Lane, priority: int, job: _Job) -> None:
         self._sequence += 1
-        heapq.heappush(lane.heap, (priority, self._sequence, job))
+        heapq.heappush(lane.heap, (-job.calls_below, priority, self._sequence, job))
 
     def _start_lane(self, lane: _Lane) -> None:
         heap = lane.heap
         while heap and lane.outstanding < lane.cap:
-            _, _, job = heapq.heappop(heap)
+            *_, job = heapq.heappop(heap)
             lane.outstanding += 1
             self._spawn(self._send(job, lane))
 
     async def _send(self, job: _Job, lane: _Lane) -> None:
         """The one place a backend call is made: await the request, settle its keys."""
+        # Scarce admissions go first to calls with the longest chain waiting on them.
+        call_priority.set(job.calls_below)
         try:
             if len(job.items) == 1 and not job.whole:
                 values = [await run_call(job.backend, job.method, job.items[0], job.params)]
-            else:
+            elif job.items:
                 values = await run_batch(
                     job.backend, job.method, job.items, job.params, dedupe=job.dedupe
                 )
+            else:
+                values = []  # a planned batch all of whose inputs failed
         except asyncio.CancelledError:
             lane.outstanding -= 1
             raise
         except Exception as exc:
-            lane.outstanding -= 1
-            self.running -= 1
-            if self._closed:
+            if job.merge is None:
+                self._sent(job, lane, exc)
                 return
-            try:
-                for key in job.keys:
-                    if key not in self.settled:
-                        self._fail(key, exc)
-                    if self._closed:
-                        return
-            except BaseException as error:
-                self._abort(error)
-                return
-            self._pump()
-            return
+            # The failed inputs keep their own cancellation; the sent items share exc.
+            values = [ItemFailure(_copied(exc)) for _ in job.items]
+        self._sent(job, lane, describe_item_failures(values, job.items, job.call_sites))
+
+    def _sent(self, job: _Job, lane: _Lane, outcome: list[Any] | BaseException) -> None:
+        """Settle the keys of ``job``: its values, or the error of its whole request."""
         lane.outstanding -= 1
         self.running -= 1
         if self._closed:
             return
         try:
-            if job.whole:
+            if isinstance(outcome, BaseException):
+                for index, key in enumerate(job.keys):
+                    if key in self.settled:
+                        continue
+                    error = outcome if len(job.keys) == 1 else _copied(outcome)
+                    if not job.whole:
+                        describe_call(error, job.items[index], job.call_sites[index])
+                    self._fail(key, error)
+                    if self._closed:
+                        return
+            elif job.whole:
+                values = job.merge(outcome) if job.merge is not None else outcome
                 self._finish(job.keys[0], values)
             else:
-                for key, value in zip(job.keys, values):
+                for key, value in zip(job.keys, outcome):
                     if isinstance(value, ItemFailure):
                         self._fail(key, value.error)
                     else:

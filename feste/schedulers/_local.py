@@ -26,10 +26,12 @@ from dask.task_spec import Task
 
 from feste import context
 from feste._loop import run_sync
+from feste._nodes import BatchCall
 from feste.errors import Failure, annotate_task_error
 from feste.limits import run_scope
 from feste.schedulers._policy import (
     TaskEvents,
+    batch_without_failed_inputs,
     dependent_failure,
     first_failure,
     passes_failure_on,
@@ -72,6 +74,10 @@ class KeyedCall:
         return getattr(self.func, "__name__", type(self.func).__name__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.return_failures and type(self.func) is BatchCall and args:
+            entries = self._batch_without_failed_items(args, kwargs)
+            if entries is not None:
+                return entries
         if self.return_failures:
             upstream = first_failure((*args, *kwargs.values()))
             # Not `if upstream`: a Failure is falsy.
@@ -88,6 +94,22 @@ class KeyedCall:
             raise annotate_task_error(exc, self.key) from None
         except BaseException as exc:
             raise annotate_task_error(exc, self.key) from None
+
+    def _batch_without_failed_items(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A batch whose inputs partly failed goes out with the other items: one entry
+        per item (or the batch's own failure); None when no input failed."""
+        items = list(args[0])
+        failures = [first_failure([item]) for item in items]
+        if all(failure is None for failure in failures):
+            return None
+        kept, merged = batch_without_failed_inputs(items, failures)
+        if not kept:
+            return merged([])
+        batch = KeyedCall(self.func, self.key, self.options, self.return_failures)
+        results = batch(kept, *args[1:], **kwargs)
+        if isinstance(results, Failure):
+            return results
+        return merged(results)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (

@@ -28,6 +28,9 @@ stops the run. With ``errors="return"`` (:func:`returns_failures`):
   it passes on to its own dependents (the failed task's key and exception ride along in
   ``Failure.extra`` as ``"failed_key"`` and ``"cause"``, so that a chain of
   cancellations run in worker processes names the same task);
+* a batch planned by the optimizer whose inputs partly failed still goes out with the
+  other items (:func:`batch_without_failed_inputs`): each failed input costs only its
+  own item, whose pick is cancelled, and that item's dependents;
 * everything that does not depend on a failure finishes.
 
 Callbacks
@@ -40,17 +43,20 @@ included), then ``on_progress(settled, total)``. Literal data nodes are not task
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from dask.task_spec import Alias, Task
 
 from feste import context
 from feste._nodes import take_item
+from feste.backend.types import ItemFailure
 from feste.errors import CancelledError, Failure, SchedulerError, annotate_task_error
 
 __all__ = [
     "TaskEvents",
+    "batch_without_failed_inputs",
+    "cancelled_item",
     "dependent_failure",
     "first_failure",
     "option_keywords",
@@ -116,7 +122,14 @@ def returns_failures() -> bool:
 
 
 def task_failure(key: Hashable, exc: BaseException) -> Failure:
-    """The failure of task ``key``, which raised ``exc``."""
+    """The failure of task ``key``, which raised ``exc``.
+
+    A :class:`CancelledError` that names the task that failed first (an item of a batch
+    whose input failed) makes ``key`` cancelled, like any other dependent.
+    """
+    failed_key = getattr(exc, "failed_key", None)
+    if isinstance(exc, CancelledError) and failed_key is not None:
+        return _cancelled(key, failed_key, getattr(exc, "cause", exc))
     annotated = annotate_task_error(exc, key)
     return Failure(annotated, key, getattr(exc, "attempts", None) or 1)
 
@@ -152,6 +165,43 @@ def _cancelled(key: Hashable, failed_key: Hashable, cause: BaseException) -> Fai
         f"{type(cause).__name__}: {cause}"
     )
     return Failure(error, key, 0, cancelled=True, extra={"failed_key": failed_key, "cause": cause})
+
+
+def cancelled_item(upstream: Failure) -> ItemFailure:
+    """The entry of a batch item not sent because its input ``upstream`` failed."""
+    failed_key = upstream.extra.get("failed_key", upstream.key)
+    cause = upstream.extra.get("cause", upstream.exception)
+    error = CancelledError(
+        f"not sent because its input, task {failed_key!r}, failed: {type(cause).__name__}: {cause}"
+    )
+    error.failed_key = failed_key  # type: ignore[attr-defined]
+    error.cause = cause  # type: ignore[attr-defined]
+    return ItemFailure(error)
+
+
+def batch_without_failed_inputs(
+    items: Sequence[Any], failures: Sequence[Failure | None]
+) -> tuple[list[Any], Callable[[list[Any]], list[Any]]]:
+    """The items of a batch worth sending, and how to put their results back in place.
+
+    ``failures[i]`` is the failure of item ``i``'s input, or None. Returns the items
+    whose inputs succeeded and a function that takes their results and returns one
+    entry per original item: its result, or a :func:`cancelled_item`.
+    """
+    kept = [item for item, failure in zip(items, failures) if failure is None]
+
+    def merged(results: list[Any]) -> list[Any]:
+        entries: list[Any] = []
+        position = 0
+        for failure in failures:
+            if failure is None:
+                entries.append(results[position])
+                position += 1
+            else:
+                entries.append(cancelled_item(failure))
+        return entries
+
+    return kept, merged
 
 
 def first_failure(values: Iterable[Any]) -> Failure | None:
