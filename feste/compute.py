@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from feste import context
+from feste._runs import record_run
 from feste.errors import SchedulerError
 from feste.graph import FesteGraph, GraphStats
 from feste.optimization import default_optimizer
@@ -41,6 +42,8 @@ def compute(
     scheduler: Any = None,
     optimize_graph: bool = True,
     traverse: bool = True,
+    cache: Any = None,
+    run: str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     """Compute lazy values; return a tuple with one result per argument.
@@ -48,16 +51,39 @@ def compute(
     Arguments may be nested lists, tuples and dicts holding lazy values; they come back
     with the same shape and the results in place. ``scheduler`` is a name (``"async"``,
     the default, ``"sync"``, ``"threads"``, ``"processes"``), a ``get`` function or a
-    distributed ``Client``. Extra keywords go to the scheduler.
+    distributed ``Client``. ``cache`` is a result cache (a path, a ``postgresql://``
+    URL or a store; ``False`` for none) and ``run`` names the run to record in it; both
+    default to the context's options. Extra keywords go to the scheduler.
     """
-    graph, keys, repack, postcomputes = prepare(
-        *objs, optimize_graph=optimize_graph, traverse=traverse
-    )
-    if not keys:
-        return objs
-    get = get_scheduler(scheduler)
-    results = get(graph, keys, **kwargs)
-    return finish(results, repack, postcomputes)
+    with context.set(**_cache_options(cache, run)):
+        graph, keys, repack, postcomputes = prepare(
+            *objs, optimize_graph=optimize_graph, traverse=traverse
+        )
+        if not keys:
+            return objs
+        get = get_scheduler(scheduler)
+        name = context.get("run")
+        if name is None:
+            results = get(graph, keys, **kwargs)
+            return finish(results, repack, postcomputes)
+        chosen = scheduler if scheduler is not None else context.get("scheduler")
+        with record_run(name, graph, objs, scheduler=chosen, traverse=traverse) as recording:
+            values = finish(get(graph, keys, **kwargs), repack, postcomputes)
+            recording.finished(values)
+        return values
+
+
+# -- cache and run options ------------------------------------------------------------
+
+
+def _cache_options(cache: Any, run: str | None) -> dict[str, Any]:
+    """The ``cache`` and ``run`` arguments given (None: not given) as context options."""
+    options: dict[str, Any] = {}
+    if cache is not None:
+        options["cache"] = cache
+    if run is not None:
+        options["run"] = run
+    return options
 
 
 def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
@@ -82,6 +108,8 @@ async def compute_async(
     scheduler: Any = None,
     optimize_graph: bool = True,
     traverse: bool = True,
+    cache: Any = None,
+    run: str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     """``await feste.compute_async(...)``: :func:`compute` for async code.
@@ -89,26 +117,37 @@ async def compute_async(
     With the async scheduler (the default) the graph runs on the caller's event loop,
     next to whatever else it runs; keywords are feste options for this computation
     (``errors="return"``, ``max_concurrency=...``). Another scheduler runs in a worker
-    thread, so the loop is never blocked.
+    thread, so the loop is never blocked. ``cache`` and ``run`` are those of
+    :func:`compute`.
     """
     from feste.schedulers._engine import option_keywords, run_graph
 
-    graph, keys, repack, postcomputes = prepare(
-        *objs, optimize_graph=optimize_graph, traverse=traverse
-    )
-    if not keys:
-        return objs
-    if scheduler is None:
-        scheduler = context.get("scheduler")
-    if scheduler is None or scheduler in ("async", "local"):
-        with context.set(**option_keywords(kwargs)):
-            results = await run_graph(graph, keys)
-    else:
-        import asyncio
+    with context.set(**_cache_options(cache, run)):
+        graph, keys, repack, postcomputes = prepare(
+            *objs, optimize_graph=optimize_graph, traverse=traverse
+        )
+        if not keys:
+            return objs
+        if scheduler is None:
+            scheduler = context.get("scheduler")
 
-        get = get_scheduler(scheduler)
-        results = await asyncio.to_thread(get, graph, keys, **kwargs)
-    return finish(results, repack, postcomputes)
+        async def results() -> Any:
+            if scheduler is None or scheduler in ("async", "local"):
+                with context.set(**option_keywords(kwargs)):
+                    return await run_graph(graph, keys)
+            import asyncio
+
+            get = get_scheduler(scheduler)
+            # to_thread copies this context, so run recording reaches the thread.
+            return await asyncio.to_thread(get, graph, keys, **kwargs)
+
+        name = context.get("run")
+        if name is None:
+            return finish(await results(), repack, postcomputes)
+        with record_run(name, graph, objs, scheduler=scheduler, traverse=traverse) as recording:
+            values = finish(await results(), repack, postcomputes)
+            recording.finished(values)
+        return values
 
 
 def _whole_value(value: Any) -> Any:

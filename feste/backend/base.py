@@ -418,7 +418,7 @@ class Backend(FesteBase):
             from feste.task import _compute_if_lazy
 
             (item,), params = _compute_if_lazy((item,), params)
-            return run_sync(run_call(self, method, item, params))
+            return run_sync(run_call(self, method, item, params, pure=pure))
         return lazy_call(call, item, name=f"{self.provider}-{method}", pure=pure, **params)
 
     # -- to implement -----------------------------------------------------------------
@@ -486,7 +486,7 @@ class BackendCall:
         from feste._calls import run_call
         from feste._loop import run_sync
 
-        return run_sync(run_call(self.backend, self.method, item, params))
+        return run_sync(run_call(self.backend, self.method, item, params, pure=self.pure))
 
     def __dask_tokenize__(self) -> Any:
         return ("feste.BackendCall", self.backend.identity(), self.method)

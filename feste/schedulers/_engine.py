@@ -802,9 +802,8 @@ class Engine:
         item = _argument(node.args[0], values)
         group_key = self._batch_group(call, params) if len(node.args) == 1 else None
         if group_key is None:
-            self._queue_job(
-                lane, priority, _Job(call.backend, call.method, [key], [item], params, False)
-            )
+            job = _Job(call.backend, call.method, [key], [item], params, False, call.pure)
+            self._queue_job(lane, priority, job)
             return
         group = self._groups.get(group_key)
         if group is None:
@@ -871,7 +870,11 @@ class Engine:
         """The one place a backend call is made: await the request, settle its keys."""
         try:
             if len(job.items) == 1 and not job.whole:
-                values = [await run_call(job.backend, job.method, job.items[0], job.params)]
+                values = [
+                    await run_call(
+                        job.backend, job.method, job.items[0], job.params, pure=job.dedupe
+                    )
+                ]
             else:
                 values = await run_batch(
                     job.backend, job.method, job.items, job.params, dedupe=job.dedupe
