@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import operator
 import types
 import uuid
@@ -37,6 +38,7 @@ from dask.task_spec import GraphNode, List, Task, TaskRef
 from dask.utils import funcname
 
 from feste import context
+from feste.cache._session import PureTask
 
 __all__ = ["FesteBase", "FesteDelayed", "FesteTaskFunction", "feste_task", "is_eager"]
 
@@ -372,14 +374,20 @@ class FesteTaskFunction:
         if is_eager():
             args, kwargs = _compute_if_lazy(args, kwargs)
             return self.func(*args, **kwargs)
+        func: Callable[..., Any] = self.func
+        if pure and not inspect.iscoroutinefunction(func):
+            # Pure tasks may be answered by the result cache (when one is on); the
+            # node's key is still that of the function itself.
+            func = PureTask(func)
         return _call_lazily(
-            self.func,
+            func,
             args,
             kwargs,
-            name=self.name,
+            name=self.name or funcname(self.func),
             pure=pure,
             nout=self.nout,
             key=key,
+            token_source=self.func,
         )
 
     def __dask_tokenize__(self) -> Any:

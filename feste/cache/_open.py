@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from feste import context
+from feste.cache import postgres, sqlite
 from feste.cache.base import CacheStore, shared_store
 from feste.cache.postgres import PostgresStore
 from feste.cache.sqlite import SQLiteStore
@@ -27,7 +28,6 @@ __all__ = ["ENVIRONMENT_VARIABLE", "active_store", "open_store"]
 ENVIRONMENT_VARIABLE = "FESTE_CACHE"
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
-_SQLITE_TIMEOUT = 60.0
 
 
 def open_store(spec: Any, *, create: bool = True) -> CacheStore:
@@ -47,7 +47,9 @@ def open_store(spec: Any, *, create: bool = True) -> CacheStore:
     if not spec.strip():
         raise CacheError("the cache location is empty: give a file path or a postgresql:// URL")
     if spec.startswith(_POSTGRES_SCHEMES):
-        return shared_store(PostgresStore, spec)
+        return shared_store(
+            PostgresStore, spec, postgres.DEFAULT_MAX_CONNECTIONS, postgres.DEFAULT_TIMEOUT
+        )
     if "://" in spec:
         scheme = spec.split("://", 1)[0]
         raise CacheError(
@@ -56,8 +58,8 @@ def open_store(spec: Any, *, create: bool = True) -> CacheStore:
         )
     path = os.path.abspath(os.path.expanduser(spec))
     if not create:
-        return SQLiteStore(path, _SQLITE_TIMEOUT, create=False)
-    return shared_store(SQLiteStore, path, _SQLITE_TIMEOUT)
+        return SQLiteStore(path, sqlite.DEFAULT_TIMEOUT, create=False)
+    return shared_store(SQLiteStore, path, sqlite.DEFAULT_TIMEOUT)
 
 
 def active_store() -> CacheStore | None:

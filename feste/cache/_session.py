@@ -23,6 +23,10 @@ the ``run`` option without one (a worker process) keeps one per run name.
 
 **Counting.** A :class:`CacheTally` in the context counts hits and sent calls for the
 run record.
+
+**Plain tasks.** ``feste_task(pure=True)`` nodes run :class:`PureTask`, which looks the
+task up synchronously where it runs (a worker thread or process) and stores a miss's
+result before returning it.
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ if TYPE_CHECKING:
     from feste.backend.base import Backend
 
 __all__ = [
+    "MISSING",
     "CacheTally",
     "CallCache",
+    "PureTask",
     "RunScope",
     "calls_cache",
     "current_scope",
@@ -325,7 +331,7 @@ def lookup_task(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> tuple[CacheStore | None, str | None, Any]:
     """``(store, key, value)`` for a pure task: value is the cached one when key is in
-    the store, else ``_MISSING``; store is None when caching is off."""
+    the store, else :data:`MISSING`; store is None when caching is off."""
     store = active_store()
     if store is None:
         return None, None, MISSING
@@ -361,3 +367,37 @@ class _Missing:
 
 
 MISSING: Hashable = _Missing()
+
+
+class PureTask:
+    """The function of a ``feste_task(pure=True)`` node: looks its result up first.
+
+    With a cache on, the call's key (:func:`~feste.cache.keys.task_key`: the function's
+    code and the argument values) is looked up where the task runs, in whichever
+    thread or process that is; a miss runs the function and stores its result before
+    returning it. With no cache it only calls the function.
+    """
+
+    __slots__ = ("func",)
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+
+    @property
+    def __name__(self) -> str:  # graph keys, reprs and dask's funcname()
+        return str(getattr(self.func, "__name__", type(self.func).__name__))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        store, key, value = lookup_task(self.func, args, kwargs)
+        if value is not MISSING:
+            return value
+        value = self.func(*args, **kwargs)
+        if store is not None and key is not None:
+            store_task(store, key, self.func, value)
+        return value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PureTask, (self.func,))
+
+    def __repr__(self) -> str:
+        return f"<cached {self.__name__}>"

@@ -27,7 +27,10 @@ from urllib.parse import urlsplit, urlunsplit
 from feste.cache._sql import SQLStore
 from feste.errors import CacheError
 
-__all__ = ["PostgresStore", "redact_url"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "DEFAULT_TIMEOUT", "PostgresStore", "redact_url"]
+
+DEFAULT_MAX_CONNECTIONS = 8
+DEFAULT_TIMEOUT = 30.0
 
 # Any constant shared by every feste process: serializes the first CREATE TABLEs.
 _SCHEMA_LOCK_ID = 0x66657374
@@ -54,7 +57,12 @@ class PostgresStore(SQLStore):
 
     placeholder = "%s"
 
-    def __init__(self, url: str, max_connections: int = 8, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         try:
             import psycopg
             import psycopg_pool

@@ -28,7 +28,9 @@ from typing import Any
 from feste.cache._sql import SQLStore
 from feste.errors import CacheError
 
-__all__ = ["SQLiteStore"]
+__all__ = ["DEFAULT_TIMEOUT", "SQLiteStore"]
+
+DEFAULT_TIMEOUT = 60.0
 
 # SQLite's limit on parameters per statement is 32766 (since 3.32); stay well below.
 _KEYS_PER_QUERY = 500
@@ -44,7 +46,9 @@ class SQLiteStore(SQLStore):
 
     placeholder = "?"
 
-    def __init__(self, path: str | os.PathLike[str], timeout: float = 60.0, create: bool = True):
+    def __init__(
+        self, path: str | os.PathLike[str], timeout: float = DEFAULT_TIMEOUT, create: bool = True
+    ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.location = self.path
         self.timeout = float(timeout)
@@ -91,8 +95,14 @@ class SQLiteStore(SQLStore):
             except sqlite3.Error as error:
                 raise self._failure(error, "opening the cache") from None
             if not self._schema_ready:
-                with self._in_transaction(connection, "creating the cache's tables", True) as cur:
-                    self.create_schema(cur)
+                found = self._schema_version(connection)
+                if found is None:
+                    with self._in_transaction(
+                        connection, "creating the cache's tables", True
+                    ) as cur:
+                        self.create_schema(cur)
+                else:
+                    self.check_schema(found)
                 self._schema_ready = True
         except BaseException:
             connection.close()
@@ -101,6 +111,21 @@ class SQLiteStore(SQLStore):
         with self._lock:
             self._connections.append(connection)
         return connection
+
+    def _schema_version(self, connection: sqlite3.Connection) -> int | None:
+        """The stored schema version, None before the tables exist (read without
+        taking the write lock, so processes opening one cache at once do not queue)."""
+        try:
+            row = connection.execute(
+                "SELECT value FROM feste_meta WHERE name = 'schema_version'"
+            ).fetchone()
+        except sqlite3.OperationalError as error:
+            if "no such table" in str(error):
+                return None
+            raise self._failure(error, "opening the cache") from None
+        except sqlite3.Error as error:
+            raise self._failure(error, "opening the cache") from None
+        return None if row is None else int(row[0])
 
     def _after_fork(self) -> None:
         # The parent's connections must not be used (nor closed) here.
