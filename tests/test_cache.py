@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from feste import context
 from feste.backend import Cohere, OpenAI
 from feste.cache import (
     SCHEMA_VERSION,
@@ -31,7 +32,7 @@ from feste.cache import (
 )
 from feste.cache._codec import decode, encode
 from feste.cache.postgres import redact_url
-from feste.errors import CacheError
+from feste.errors import CacheError, OptionError
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -427,3 +428,23 @@ def test_postgres_connection_failure_names_the_server() -> None:
         "cannot connect to the PostgreSQL cache postgresql://feste:***@127.0.0.1:9/none" in message
     )
     assert "pw-123456" not in message
+
+
+# -- options ----------------------------------------------------------------------------
+
+
+def test_cache_and_run_options_are_checked_when_set(tmp_path: Any) -> None:
+    with context.set(cache=str(tmp_path / "c.db"), run="nightly"):
+        assert context.get("cache") == str(tmp_path / "c.db")
+        assert context.get("run") == "nightly"
+    with context.set(cache=tmp_path / "c.db"), context.set(cache=False):
+        assert context.get("cache") is False
+    bad = [
+        ({"cache": 3}, "invalid value for feste option 'cache': expected a file path"),
+        ({"cache": ""}, "the cache location is empty"),
+        ({"run": "two\nlines"}, "a run name is 1 to 200 printable characters"),
+        ({"run": 5}, "expected a run name"),
+    ]
+    for options, message in bad:
+        with pytest.raises(OptionError, match=message), context.set(**options):
+            pass

@@ -30,6 +30,8 @@ EXPECTED_OPTIONS = {
     "on_task_done": None,
     "on_task_failed": None,
     "on_progress": None,
+    "cache": None,
+    "run": None,
 }
 
 

@@ -28,12 +28,12 @@ from feste.cache.postgres import PostgresStore
 from feste.cache.sqlite import SQLiteStore
 
 __all__ = [
-    "ENVIRONMENT_VARIABLE",
-    "SCHEMA_VERSION",
     "CacheEntry",
     "CacheStore",
+    "ENVIRONMENT_VARIABLE",
     "PostgresStore",
     "RunOutput",
+    "SCHEMA_VERSION",
     "SQLiteStore",
     "active_store",
     "call_key",

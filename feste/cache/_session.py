@@ -52,9 +52,9 @@ if TYPE_CHECKING:
     from feste.backend.base import Backend
 
 __all__ = [
-    "MISSING",
     "CacheTally",
     "CallCache",
+    "MISSING",
     "PureTask",
     "RunScope",
     "calls_cache",

@@ -32,7 +32,13 @@ from typing import Any, NamedTuple, TypeVar
 
 from feste.errors import CacheError
 
-__all__ = ["SCHEMA_VERSION", "CacheEntry", "CacheStore", "RunOutput", "shared_store"]
+__all__ = [
+    "CacheEntry",
+    "CacheStore",
+    "RunOutput",
+    "SCHEMA_VERSION",
+    "shared_store",
+]
 
 #: The layout of the tables this feste writes. A store created by a newer feste (a
 #: larger number) is refused rather than misread.
