@@ -11,6 +11,7 @@ from typing import Any
 
 from feste import context
 from feste._runs import record_run
+from feste.cache._graph import replay_cached_calls
 from feste.errors import SchedulerError
 from feste.graph import FesteGraph, GraphStats
 from feste.optimization import default_optimizer
@@ -53,7 +54,9 @@ def compute(
     the default, ``"sync"``, ``"threads"``, ``"processes"``), a ``get`` function or a
     distributed ``Client``. ``cache`` is a result cache (a path, a ``postgresql://``
     URL or a store; ``False`` for none) and ``run`` names the run to record in it; both
-    default to the context's options. Extra keywords go to the scheduler.
+    default to the context's options. With a cache, calls it can answer before the run
+    (their inputs known) are answered in one bulk lookup and never scheduled; the others
+    are looked up where they are sent. Extra keywords go to the scheduler.
     """
     with context.set(**_cache_options(cache, run)):
         graph, keys, repack, postcomputes = prepare(
@@ -64,11 +67,12 @@ def compute(
         get = get_scheduler(scheduler)
         name = context.get("run")
         if name is None:
-            results = get(graph, keys, **kwargs)
+            results = get(replay_cached_calls(graph), keys, **kwargs)
             return finish(results, repack, postcomputes)
         chosen = scheduler if scheduler is not None else context.get("scheduler")
         with record_run(name, graph, objs, scheduler=chosen, traverse=traverse) as recording:
-            values = finish(get(graph, keys, **kwargs), repack, postcomputes)
+            results = get(replay_cached_calls(graph), keys, **kwargs)
+            values = finish(results, repack, postcomputes)
             recording.finished(values)
         return values
 
@@ -132,14 +136,15 @@ async def compute_async(
             scheduler = context.get("scheduler")
 
         async def results() -> Any:
+            to_run = replay_cached_calls(graph)
             if scheduler is None or scheduler in ("async", "local"):
                 with context.set(**option_keywords(kwargs)):
-                    return await run_graph(graph, keys)
+                    return await run_graph(to_run, keys)
             import asyncio
 
             get = get_scheduler(scheduler)
             # to_thread copies this context, so run recording reaches the thread.
-            return await asyncio.to_thread(get, graph, keys, **kwargs)
+            return await asyncio.to_thread(get, to_run, keys, **kwargs)
 
         name = context.get("run")
         if name is None:

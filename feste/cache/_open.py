@@ -62,6 +62,11 @@ def open_store(spec: Any, *, create: bool = True) -> CacheStore:
     return shared_store(SQLiteStore, path, sqlite.DEFAULT_TIMEOUT)
 
 
+# Locations already opened in this process, so that a call's lookup of its store costs
+# a dict access (paths need no resolving again). Keyed by the option's value and pid.
+_opened: dict[tuple[Any, int], CacheStore] = {}
+
+
 def active_store() -> CacheStore | None:
     """The store the current context caches in, or None when caching is off.
 
@@ -73,4 +78,10 @@ def active_store() -> CacheStore | None:
         spec = os.environ.get(ENVIRONMENT_VARIABLE) or None
     if spec is None or spec is False:
         return None
-    return open_store(spec)
+    if isinstance(spec, CacheStore):
+        return spec
+    memo_key = (spec, os.getpid())
+    store = _opened.get(memo_key)
+    if store is None:
+        store = _opened[memo_key] = open_store(spec)
+    return store

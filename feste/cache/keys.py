@@ -62,6 +62,37 @@ def _digest(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical(parts).encode()).hexdigest()
 
 
+# The part of a call key shared by calls of one backend, method and parameters: encoded
+# once (a warm re-run computes thousands of keys that differ only in their item).
+_heads: dict[Any, str] = {}
+_MAX_HEADS = 4096
+
+
+def _call_head(backend: Backend, method: str, params: Mapping[str, Any]) -> str:
+    identity = backend.identity()
+    try:
+        memo_key: Any = (identity, method, tuple(sorted(params.items())))
+        head = _heads.get(memo_key)
+    except TypeError:  # a parameter value that cannot be hashed (a list of stop words)
+        memo_key, head = None, None
+    if head is None:
+        head = canonical(
+            {
+                "v": KEY_VERSION,
+                "kind": "call",
+                "provider": backend.provider,
+                "backend": identity,
+                "method": method,
+                "params": dict(params),
+            }
+        )
+        if memo_key is not None:
+            if len(_heads) >= _MAX_HEADS:
+                _heads.clear()
+            _heads[memo_key] = head
+    return head
+
+
 def call_key(
     backend: Backend,
     method: str,
@@ -71,18 +102,10 @@ def call_key(
     scope: Any = None,
 ) -> str:
     """The key of ``backend.method(item, **params)``; ``scope`` confines it to one run."""
-    parts = {
-        "v": KEY_VERSION,
-        "kind": "call",
-        "provider": backend.provider,
-        "backend": backend.identity(),
-        "method": method,
-        "params": dict(params),
-        "item": item,
-    }
+    text = f"{_call_head(backend, method, params)}\nitem:{canonical(item)}"
     if scope is not None:
-        parts["scope"] = scope
-    return _digest(parts)
+        text += f"\nscope:{canonical(scope)}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _code_fingerprint(code: types.CodeType, digest: Any) -> None:

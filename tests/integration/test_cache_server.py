@@ -136,6 +136,13 @@ def test_a_batched_run_then_single_calls_hit_item_by_item(
     assert requests(server) == 101
     assert list(again) == list(reversed(list(single)))
 
+    # A batch partly known: the sender looks its items up and sends only the new ones.
+    more = [f"document {i}" for i in range(250, 350)]
+    (mixed,) = feste.compute([llm.embed(t) for t in more], cache=store_spec)
+    assert requests(server) == 102
+    assert server.stats()["items_per_request"][EMBEDDINGS][-1] == 50
+    assert list(mixed) == [embedding(EMBED_MODEL, t) for t in more]
+
 
 def test_hits_never_reach_the_limiter(server: TestServer, tmp_path: Path) -> None:
     cache = str(tmp_path / "cache.db")
@@ -204,6 +211,31 @@ def test_a_value_is_stored_before_it_is_handed_on(server: TestServer, store_spec
     assert seen_in_store == [True] * 10
 
 
+@feste_task
+def spell(number: int) -> str:
+    return f"bulk {number}"
+
+
+def test_calls_known_before_the_run_are_answered_without_running(
+    server: TestServer, tmp_path: Path
+) -> None:
+    cache = str(tmp_path / "cache.db")
+    llm = openai(server)
+    feste.compute([llm.chat(f"w{i}") for i in range(5)], cache=cache)
+    started: list[Any] = []
+
+    (values,) = feste.compute(
+        [llm.chat(f"w{i}") for i in range(5)],
+        cache=cache,
+        on_task_done=lambda key, value: started.append(key),
+    )
+
+    # Answered in one lookup before the graph ran: no call task ran at all.
+    assert started == []
+    assert list(values) == [chat_text(MODEL, f"w{i}") for i in range(5)]
+    assert requests(server) == 5
+
+
 def test_a_warm_run_looks_up_in_bulk(server: TestServer, tmp_path: Path) -> None:
     class CountingStore(SQLiteStore):
         lookups = 0
@@ -213,12 +245,13 @@ def test_a_warm_run_looks_up_in_bulk(server: TestServer, tmp_path: Path) -> None
             return super().get_many(keys)
 
     store = CountingStore(tmp_path / "cache.db")
-    prompts = [f"bulk {i}" for i in range(1000)]
-    feste.compute([openai(server).chat(p) for p in prompts], cache=store)
+    # Prompts made by a task (not cached): the calls are looked up where they are sent.
+    calls = [openai(server).chat(spell(i)) for i in range(1000)]
+    feste.compute(calls, cache=store)
     assert requests(server) == 1000
     CountingStore.lookups = 0
 
-    (values,) = feste.compute([openai(server).chat(p) for p in prompts], cache=store)
+    (values,) = feste.compute(calls, cache=store)
 
     assert requests(server) == 1000
     assert values[999] == chat_text(MODEL, "bulk 999")
