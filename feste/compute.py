@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from feste import context
+from feste._replay import replay_cached_calls
 from feste._runs import record_run
-from feste.cache._graph import replay_cached_calls
 from feste.errors import SchedulerError
 from feste.graph import FesteGraph, GraphStats
 from feste.optimization import default_optimizer

@@ -17,8 +17,10 @@ shared by every process and machine), or a :class:`CacheStore` object.
 
 Layout: :mod:`~feste.cache.base` (the store base class), :mod:`~feste.cache.sqlite`,
 :mod:`~feste.cache.postgres`, :mod:`~feste.cache.keys`; ``_codec`` (values as JSON),
-``_open`` (options to stores), ``_session`` (what the sender uses), ``_sql`` (SQL
-shared by both stores).
+``_open`` (options to stores), ``_session`` (what the sender and pure tasks use),
+``_sql`` (SQL shared by both stores). The package imports only ``feste.errors``,
+``feste.context`` and (for typing) ``feste.backend.base``; ``feste._replay`` (the
+graph-level bulk lookup) and ``feste._runs`` (run history) sit with ``feste.compute``.
 """
 
 from feste.cache._open import ENVIRONMENT_VARIABLE, active_store, open_store

@@ -2,6 +2,9 @@
 
 Design
 ------
+This sits with ``feste.compute`` (the top layer), since it reads graph nodes; the
+cache package below it knows nothing of graphs.
+
 The sender (:mod:`feste._calls`) consults the cache call by call, on every scheduler.
 A warm re-run would still schedule every call node, start a coroutine or a worker task
 for it and wait for its lookup. :func:`replay_cached_calls` does the lookups of a whole
