@@ -117,7 +117,9 @@ class Contender:
 
     ``subset`` runs it on the first inputs only and scales the makespan; ``requires``
     names modules that must be importable (else the row says "not installed");
-    ``spawns_processes`` adds its worker processes' memory to the peak.
+    ``spawns_processes`` adds its worker processes' memory to the peak. ``prepare(job)``
+    runs untimed before the timed run, in the same process, after the warm-up (e.g. a
+    first run that fills a cache for a timed re-run); its requests are not counted.
     """
 
     name: str
@@ -127,6 +129,7 @@ class Contender:
     subset: Size | None = None
     requires: tuple[str, ...] = ()
     spawns_processes: bool = False
+    prepare: Callable[[Job], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,10 @@ def _child_main(workload: Workload, contender: Contender, job: Job, connection: 
         )
         warm_up.started = time.perf_counter()
         contender.run(warm_up)
+        if contender.prepare is not None:
+            job.started = time.perf_counter()
+            contender.prepare(job)
+            job.marks.clear()
         connection.send({"status": "ready"})
         connection.recv()  # the parent has reset the servers' statistics
         meter = MemoryMeter(include_children=contender.spawns_processes)

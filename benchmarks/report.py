@@ -151,9 +151,15 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
     for axis, workload in zip(axes[:, 0], workloads):
         rows = [row for row in workload["rows"] if row["status"] == "ok"]
         per_item = workload["per_item"]
+        no_ideal_time = not per_item and workload["ideal"]["seconds"] <= 0
         if per_item:
             values = [row["per_item_us"] for row in rows]
             axis.set_xlabel("microseconds per task (ideal: 0)")
+        elif no_ideal_time:
+            # Nothing to divide by (a warm re-run's ideal is no time at all).
+            values = [row["makespan_s"] for row in rows]
+            axis.set_xlabel("makespan in seconds (ideal: 0)")
+            axis.set_xscale("log")
         else:
             values = [row["ratio_to_ideal"] for row in rows]
             axis.set_xlabel("makespan / ideal (1 = ideal)")
@@ -166,6 +172,8 @@ def write_chart(report: dict[str, Any], path: Path) -> bool:
         # Room on the right for the value labels.
         if per_item:
             axis.set_xlim(0, max(values) * 1.15)
+        elif no_ideal_time:
+            axis.set_xlim(min(values) * 0.5, max(values) * 3)
         else:
             axis.set_xlim(min(0.8, min(values) * 0.8), max(values) * 1.8)
         axis.set_yticks(positions, labels, fontsize=8)

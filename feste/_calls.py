@@ -19,8 +19,11 @@ Every scheduler reaches a provider through this module: the async engine awaits
    errors are never retried. The client libraries' own retries are switched off by the
    transports, so this is the only retry policy.
 3. Each request, retry and usage report is told to the current :class:`RunObserver`
-   (progress bars, and later cost accounting and traces); a persistent cache will sit
-   in :func:`run_call` / :func:`run_batch`, before :func:`send`.
+   (progress bars, usage records, run history).
+4. With a result cache on (:mod:`feste.cache`), :func:`run_call` and :func:`run_batch`
+   look every call up before sending (the items of a batch one by one, in one bulk
+   query): hits never reach :func:`send`, so they take no limiter admission; the
+   misses are sent and their values stored (committed) before they are handed on.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from feste.backend.base import Backend
 from feste.backend.spec import chunk_items
 from feste.backend.transports import BaseTransport, make_transport
 from feste.backend.types import ItemFailure, Parsed, Request, Usage
+from feste.cache._session import calls_cache
 from feste.errors import (
     BackendError,
     BadRequestError,
@@ -253,11 +257,30 @@ async def send(backend: Backend, request: Request) -> Parsed:
         return parsed
 
 
-async def run_call(backend: Backend, method: str, item: Any, params: Mapping[str, Any]) -> Any:
-    """One call: build its request, send it, return its value."""
+async def run_call(
+    backend: Backend, method: str, item: Any, params: Mapping[str, Any], *, pure: bool = True
+) -> Any:
+    """One call: build its request, send it, return its value.
+
+    With a cache on, the call is looked up first (a hit is returned without reaching
+    the limiter) and a sent call's value is stored before it is returned. ``pure=False``
+    calls are cached only within a named run.
+    """
+    cache = calls_cache()
+    key = None
+    if cache is not None:
+        (key,) = cache.keys(backend, method, [item], params, pure=pure)
+        found = await cache.lookup([key])
+        if key in found:
+            return found[key]
     request = backend.build_request(method, [item], params)
     parsed = await send(backend, request)
-    return parsed.values[0]
+    value = parsed.values[0]
+    if cache is not None:
+        cache.sent(1)
+        if key is not None:
+            await cache.store_values(backend, method, params, [(key, value)], pure=pure)
+    return value
 
 
 def _copy_error(error: BaseException) -> BaseException:
@@ -385,6 +408,8 @@ async def run_batch(
 
     Identical string items are sent once. Chunks go out concurrently (the limiter
     admits them); an error fails only the items of the chunk it came from.
+    ``dedupe=False`` (some items come from ``pure=False`` calls) sends every item and,
+    with a cache on, caches every item as a ``pure=False`` call (within the run only).
     """
     unique_items: list[Any] = []
     position_of: dict[str, int] = {}
@@ -400,15 +425,36 @@ async def run_batch(
             unique_items.append(item)
         positions.append(index)
 
+    # The cache answers item by item (keys and lookup in bulk); only misses are sent.
+    cache = calls_cache()
+    keys: list[str | None] = [None] * len(unique_items)
+    found: dict[str, Any] = {}
+    if cache is not None:
+        keys = cache.keys(backend, method, unique_items, params, pure=dedupe)
+        found = await cache.lookup(keys)
+    missing = [index for index, key in enumerate(keys) if key is None or key not in found]
     chunk_results = await asyncio.gather(
         *(
             _send_isolating_bad_items(backend, method, chunk, params)
-            for chunk in chunk_items(backend.spec(method), unique_items)
+            for chunk in chunk_items(
+                backend.spec(method), [unique_items[index] for index in missing]
+            )
         )
     )
-    unique_results: list[Any] = []
+    sent_results: list[Any] = []
     for chunk_result in chunk_results:
-        unique_results.extend(chunk_result)
+        sent_results.extend(chunk_result)
+    unique_results: list[Any] = [found.get(key) if key is not None else None for key in keys]
+    for index, value in zip(missing, sent_results):
+        unique_results[index] = value
+    if cache is not None:
+        cache.sent(len(missing))
+        answered = [
+            (key, value)
+            for key, value in ((keys[index], unique_results[index]) for index in missing)
+            if key is not None and not isinstance(value, ItemFailure)
+        ]
+        await cache.store_values(backend, method, params, answered, pure=dedupe)
 
     results: list[Any] = []
     handed_out: set[int] = set()

@@ -44,9 +44,11 @@ __all__ = [
 ]
 
 
-def call_now(backend: Backend, method: str, item: Any, params: Mapping[str, Any]) -> Any:
+def call_now(
+    backend: Backend, method: str, item: Any, params: Mapping[str, Any], pure: bool = True
+) -> Any:
     """Send one call on this thread's event loop and return its value (eager mode)."""
-    return run_sync(run_call(backend, method, item, params))
+    return run_sync(run_call(backend, method, item, params, pure=pure))
 
 
 class BackendCall:
@@ -86,7 +88,7 @@ class BackendCall:
 
     def __call__(self, item: Any, **params: Any) -> Any:
         try:
-            return call_now(self.backend, self.method, item, params)
+            return call_now(self.backend, self.method, item, params, self.pure)
         except BackendError as error:
             raise describe_call(error, item, self.call_site) from None
 

@@ -32,6 +32,8 @@ from dask.delayed import Delayed
 from dask.utils import ensure_dict
 
 from feste import context
+from feste._replay import replay_cached_calls
+from feste._runs import record_run
 from feste.errors import SchedulerError
 from feste.graph import FesteGraph, GraphStats, build_task
 from feste.optimization import default_optimizer
@@ -115,6 +117,8 @@ def compute(
     scheduler: Any = None,
     optimize_graph: bool = True,
     traverse: bool = True,
+    cache: Any = None,
+    run: str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     """Compute lazy values; return a tuple with one result per argument.
@@ -122,13 +126,42 @@ def compute(
     Arguments may be nested lists, tuples and dicts holding lazy values; they come back
     with the same shape and the results in place. ``scheduler`` is a name (``"async"``,
     the default, ``"sync"``, ``"threads"``, ``"processes"``), a ``get`` function or a
-    distributed ``Client``. Extra keywords go to the scheduler.
+    distributed ``Client``. ``cache`` is a result cache (a path, a ``postgresql://``
+    URL or a store; ``False`` for none) and ``run`` names the run to record in it; both
+    default to the context's options. With a cache, calls it can answer before the run
+    (their inputs known) are answered in one bulk lookup and never scheduled; the others
+    are looked up where they are sent. Extra keywords go to the scheduler.
     """
-    prepared = prepare(*objs, optimize_graph=optimize_graph, traverse=traverse)
-    if not prepared.keys:
-        return objs
-    results = run_graph_dict(prepared.graph, prepared.keys, scheduler, **kwargs)
-    return prepared.finish(results)
+    with context.set(**_cache_options(cache, run)):
+        prepared = prepare(*objs, optimize_graph=optimize_graph, traverse=traverse)
+        if not prepared.keys:
+            return objs
+        name = context.get("run")
+        if name is None:
+            graph = replay_cached_calls(prepared.graph)
+            return prepared.finish(run_graph_dict(graph, prepared.keys, scheduler, **kwargs))
+        chosen = scheduler if scheduler is not None else context.get("scheduler")
+        with record_run(
+            name, prepared.graph, objs, scheduler=chosen, traverse=traverse
+        ) as recording:
+            graph = replay_cached_calls(prepared.graph)
+            results = run_graph_dict(graph, prepared.keys, scheduler, **kwargs)
+            values = prepared.finish(results)
+            recording.finished(values)
+        return values
+
+
+# -- cache and run options ------------------------------------------------------------
+
+
+def _cache_options(cache: Any, run: str | None) -> dict[str, Any]:
+    """The ``cache`` and ``run`` arguments given (None: not given) as context options."""
+    options: dict[str, Any] = {}
+    if cache is not None:
+        options["cache"] = cache
+    if run is not None:
+        options["run"] = run
+    return options
 
 
 def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
@@ -156,6 +189,8 @@ async def compute_async(
     scheduler: Any = None,
     optimize_graph: bool = True,
     traverse: bool = True,
+    cache: Any = None,
+    run: str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     """``await feste.compute_async(...)``: :func:`compute` for async code.
@@ -163,19 +198,34 @@ async def compute_async(
     With the async scheduler (the default) the graph runs on the caller's event loop,
     next to whatever else it runs; keywords are feste options for this computation
     (``errors="return"``, ``max_concurrency=...``). Another scheduler runs in a worker
-    thread, so the loop is never blocked.
+    thread, so the loop is never blocked. ``cache`` and ``run`` are those of
+    :func:`compute`.
     """
-    prepared = prepare(*objs, optimize_graph=optimize_graph, traverse=traverse)
-    if not prepared.keys:
-        return objs
-    if _runs_on_engine(scheduler):
-        with context.set(**option_keywords(kwargs)):
-            results = await run_graph(prepared.graph, prepared.keys)
-    else:
-        results = await asyncio.to_thread(
-            run_graph_dict, prepared.graph, prepared.keys, scheduler, **kwargs
-        )
-    return prepared.finish(results)
+    with context.set(**_cache_options(cache, run)):
+        prepared = prepare(*objs, optimize_graph=optimize_graph, traverse=traverse)
+        if not prepared.keys:
+            return objs
+
+        async def results() -> Any:
+            graph = replay_cached_calls(prepared.graph)
+            if _runs_on_engine(scheduler):
+                with context.set(**option_keywords(kwargs)):
+                    return await run_graph(graph, prepared.keys)
+            # to_thread copies this context, so run recording reaches the thread.
+            return await asyncio.to_thread(
+                run_graph_dict, graph, prepared.keys, scheduler, **kwargs
+            )
+
+        name = context.get("run")
+        if name is None:
+            return prepared.finish(await results())
+        chosen = scheduler if scheduler is not None else context.get("scheduler")
+        with record_run(
+            name, prepared.graph, objs, scheduler=chosen, traverse=traverse
+        ) as recording:
+            values = prepared.finish(await results())
+            recording.finished(values)
+        return values
 
 
 @inline_function

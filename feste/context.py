@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -111,6 +112,31 @@ def _scheduler(value: Any) -> Any:
     raise TypeError(
         f"expected a scheduler name, a get function or a distributed Client, got {value!r}"
     )
+
+
+def _cache_location(value: Any) -> Any:
+    # Checked by shape here: the cache package sits above this module. Opening happens
+    # where the first call is sent, which reports a bad path or URL by name.
+    if value is None or value is False or isinstance(value, (str, os.PathLike)):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("the cache location is empty; give a file path or a URL")
+        return value
+    if hasattr(value, "get_many") and hasattr(value, "put_many"):
+        return value
+    raise TypeError(
+        "expected a file path (SQLite), a postgresql:// URL, a feste.cache.CacheStore, "
+        f"None (FESTE_CACHE or no cache) or False (no cache), got {value!r}"
+    )
+
+
+def _run_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"expected a run name (a string) or None, got {value!r}")
+    if not value.strip() or len(value) > 200 or not value.isprintable():
+        raise ValueError(f"a run name is 1 to 200 printable characters, not blank; got {value!r}")
+    return value
 
 
 _OPTION_LIST = [
@@ -230,6 +256,21 @@ _OPTION_LIST = [
         _optional_callable,
     ),
     Option("on_progress", None, "Callback(done, total) after each task ends.", _optional_callable),
+    Option(
+        "cache",
+        None,
+        "Result cache: a file path (SQLite), a postgresql:// URL or a feste.cache.CacheStore. "
+        "None reads the FESTE_CACHE environment variable (no cache when unset); False turns "
+        "caching off.",
+        _cache_location,
+    ),
+    Option(
+        "run",
+        None,
+        "Name of the run: feste.compute records it in the cache's run history, and "
+        "pure=False calls are cached within it (a re-run with the same name resumes).",
+        _run_name,
+    ),
 ]
 
 OPTIONS: Mapping[str, Option] = MappingProxyType({o.name: o for o in _OPTION_LIST})

@@ -11,6 +11,8 @@
     │   ├── MissingVariableError a variable the template needs was not given
     │   └── UnknownLanguageError an ISO 639 code that does not exist
     ├── CancelledError           a task skipped because something it needs failed
+    ├── CacheError               an unusable cache: bad location, corrupt, locked or read-only
+    │                            database, newer schema, a result that cannot be stored
     └── BackendError             a call to a provider failed (backend, method, model, key, attempts)
         ├── ConfigurationError   unusable backend setup: missing API key, unknown parameter
         ├── AuthenticationError  401/403: wrong or missing key, no permission     (never retried)
@@ -38,6 +40,7 @@ __all__ = [
     "AuthenticationError",
     "BackendError",
     "BadRequestError",
+    "CacheError",
     "CancelledError",
     "ConfigurationError",
     "Failure",
@@ -93,6 +96,10 @@ class UnknownLanguageError(PromptError):
 
 class CancelledError(FesteError):
     """A task that did not run because a task it depends on failed."""
+
+
+class CacheError(FesteError):
+    """The result cache cannot be used: the message names the store and what to do."""
 
 
 class BackendError(FesteError):

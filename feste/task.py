@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import operator
 import os
 import sys
@@ -40,6 +41,7 @@ from dask.utils import funcname
 from feste import context
 from feste._nodes import BackendCall
 from feste.backend.base import Backend, install_call_builder
+from feste.cache._session import PureTask
 from feste.compute import compute, run_dask_graph
 from feste.graph import build_task
 
@@ -369,14 +371,20 @@ class FesteTaskFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         pure = kwargs.pop("pure", self.pure)
         key = kwargs.pop("dask_key_name", None)
+        func: Callable[..., Any] = self.func
+        if pure and not is_eager() and not inspect.iscoroutinefunction(func):
+            # Pure tasks may be answered by the result cache (when one is on); the
+            # node's key is still that of the function itself.
+            func = PureTask(func)
         return eager_or_lazy(
-            self.func,
+            func,
             args,
             kwargs,
-            name=self.name,
+            name=self.name or funcname(self.func),
             pure=pure,
             nout=self.nout,
             key=key,
+            token_source=self.func,
         )
 
     def __dask_tokenize__(self) -> Any:

@@ -1,1 +1,43 @@
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from feste.cache import base
+
 pytest_plugins = ["feste.testing.fixtures"]
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped after the test.
+
+    The server is the one ``FESTE_TEST_POSTGRES_URL`` names (``. .ci/postgres`` starts
+    one). Without it the test is skipped with the reason, except in CI (``CI=true``),
+    where it fails: CI must test the PostgreSQL cache.
+    """
+    server = os.environ.get("FESTE_TEST_POSTGRES_URL")
+    if not server:
+        reason = (
+            "FESTE_TEST_POSTGRES_URL is not set: these tests need a PostgreSQL server "
+            "(`. .ci/postgres` installs and starts a throwaway one)"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    name = f"feste_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    parts = urlsplit(server)
+    yield urlunsplit(parts._replace(path=f"/{name}"))
+    # Close this process's pools on the database before dropping it.
+    for store in list(base._shared.values()):
+        if getattr(store, "url", "").endswith(f"/{name}"):
+            store.close()
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

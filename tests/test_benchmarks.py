@@ -52,7 +52,14 @@ def test_quick_run_reports_every_workload_and_contender(tmp_path: Path) -> None:
     assert report["mode"] == "quick"
     declared = declared_workloads()
     assert [w["name"] for w in report["workloads"]] == list(declared)
-    assert {"fanout", "embed_batching", "pipeline", "scheduler_overhead", "faults"} <= set(declared)
+    assert {
+        "fanout",
+        "embed_batching",
+        "pipeline",
+        "scheduler_overhead",
+        "faults",
+        "warm_rerun",
+    } <= set(declared)
 
     for workload in report["workloads"]:
         assert [row["contender"] for row in workload["rows"]] == declared[workload["name"]]
@@ -68,7 +75,10 @@ def test_quick_run_reports_every_workload_and_contender(tmp_path: Path) -> None:
             assert row["correct"] is True
             assert row["makespan_s"] > 0
             assert row["peak_rss_mib"] > 0
-            if workload["name"] != "scheduler_overhead":
+            if "warm re-run" in row["note"]:
+                # A re-run with the cache filled sends nothing.
+                assert row["requests"] == 0, where
+            elif workload["name"] != "scheduler_overhead":
                 # Every workload but the overhead one needs requests.
                 assert row["requests"] >= 1, where
         feste_row = next(row for row in workload["rows"] if row["kind"] == "feste")
@@ -104,6 +114,7 @@ def test_list_names_every_workload_and_its_contenders() -> None:
         "pipeline",
         "scheduler_overhead",
         "faults",
+        "warm_rerun",
     ]
     for contenders in declared.values():
         assert contenders[0] == "feste"

@@ -33,6 +33,8 @@ EXPECTED_OPTIONS = {
     "on_task_done": None,
     "on_task_failed": None,
     "on_progress": None,
+    "cache": None,
+    "run": None,
 }
 
 

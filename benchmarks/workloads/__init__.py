@@ -21,6 +21,7 @@ WORKLOAD_MODULES: tuple[str, ...] = (
     "pipeline",
     "scheduler_overhead",
     "faults",
+    "warm_rerun",
 )
 
 

@@ -13,14 +13,12 @@ items, the item's index, so the sender fails that item alone and sends the other
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dask.delayed import Delayed
 
+from feste.backend.base import Backend
 from feste.errors import BadRequestError
-
-if TYPE_CHECKING:
-    from feste.backend.base import Backend
 
 __all__ = ["chat_messages", "check_messages", "check_text", "check_texts"]
 

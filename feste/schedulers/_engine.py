@@ -747,7 +747,7 @@ class Engine:
         item = _argument(node.args[0], values)
         group_key = self._batch_group(call, params) if len(node.args) == 1 else None
         if group_key is None:
-            job = _Job(call.backend, call.method, [key], [item], params, False)
+            job = _Job(call.backend, call.method, [key], [item], params, False, call.pure)
             job.call_sites = [call.call_site]
             job.calls_below = self.calls_below.get(key, 0)
             self._queue_job(lane, priority, job)
@@ -846,7 +846,11 @@ class Engine:
         call_priority.set(job.calls_below)
         try:
             if len(job.items) == 1 and not job.whole:
-                values = [await run_call(job.backend, job.method, job.items[0], job.params)]
+                values = [
+                    await run_call(
+                        job.backend, job.method, job.items[0], job.params, pure=job.dedupe
+                    )
+                ]
             elif job.items:
                 values = await run_batch(
                     job.backend, job.method, job.items, job.params, dedupe=job.dedupe

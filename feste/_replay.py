@@ -1,0 +1,88 @@
+"""Answering a whole graph's known calls from the cache before it runs.
+
+Design
+------
+This sits with ``feste.compute`` (the top layer), since it reads graph nodes; the
+cache package below it knows nothing of graphs.
+
+The sender (:mod:`feste._calls`) consults the cache call by call, on every scheduler.
+A warm re-run would still schedule every call node, start a coroutine or a worker task
+for it and wait for its lookup. :func:`replay_cached_calls` does the lookups of a whole
+graph first, in one bulk query: every pure call node whose inputs are all known before
+the run (no dependencies) and whose answer is stored becomes a data node holding that
+answer, so it never runs at all. A batched node is replaced when all its items are
+stored; otherwise it runs and the sender answers its stored items one by one. Calls
+whose inputs come from other nodes, and ``pure=False`` calls (their answers depend on
+their order within a run), are left to the sender.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dask.task_spec import DataNode, GraphNode, Task
+
+from feste._nodes import BackendCall, BatchCall
+from feste.cache._codec import decode
+from feste.cache._open import active_store
+from feste.cache._session import current_tally
+from feste.cache.keys import call_key
+
+__all__ = ["replay_cached_calls"]
+
+
+def _literal(arg: Any) -> Any:
+    """A node argument's value; it has no dependencies, so nothing to look up."""
+    if isinstance(arg, GraphNode):
+        return arg({})
+    return arg
+
+
+def replay_cached_calls(graph: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    """``graph`` with the call nodes the cache can answer replaced by their answers.
+
+    Returns ``graph`` itself when caching is off or nothing is answered.
+    """
+    store = active_store()
+    if store is None:
+        return graph
+    # graph key -> (whole batch?, cache key per item)
+    planned: dict[Any, tuple[bool, list[str]]] = {}
+    for key, node in graph.items():
+        if type(node) is not Task or node.dependencies or len(node.args) != 1:
+            continue
+        func: Any = node.func
+        kind = type(func)
+        if kind is BackendCall and func.pure:
+            items = [_literal(node.args[0])]
+        elif kind is BatchCall and not func.distinct:
+            items = list(_literal(node.args[0]))
+        else:
+            continue
+        params = {name: _literal(value) for name, value in node.kwargs.items()}
+        cache_keys = [call_key(func.backend, func.method, item, params) for item in items]
+        planned[key] = (kind is BatchCall, cache_keys)
+    if not planned:
+        return graph
+    wanted = list(dict.fromkeys(k for _, keys in planned.values() for k in keys))
+    found = store.get_many(wanted)
+    if not found:
+        return graph
+    replayed = dict(graph)
+    answered = 0
+    decoded: dict[str, Any] = {}
+    for key, (whole, cache_keys) in planned.items():
+        if not all(cache_key in found for cache_key in cache_keys):
+            continue
+        values = []
+        for cache_key in cache_keys:
+            if cache_key not in decoded:
+                decoded[cache_key] = decode(found[cache_key])
+            values.append(decoded[cache_key])
+        replayed[key] = DataNode(key, values if whole else values[0])
+        answered += len(cache_keys)
+    tally = current_tally.get()
+    if tally is not None:
+        tally.add(hits=answered)
+    return replayed
