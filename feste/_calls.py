@@ -156,7 +156,7 @@ async def send(backend: Backend, request: Request) -> Parsed:
     ``call_timeout`` bounds the whole call: admission waits, attempts and the waits
     between them. When admissions are scarce, calls with a higher :data:`call_priority`
     go first (the async engine sets it to the length of the longest chain of calls
-    waiting on the call).
+    through the call: the critical path goes first).
     """
     scope = run_limits()
     priority = call_priority.get()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+from pathlib import Path
 
 import dask
 import pytest
@@ -24,6 +25,12 @@ from feste.task import FesteBase, feste_task
 from feste.testing import chat_text, embedding
 
 ALL = ["async", "sync", "threads", "processes"]
+
+CALL_LINE = next(
+    number
+    for number, line in enumerate(Path(__file__).read_text().splitlines(), 1)
+    if line.endswith("# CALL_LINE")
+)
 
 
 @pytest.fixture(params=ALL)
@@ -89,6 +96,13 @@ def mentions(exc, text):
 @feste_task
 def read_option(name):
     return context.get(name)
+
+
+@feste_task(pure=True)
+def review(index):
+    if index == 3:
+        raise ValueError("review 3 is unreadable")
+    return f"review {index}: the soup was fine"
 
 
 class Greeter(FesteBase):
@@ -214,11 +228,16 @@ def test_backend_calls(scheduler, llm_server):
 
 def test_backend_error_names_backend_and_task(scheduler, llm_server):
     llm = OpenAI(base_url=llm_server.openai_base_url, api_key="k")
-    call = llm.chat("x [[status:400]]")
+    call = llm.chat("x [[status:400]]")  # CALL_LINE
     with pytest.raises(BadRequestError) as info:
         feste.compute(call, scheduler=scheduler)
     assert "openai.chat" in str(info.value)
     assert call.key in str(info.value)
+    # It also names the input and the line that made the call.
+    assert str(info.value).endswith(
+        f"(input 'x [[status:400]]', called at test_schedulers.py:{CALL_LINE} in "
+        "test_backend_error_names_backend_and_task)"
+    )
 
 
 # -- partial failure, callbacks and keywords ------------------------------------------
@@ -263,22 +282,50 @@ def test_a_chain_of_cancelled_tasks_names_each_task_and_the_failed_one(scheduler
         )
 
 
-def test_a_call_on_a_failed_input_is_cancelled_and_never_sent(scheduler, llm_server):
+def test_a_failed_input_costs_only_its_own_item_of_a_planned_batch(scheduler, llm_server):
     llm = OpenAI(base_url=llm_server.openai_base_url, api_key="k")
-    bad = refuse(2)
-    vectors = [llm.embed(bad), llm.embed("fine")]
-    # Unoptimized: the optimizer would put both calls in one batch, which the failed
-    # input cancels as a whole.
-    cancelled, fine = feste.compute(
-        *vectors, scheduler=scheduler, errors="return", optimize_graph=False
+    reviews = [review(index) for index in range(10)]
+    vectors = [llm.embed(text) for text in reviews]
+    # The ten embeds need no other call: the optimizer plans them as one batch.
+    assert "openai.embed: 10 calls -> 1 request" in str(feste.explain(vectors))
+    (results,) = feste.compute(vectors, scheduler=scheduler, errors="return")
+    texts = [f"review {index}: the soup was fine" for index in range(10) if index != 3]
+    for index, result in enumerate(results):
+        if index != 3:
+            assert result == embedding(
+                "text-embedding-3-small", f"review {index}: the soup was fine"
+            )
+    failed = results[3]
+    assert failed.cancelled
+    assert failed.key == vectors[3].key
+    assert str(failed.exception).startswith(
+        f"task {vectors[3].key!r} was not run because task {reviews[3].key!r} failed: "
+        "ValueError: review 3 is unreadable"
     )
-    assert fine == embedding("text-embedding-3-small", "fine")
-    assert cancelled.cancelled
-    assert cancelled.key == vectors[0].key
-    assert str(cancelled.exception).startswith(
-        f"task {vectors[0].key!r} was not run because task {bad.key!r} failed: ValueError"
+    # One request with exactly the nine good items.
+    assert llm_server.stats()["inputs"]["/v1/embeddings"] == [texts]
+
+
+def test_a_failed_call_upstream_costs_only_its_own_embedding(scheduler, llm_server):
+    llm = OpenAI(base_url=llm_server.openai_base_url, api_key="k")
+    questions = [
+        f"review {index}" + (" [[status:400]]" if index == 3 else "") for index in range(10)
+    ]
+    answers = [llm.chat(question) for question in questions]
+    vectors = [llm.embed(answer) for answer in answers]
+    (results,) = feste.compute(vectors, scheduler=scheduler, errors="return")
+    for index, result in enumerate(results):
+        if index != 3:
+            expected = chat_text("gpt-4o-mini", questions[index])
+            assert result == embedding("text-embedding-3-small", expected)
+    assert results[3].cancelled
+    assert answers[3].key in str(results[3].exception)
+    assert "BadRequestError" in str(results[3].exception)
+    # The server embedded exactly the nine answers, whichever requests carried them.
+    sent = [text for request in llm_server.stats()["inputs"]["/v1/embeddings"] for text in request]
+    assert sorted(sent) == sorted(
+        chat_text("gpt-4o-mini", questions[index]) for index in range(10) if index != 3
     )
-    assert llm_server.stats()["inputs"]["/v1/embeddings"] == [["fine"]]
 
 
 def test_progress_counts_tasks_not_literals(get):

@@ -34,13 +34,18 @@ threads and coroutines alike.
 
 Task-selection policy
 ---------------------
-Priorities come from ``dask.order.order`` (critical path first, memory-friendly).
-Ready Python tasks leave a priority heap while fewer than two chunks per worker are
-queued; ready backend calls leave one priority heap per backend object while its
-outstanding calls are under a cap (four times its ``max_concurrency`` and at least 64,
-else 1024), so that a call on the critical path that becomes ready late overtakes the
-bulk. Inline nodes run as soon as they are ready. The backend's limiter
-(:mod:`feste.limits`) then decides when a started call is actually sent.
+Python tasks are ordered by ``dask.order.order`` (memory-friendly). Backend calls are
+ordered by the critical path of calls: each call's *chain priority* is the length of
+the longest chain of backend calls through it (calls before it plus calls still to
+come after it), ties going to the call with more calls still to come, then to
+``dask.order``. Ready Python tasks leave a priority heap while fewer than two chunks
+per worker are queued; ready backend calls leave one heap per backend object, highest
+chain priority first, while its outstanding calls are under a cap (four times its
+``max_concurrency`` and at least 64, else 1024). Inline nodes run as soon as they are
+ready. The limiters (:mod:`feste.limits`) then decide when a started call is sent,
+serving waiters by the same chain priority (``feste._calls.call_priority``) and then
+in arrival order: when requests are scarce, a chain of five dependent calls next to
+hundreds of independent ones is not sent last.
 
 State
 -----
@@ -223,7 +228,7 @@ class _Lane:
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.heap: list[tuple[int, int, int, _Job]] = []
+        self.heap: list[tuple[float, int, int, _Job]] = []
         self.outstanding = 0
 
 
@@ -233,7 +238,7 @@ class _Job:
     __slots__ = (
         "backend",
         "call_sites",
-        "calls_below",
+        "chain_priority",
         "dedupe",
         "items",
         "keys",
@@ -267,8 +272,8 @@ class _Job:
         # A planned batch some of whose inputs failed: puts the results of the items
         # sent back among the failed items' entries.
         self.merge: Callable[[list[Any]], list[Any]] | None = None
-        # The length of the longest chain of calls waiting on this request.
-        self.calls_below = 0
+        # The longest chain of calls through this request: served first when scarce.
+        self.chain_priority = 0.0
 
 
 class _Group:
@@ -277,7 +282,7 @@ class _Group:
     __slots__ = (
         "backend",
         "call_sites",
-        "calls_below",
+        "chain_priority",
         "dedupe",
         "group_key",
         "items",
@@ -307,7 +312,7 @@ class _Group:
         self.items: list[Any] = []
         self.priority = math.inf
         self.call_sites: list[str | None] = []
-        self.calls_below = 0
+        self.chain_priority = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -345,8 +350,8 @@ class Engine:
         self.waiting: dict[Hashable, int] = {}
         self.refs: dict[Hashable, int] = {}
         self.priority: dict[Hashable, int] = {}
-        # Backend-call nodes: the most calls on a path from them to an output, excluded.
-        self.calls_below: dict[Hashable, int] = {}
+        # Backend-call nodes: the longest chain of calls through each (critical path).
+        self.chain_priority: dict[Hashable, float] = {}
         self.values: dict[Hashable, Any] = {}
         self.failures: dict[Hashable, Failure] = {}
         self.settled: set[Hashable] = set()
@@ -425,7 +430,7 @@ class Engine:
             # Independent nodes: dask.order has nothing to decide, keep graph order.
             self.priority = {key: index for index, key in enumerate(nodes)}
             return
-        self._count_calls_below()
+        self._rank_critical_path()
         if all(not nodes[dep].dependencies for key in users for dep in nodes[key].dependencies):
             # Two levels (calls or batches, and the nodes reading them, such as item
             # picks): every source is ready at once and every user right after its
@@ -441,34 +446,51 @@ class Engine:
                 raise GraphError(f"the graph has a cycle: {exc}") from None
             raise
 
-    def _count_calls_below(self) -> None:
-        """For each backend call, the most calls on a path from it to an output.
+    def _rank_critical_path(self) -> None:
+        """For each backend call, the length of the longest chain of calls through it.
 
-        When admissions are scarce the limiter serves the longest remaining chain of
-        calls first (the critical path), so a chain next to hundreds of independent
-        calls is not sent last. One sweep from the outputs back, linear in the graph.
+        When admissions are scarce the limiter serves the calls on the longest chain
+        first (the critical path), those with more calls still to come before others,
+        so a chain next to hundreds of independent calls is not sent last. Two sweeps,
+        from the outputs back and from the sources forward, linear in the graph.
         """
         kind = self.kind
+        nodes = self.nodes
+        is_call = {key: kind[key] in (_CALL, _BATCH) for key in nodes}
         below: dict[Hashable, int] = {}
-        pending = {key: len(users) for key, users in self.dependents.items() if key in kind}
+        pending = {key: len(self.dependents[key]) for key in nodes}
         ready = [key for key, count in pending.items() if count == 0]
-        found_chain = False
+        order: list[Hashable] = []
         while ready:
             key = ready.pop()
+            order.append(key)
             longest = 0
             for user in self.dependents[key]:
-                through = below.get(user, 0) + (1 if kind[user] in (_CALL, _BATCH) else 0)
+                through = below[user] + is_call[user]
                 if through > longest:
                     longest = through
             below[key] = longest
-            if longest and kind[key] in (_CALL, _BATCH):
-                found_chain = True
-            for dep in self.nodes[key].dependencies:
+            for dep in nodes[key].dependencies:
                 pending[dep] -= 1
                 if pending[dep] == 0:
                     ready.append(dep)
-        if found_chain:
-            self.calls_below = {key: below[key] for key in below if kind[key] in (_CALL, _BATCH)}
+        if len(order) != len(nodes):
+            return  # a cycle: dask.order reports it
+        above: dict[Hashable, int] = {}
+        for key in reversed(order):  # sources first
+            longest = 0
+            for dep in nodes[key].dependencies:
+                through = above[dep] + is_call[dep]
+                if through > longest:
+                    longest = through
+            above[key] = longest
+        chains = {
+            key: above[key] + below[key] + below[key] / (len(nodes) + 1)
+            for key in nodes
+            if is_call[key]
+        }
+        if any(chains.values()):
+            self.chain_priority = chains
 
     # -- running ----------------------------------------------------------------------
 
@@ -741,7 +763,7 @@ class Engine:
         priority = self.priority[key]
         if kind == _BATCH:
             job = self._batch_job(key, call, node.args[0], params)
-            job.calls_below = self.calls_below.get(key, 0)
+            job.chain_priority = self.chain_priority.get(key, 0)
             self._queue_job(lane, priority, job)
             return
         item = _argument(node.args[0], values)
@@ -749,7 +771,7 @@ class Engine:
         if group_key is None:
             job = _Job(call.backend, call.method, [key], [item], params, False, call.pure)
             job.call_sites = [call.call_site]
-            job.calls_below = self.calls_below.get(key, 0)
+            job.chain_priority = self.chain_priority.get(key, 0)
             self._queue_job(lane, priority, job)
             return
         group = self._groups.get(group_key)
@@ -768,7 +790,7 @@ class Engine:
         group.call_sites.append(call.call_site)
         group.dedupe = group.dedupe and call.pure
         group.priority = min(group.priority, priority)
-        group.calls_below = max(group.calls_below, self.calls_below.get(key, 0))
+        group.chain_priority = max(group.chain_priority, self.chain_priority.get(key, 0))
         if len(group.keys) >= call.spec.batch_size:
             self._flush_group(group)
 
@@ -777,8 +799,12 @@ class Engine:
         elements = list(items_arg.args) if isinstance(items_arg, List) else list(items_arg)
         failures: list[Failure | None] = []
         for element in elements:
+            if isinstance(element, TaskRef):
+                needs: Any = (element.key,)
+            else:
+                needs = getattr(element, "dependencies", ())
             failed = None
-            for dep in getattr(element, "dependencies", ()):
+            for dep in needs:
                 if dep in self.failures:
                     failed = self.failures[dep]
                     break
@@ -826,12 +852,12 @@ class Engine:
             group.backend, group.method, group.keys, group.items, group.params, False, group.dedupe
         )
         job.call_sites = group.call_sites
-        job.calls_below = group.calls_below
+        job.chain_priority = group.chain_priority
         self._queue_job(group.lane, int(group.priority), job)
 
     def _queue_job(self, lane: _Lane, priority: int, job: _Job) -> None:
         self._sequence += 1
-        heapq.heappush(lane.heap, (-job.calls_below, priority, self._sequence, job))
+        heapq.heappush(lane.heap, (-job.chain_priority, priority, self._sequence, job))
 
     def _start_lane(self, lane: _Lane) -> None:
         heap = lane.heap
@@ -843,7 +869,7 @@ class Engine:
     async def _send(self, job: _Job, lane: _Lane) -> None:
         """The one place a backend call is made: await the request, settle its keys."""
         # Scarce admissions go first to calls with the longest chain waiting on them.
-        call_priority.set(job.calls_below)
+        call_priority.set(job.chain_priority)
         try:
             if len(job.items) == 1 and not job.whole:
                 values = [
