@@ -1,34 +1,45 @@
-"""Progress display for the async engine: one rich progress bar per run.
+"""Progress display: one rich progress bar per run, on every scheduler.
 
 Design
 ------
-The engine keeps its own counters (tasks done, failed, running) and calls the per-task
-callbacks (``on_task_done``, ``on_task_failed``, ``on_progress``) itself, at the moment a
-task settles. What happens to requests (sent, retried, tokens used) is only known
-inside :func:`feste._calls.send`, which reports it to the current
-:class:`~feste._calls.RunObserver`: :class:`RunProgress` is that observer for the run,
-forwarding every report to the observer that was current before, so cost accounting or
-tracing observers keep working.
+The bar counts what the user wrote: backend *calls* (each ``BackendCall`` node, and
+each item picked out of a planned batch), not graph steps. A scheduler reports each
+task that settles (:class:`feste.schedulers._policy.TaskEvents` forwards it to
+:meth:`RunProgress.settled`); what happens to requests (sent, retried, failed,
+tokens) is only known inside :func:`feste._calls.send`, which reports it to the
+current :class:`~feste._calls.RunObserver`: :class:`RunProgress` is that observer for
+the run, forwarding every report to the observer that was current before, so usage,
+cost or tracing observers keep working.
 
-Nothing is drawn per task: a timer on the engine's loop reads the counters ten times a
-second and updates the bar, so a 50,000-task graph pays no display cost per task.
+Nothing is drawn per task: a daemon thread redraws the bar ten times a second from
+the counters, whichever scheduler runs the graph (the async engine's loop, dask's
+threads, or the caller's thread with ``sync``). Requests made in worker processes are
+not seen by this process's observer: there the bar counts calls only.
+
 The bar shows when the ``progress`` option is True, or when it is None (the default)
-and stderr is a terminal; otherwise :meth:`RunProgress.start` returns None and the
-engine runs without any of this.
+and stderr is a terminal; otherwise :meth:`RunProgress.start` returns None and the run
+has none of this.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import sys
+import threading
+from collections.abc import Hashable, Mapping
 from typing import Any
+
+from dask.task_spec import Task, TaskRef
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Column
 
 from feste import context
 from feste._calls import RunObserver, current_observer
+from feste._nodes import BackendCall, BatchCall, take_item
 from feste.backend.types import Request, Usage
 
-__all__ = ["RunProgress", "should_show"]
+__all__ = ["RunProgress", "call_keys", "should_show"]
 
 _REFRESH_SECONDS = 0.1
 
@@ -44,33 +55,63 @@ def should_show() -> bool:
     return bool(show)
 
 
-class RunProgress(RunObserver):
-    """Counts requests of one run and draws its progress bar (see the module docstring)."""
+def call_keys(graph: Mapping[Hashable, Any]) -> set[Hashable]:
+    """The keys of ``graph`` that stand for a backend call the user wrote: call nodes,
+    and the picks of one item out of a batch the optimizer planned."""
+    found: set[Hashable] = set()
+    for key, node in graph.items():
+        if type(node) is not Task:
+            continue
+        if type(node.func) is BackendCall:
+            found.add(key)
+        elif node.func is take_item and node.args and isinstance(node.args[0], TaskRef):
+            source = graph.get(node.args[0].key)
+            if type(source) is Task and type(source.func) is BatchCall:
+                found.add(key)
+    return found
 
-    def __init__(self, engine: Any, previous: RunObserver) -> None:
-        self.engine = engine
+
+class RunProgress(RunObserver):
+    """Counts the calls and requests of one run and draws its bar (see the module doc)."""
+
+    def __init__(self, calls: set[Hashable], previous: RunObserver) -> None:
+        self.calls = calls
         self.previous = previous
+        self.calls_done = 0
+        self.calls_failed = 0
         self.requests = 0
         self.ended = 0  # attempts that came back: success, retried or failed
         self.retries = 0
+        self.failed_requests = 0
         self.tokens = 0
         self._token: contextvars.Token[RunObserver] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._bar: Any = None
         self._task_id: Any = None
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @classmethod
-    def start(cls, engine: Any) -> RunProgress | None:
-        """Begin showing progress for ``engine`` if the options ask for it, else None.
+    def start(cls, graph: Mapping[Hashable, Any]) -> RunProgress | None:
+        """Begin showing progress for a run of ``graph`` if the options ask for it.
 
-        Must be called on the engine's loop, in the context its tasks will copy.
+        Installs the observer in the current context, which the run's tasks copy.
         """
         if not should_show():
             return None
-        progress = cls(engine, current_observer.get())
+        progress = cls(call_keys(graph), current_observer.get())
         progress._token = current_observer.set(progress)
         progress._open()
         return progress
+
+    # -- what the scheduler reports ---------------------------------------------------
+
+    def settled(self, key: Hashable, ok: bool) -> None:
+        """Task ``key`` finished (``ok``) or failed; only calls count."""
+        if key in self.calls:
+            if ok:
+                self.calls_done += 1
+            else:
+                self.calls_failed += 1
 
     # -- RunObserver ------------------------------------------------------------------
 
@@ -91,71 +132,65 @@ class RunProgress(RunObserver):
 
     def request_failed(self, request: Request, error: BaseException, attempt: int) -> None:
         self.ended += 1
+        self.failed_requests += 1
         self.previous.request_failed(request, error, attempt)
 
     # -- display ----------------------------------------------------------------------
 
     def details(self) -> str:
-        engine = self.engine
+        """The text after the bar: requests, retries, failures and tokens so far."""
+        parts = []
         if self.requests:
-            parts = [f"{self.requests - self.ended} in flight", f"{self.requests} requests"]
-        else:
-            parts = [f"{engine.running} running"]
+            parts.append(f"{self.requests} requests")
+            in_flight = self.requests - self.ended
+            if in_flight:
+                parts.append(f"{in_flight} in flight")
         if self.retries:
             parts.append(f"{self.retries} retries")
-        if engine.failed:
-            parts.append(f"{engine.failed} failed")
+        if self.calls_failed:
+            parts.append(f"{self.calls_failed} failed")
         if self.tokens:
             parts.append(f"{self.tokens} tokens")
         return " · ".join(parts)
 
     def _open(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-        from rich.table import Column
-
         # Counts and time never shrink; the details give way on a narrow terminal.
         self._bar = Progress(
             TextColumn("[bold]feste[/bold]"),
             BarColumn(bar_width=20),
             MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn("calls", table_column=Column(no_wrap=True)),
             TimeElapsedColumn(table_column=Column(no_wrap=True)),
             TextColumn(
                 "{task.fields[details]}",
                 table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1),
             ),
             console=Console(stderr=True),
-            refresh_per_second=10,
+            auto_refresh=False,
         )
-        self._task_id = self._bar.add_task("feste", total=self.engine.total, details="")
+        self._task_id = self._bar.add_task("feste", total=len(self.calls), details="")
         self._bar.start()
-        self._schedule()
+        self._thread = threading.Thread(target=self._redraw, name="feste-progress", daemon=True)
+        self._thread.start()
 
-    def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(_REFRESH_SECONDS, self._tick)
-
-    def _tick(self) -> None:
-        self._update()
-        self._schedule()
+    def _redraw(self) -> None:
+        while not self._stopped.wait(_REFRESH_SECONDS):
+            self._update()
 
     def _update(self) -> None:
-        engine = self.engine
-        self._bar.update(
-            self._task_id, completed=engine.done + engine.failed, details=self.details()
-        )
+        bar = self._bar
+        if bar is None:
+            return
+        completed = self.calls_done + self.calls_failed
+        bar.update(self._task_id, completed=completed, details=self.details())
+        bar.refresh()
 
     def stop(self, *, failed: bool) -> None:
         """Draw the final state and restore the previous observer."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(1.0)
+            self._thread = None
         if self._bar is not None:
             self._update()
             self._bar.stop()

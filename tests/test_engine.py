@@ -428,15 +428,6 @@ def test_a_failing_callback_stops_the_run():
         feste.compute(inc(1), on_task_done=broken)
 
 
-def test_progress_bar_on_request(llm_server, capsys):
-    llm = chat_backend(llm_server)
-    feste.compute([llm.chat("a"), llm.chat("b")], progress=True)
-    err = capsys.readouterr().err
-    assert "feste" in err
-    assert "2/2" in err
-    assert "2 requests" in err
-
-
 def test_no_progress_output_when_not_asked(capsys):
     feste.compute(inc(1), progress=False)
     assert capsys.readouterr().err == ""

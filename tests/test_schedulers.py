@@ -340,6 +340,21 @@ def test_progress_counts_tasks_not_literals(get):
     assert progress == [(1, 2), (2, 2)]
 
 
+def test_the_progress_bar_counts_calls_requests_and_failures(scheduler, llm_server, capsys):
+    llm = OpenAI(base_url=llm_server.openai_base_url, api_key="k")
+    chats = [llm.chat(join("question", index)) for index in range(3)]
+    vectors = [llm.embed(f"text {index}") for index in range(5)]  # one batched request
+    broken = llm.chat("x [[status:400]]")
+    feste.compute(chats, vectors, broken, scheduler=scheduler, errors="return", progress=True)
+    drawn = capsys.readouterr().err
+    final = drawn.strip().splitlines()[-1]
+    # Nine calls as written (not graph steps), one of them failed.
+    assert "9/9 calls" in final
+    assert "1 failed" in final
+    if scheduler != "processes":  # requests made in worker processes are not seen here
+        assert "5 requests" in final
+
+
 def test_callbacks_see_every_task(scheduler):
     done, failed, progress = [], [], []
     values = [inc(i) for i in range(3)]

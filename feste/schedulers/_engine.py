@@ -500,7 +500,8 @@ class Engine:
         self._loop = loop
         self._finished = loop.create_future()
         self._build()
-        self.progress = RunProgress.start(self)
+        self.progress = RunProgress.start(self.nodes)
+        self.events.progress = self.progress
         self._context = contextvars.copy_context()
         try:
             self._start()

@@ -27,6 +27,7 @@ from dask.task_spec import Task
 from feste import context
 from feste._loop import run_sync
 from feste._nodes import BatchCall
+from feste._progress import RunProgress
 from feste.errors import Failure, annotate_task_error
 from feste.limits import run_scope
 from feste.schedulers._policy import (
@@ -141,9 +142,9 @@ def keyed_graph(
     return wrapped
 
 
-def _event_callbacks(task_keys: set[Any]) -> list[tuple[Any, ...]]:
+def _event_callbacks(task_keys: set[Any], progress: RunProgress | None) -> list[tuple[Any, ...]]:
     """dask ``callbacks`` that report each finished task to the feste callbacks."""
-    events = TaskEvents(len(task_keys))
+    events = TaskEvents(len(task_keys), progress)
     if not events.wanted:
         return []
 
@@ -180,5 +181,14 @@ def run_on_dask(
         shipped = portable_options() if ship_options else None
         wrapped = keyed_graph(graph, shipped, returns_failures())
         task_keys = {key for key, node in wrapped.items() if type(node) is Task}
-        callbacks = _event_callbacks(task_keys)
-        return dask_get(wrapped, keys, callbacks=callbacks, **passed_on)
+        progress = RunProgress.start(graph)
+        callbacks = _event_callbacks(task_keys, progress)
+        try:
+            result = dask_get(wrapped, keys, callbacks=callbacks, **passed_on)
+        except BaseException:
+            if progress is not None:
+                progress.stop(failed=True)
+            raise
+        if progress is not None:
+            progress.stop(failed=False)
+        return result

@@ -33,12 +33,14 @@ stops the run. With ``errors="return"`` (:func:`returns_failures`):
   own item, whose pick is cancelled, and that item's dependents;
 * everything that does not depend on a failure finishes.
 
-Callbacks
----------
-:class:`TaskEvents` reads ``on_task_done``, ``on_task_failed`` and ``on_progress`` when a
-run starts and calls them in the calling process as each task settles:
-``on_task_done(key, value)`` or ``on_task_failed(key, exception)`` (cancelled tasks
-included), then ``on_progress(settled, total)``. Literal data nodes are not tasks.
+Callbacks and progress
+----------------------
+:class:`TaskEvents` reports each settled task to the run's progress bar (which counts
+the backend calls among them) on every scheduler, and reads ``on_task_done``,
+``on_task_failed`` and ``on_progress`` when a run starts and calls them in the calling
+process as each task settles: ``on_task_done(key, value)`` or
+``on_task_failed(key, exception)`` (cancelled tasks included), then
+``on_progress(settled, total)``. Literal data nodes are not tasks.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from dask.task_spec import Alias, Task
 
 from feste import context
 from feste._nodes import take_item
+from feste._progress import RunProgress
 from feste.backend.types import ItemFailure
 from feste.errors import CancelledError, Failure, SchedulerError, annotate_task_error
 
@@ -224,25 +227,31 @@ def first_failure(values: Iterable[Any]) -> Failure | None:
 class TaskEvents:
     """The per-task callbacks of one run, read from the options when it starts."""
 
-    __slots__ = ("on_progress", "on_task_done", "on_task_failed", "settled", "total")
+    __slots__ = ("on_progress", "on_task_done", "on_task_failed", "progress", "settled", "total")
 
-    def __init__(self, total: int = 0) -> None:
+    def __init__(self, total: int = 0, progress: RunProgress | None = None) -> None:
         self.on_task_done = context.get("on_task_done")
         self.on_task_failed = context.get("on_task_failed")
         self.on_progress = context.get("on_progress")
+        self.progress = progress
         self.total = total
         self.settled = 0
 
     @property
     def wanted(self) -> bool:
-        """Whether any callback is set (a run without callbacks can skip the calls)."""
+        """Whether any callback or progress bar is on (else a run can skip the calls)."""
         return not (
-            self.on_task_done is None and self.on_task_failed is None and self.on_progress is None
+            self.on_task_done is None
+            and self.on_task_failed is None
+            and self.on_progress is None
+            and self.progress is None
         )
 
     def done(self, key: Hashable, value: Any) -> None:
         """Task ``key`` finished with ``value``."""
         self.settled += 1
+        if self.progress is not None:
+            self.progress.settled(key, True)
         if self.on_task_done is not None:
             self.on_task_done(key, value)
         if self.on_progress is not None:
@@ -251,6 +260,8 @@ class TaskEvents:
     def failed(self, key: Hashable, error: BaseException) -> None:
         """Task ``key`` failed with ``error``, or was cancelled (a ``CancelledError``)."""
         self.settled += 1
+        if self.progress is not None:
+            self.progress.settled(key, False)
         if self.on_task_failed is not None:
             self.on_task_failed(key, error)
         if self.on_progress is not None:
