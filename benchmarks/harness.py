@@ -140,6 +140,9 @@ class Workload:
     :class:`Ideal` for ``n`` inputs under the server knobs; ``check(inputs, outputs)``
     returns None when every output is right, else a message naming the first wrong one.
     ``per_item`` makes the report show microseconds per input (scheduler overhead).
+    ``milestones`` maps a label to a server route, e.g. ``{"first embedding request":
+    "/v1/embeddings"}``: each row reports when that route's first request arrived,
+    in seconds from the start of the run (``row["milestones"]``).
     """
 
     name: str
@@ -153,6 +156,7 @@ class Workload:
     check: Callable[[list[Any], Any], str | None]
     contenders: tuple[Contender, ...]
     per_item: bool = False
+    milestones: Mapping[str, str] = field(default_factory=dict)
     # Seconds a single run may take before it is killed (full run; quick runs use 60).
     time_cap: float = 120.0
 
@@ -400,6 +404,7 @@ class ServerPair:
             "items": 0,
             "status_counts": {},
             "max_in_flight": {},
+            "first_arrival": {},
         }
         for name, server in (("openai", self.openai), ("cohere", self.cohere)):
             stats = server.stats()
@@ -408,6 +413,9 @@ class ServerPair:
             for key in ("by_route", "status_counts"):
                 for route, count in stats.get(key, {}).items():
                     summary[key][route] = summary[key].get(route, 0) + count
+            for route, seconds in stats.get("first_arrival", {}).items():
+                earliest = summary["first_arrival"].get(route, seconds)
+                summary["first_arrival"][route] = min(earliest, seconds)
             if stats.get("requests", 0):
                 summary["max_in_flight"][name] = stats.get("max_in_flight", 0)
         return summary
@@ -508,6 +516,12 @@ def _measure_contender(
         correct=True,
         note="; ".join(notes),
     )
+    if workload.milestones:
+        # Seconds from the servers' reset, which comes just before the run starts.
+        arrivals = median["server"].get("first_arrival", {})
+        row["milestones"] = {
+            label: arrivals.get(route) for label, route in workload.milestones.items()
+        }
     if workload.per_item:
         row["per_item_us"] = makespan / size * 1e6
     log(
@@ -536,6 +550,7 @@ def _server_knobs(workload: Workload) -> dict[str, Any]:
         "max_concurrency": None,
         "requests_per_minute": None,
         "retry_after": 0.05,
+        "fault_429_retry_after": None,
         "fault_429": 0.0,
         "fault_500": 0.0,
         "fault_hang": 0.0,

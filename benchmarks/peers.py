@@ -39,6 +39,7 @@ __all__ = [
     "openai_client",
     "pool_map",
     "post_json",
+    "post_json_freeing_slot",
     "run_on_process_loop",
     "worker_clients",
 ]
@@ -87,6 +88,32 @@ async def post_json(
     attempt = 0
     while True:
         async with session.post(url, json=payload) as response:
+            if response.status < 400:
+                return await response.json()
+            retryable = response.status == 429 or response.status >= 500
+            if not retryable or attempt >= max_retries:
+                response.raise_for_status()
+            retry_after = response.headers.get("Retry-After")
+        attempt += 1
+        if retry_after is not None:
+            delay = float(retry_after)
+        else:
+            delay = random.uniform(0, 0.5 * 2 ** (attempt - 1))
+        await asyncio.sleep(delay)
+
+
+async def post_json_freeing_slot(
+    session: aiohttp.ClientSession,
+    url: str,
+    payload: dict[str, Any],
+    max_retries: int,
+    slots: asyncio.Semaphore,
+) -> Any:
+    """Like :func:`post_json`, but holding one of ``slots`` only while a request is out:
+    the waits between attempts leave the slot to other calls."""
+    attempt = 0
+    while True:
+        async with slots, session.post(url, json=payload) as response:
             if response.status < 400:
                 return await response.json()
             retryable = response.status == 429 or response.status >= 500

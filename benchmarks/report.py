@@ -61,10 +61,20 @@ def _row_cells(workload: dict[str, Any], row: dict[str, Any]) -> list[str]:
         ]
     extrapolated = row.get("scale", 1.0) > 1.0
     note = row.get("note", "")
+    timings = []
     built = row.get("marks", {}).get(GRAPH_BUILT)
     if built is not None and not extrapolated:
-        note = "; ".join(part for part in (f"graph built in {built:.3f} s", note) if part)
-    requests = str(row["requests"]) + (f" (for {row['inputs_run']} inputs)" if extrapolated else "")
+        timings.append(f"graph built in {built:.3f} s")
+    for label, seconds in row.get("milestones", {}).items():
+        if not extrapolated:
+            timings.append(f"{label} at {seconds:.3f} s" if seconds is not None else f"no {label}")
+    note = "; ".join(part for part in (*timings, note) if part)
+    requests = str(row["requests"])
+    refused = row.get("server", {}).get("status_counts", {}).get("429", 0)
+    if refused:
+        requests += f" ({refused} x 429)"
+    if extrapolated:
+        requests += f" (for {row['inputs_run']} inputs)"
     memory = f"{row['peak_rss_mib']:.0f} (+{row['rss_growth_mib']:.0f})"
     return [
         "",
@@ -119,7 +129,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines += [
         "",
         "`*` ran on a subset of the inputs; the makespan is scaled linearly to the full "
-        "size. Requests are counted at the server (retries and 429s included). Peak RSS is "
+        "size. Requests are counted at the server (retries included; `(k x 429)`: k of "
+        "them were answered 429). Peak RSS is "
         "the client's resident memory (worker processes included for the pool), growth is "
         "above the forked process's starting size.",
         "",

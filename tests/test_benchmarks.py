@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from benchmarks.harness import _server_knobs
+from benchmarks.workloads import overload, random_429, staggered
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,6 +62,9 @@ def test_quick_run_reports_every_workload_and_contender(tmp_path: Path) -> None:
         "pipeline",
         "scheduler_overhead",
         "faults",
+        "random_429",
+        "overload",
+        "staggered",
         "warm_rerun",
     } <= set(declared)
 
@@ -114,8 +121,98 @@ def test_list_names_every_workload_and_its_contenders() -> None:
         "pipeline",
         "scheduler_overhead",
         "faults",
+        "random_429",
+        "overload",
+        "staggered",
         "warm_rerun",
     ]
     for contenders in declared.values():
         assert contenders[0] == "feste"
         assert len(contenders) >= 3
+
+
+def seeded_requests(calls: int, share_429: float, seed: int) -> int:
+    """Requests the server receives for ``calls`` answered calls when it draws one number
+    per request from ``random.Random(seed)`` and answers 429 below ``share_429``."""
+    draws = random.Random(seed)
+    requests = answered = 0
+    while answered < calls:
+        requests += 1
+        if draws.random() >= share_429:
+            answered += 1
+    return requests
+
+
+@pytest.mark.slow
+def test_limit_and_staggered_workloads_account_for_every_request(tmp_path: Path) -> None:
+    only = "random_429,overload,staggered,pipeline"
+    result = run_benchmarks("--quick", "--only", only, "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    workloads = {workload["name"]: workload for workload in report["workloads"]}
+    assert list(workloads) == ["pipeline", "random_429", "overload", "staggered"]
+    for workload in workloads.values():
+        for row in workload["rows"]:
+            assert (row["status"], row["correct"]) == ("ok", True), (workload["name"], row)
+
+    # random_429: the server draws one number per request in arrival order, whoever
+    # sends them, so every contender needs the same number of requests to get every
+    # call answered, and every extra request is one of the seeded 429s.
+    shed = workloads["random_429"]
+    n = shed["n"]
+    expected = seeded_requests(n, shed["server"]["fault_429"], shed["server"]["seed"])
+    assert expected > n
+    for row in shed["rows"]:
+        assert row["requests"] == expected, row["contender"]
+        assert row["server"]["status_counts"] == {"200": n, "429": expected - n}
+    assert f"{expected} ({expected - n} x 429)" in (tmp_path / "latest.md").read_text()
+
+    # overload: no call lost with feste's defaults; never more than 8 served at once;
+    # told the cap, feste sends exactly one request per call.
+    overload = workloads["overload"]
+    n = overload["n"]
+    for row in overload["rows"]:
+        assert row["server"]["status_counts"]["200"] == n, row["contender"]
+        assert row["server"]["max_in_flight"]["openai"] <= 8
+        assert row["requests"] == n + row["server"]["status_counts"].get("429", 0)
+    told = next(
+        row for row in overload["rows"] if row["contender"] == "feste, told the server's cap"
+    )
+    assert told["requests"] == n and "429" not in told["server"]["status_counts"]
+
+    # staggered: one chat per document; feste's static pass sends the answers' embeddings
+    # in one request, the per-document chains one request each; every row says when its
+    # first embedding request arrived.
+    staggered = workloads["staggered"]
+    n = staggered["n"]
+    rows = {row["contender"]: row for row in staggered["rows"]}
+    for row in rows.values():
+        assert row["server"]["by_route"]["/v1/chat/completions"] == n
+        assert row["milestones"]["first embedding request"] > 0
+    assert rows["feste"]["server"]["by_route"]["/v1/embeddings"] == 1
+    chains = rows["asyncio.gather of per-document chains (aiohttp)"]
+    assert chains["server"]["by_route"]["/v1/embeddings"] == n
+    for row in workloads["pipeline"]["rows"]:
+        if row.get("scale", 1.0) == 1.0:
+            assert row["milestones"]["first embedding request"] > 0, row["contender"]
+
+
+def test_new_ideals_follow_their_formulas() -> None:
+    knobs = _server_knobs(overload.WORKLOAD)
+    ideal = overload.overload_ideal(2000, knobs)
+    assert (ideal.seconds, ideal.requests) == (pytest.approx(250 * 0.05), 2000)
+
+    knobs = _server_knobs(random_429.WORKLOAD)
+    assert knobs["max_concurrency"] is None
+    ideal = random_429.random_429_ideal(2000, knobs)
+    # 2,000 calls answered with probability 0.8: 2,500 attempts on 64 slots, 40 waves.
+    assert (ideal.seconds, ideal.requests) == (pytest.approx(40 * 0.05), 2500)
+
+    knobs = _server_knobs(staggered.WORKLOAD)
+    documents = staggered.make_documents(21)
+    delays = sorted(staggered.chat_delay(index) for index in range(21))
+    assert delays == [pytest.approx(step * 0.025) for step in range(21)]
+    assert documents[1] == "Document 1 [[delay:0.2]]: notes on topic 1."
+    # 21 chats of at most 0.55 s fit in 64 slots: the slowest chat, then one embedding.
+    ideal = staggered.staggered_ideal(21, knobs)
+    assert ideal.seconds == pytest.approx(0.05 + 0.0001 + 0.5 + 0.05 + 0.0001)

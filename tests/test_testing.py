@@ -41,6 +41,7 @@ from feste.testing.__main__ import build_parser
 from feste.testing.__main__ import main as cli_main
 from feste.testing._config import config_from_namespace, config_to_argv
 from feste.testing._limits import go_duration
+from feste.testing._responses import delay_of
 
 CHAT = "/v1/chat/completions"
 
@@ -355,6 +356,7 @@ def test_stats_count_requests_items_and_inputs(llm_server: TestServer) -> None:
     assert set(stats) == {
         "requests",
         "by_route",
+        "first_arrival",
         "by_api_key",
         "items",
         "items_per_request",
@@ -371,6 +373,7 @@ def test_stats_count_requests_items_and_inputs(llm_server: TestServer) -> None:
     llm_server.reset_stats()
     cleared = llm_server.stats()
     assert (cleared["requests"], cleared["items"], cleared["by_route"]) == (0, 0, {})
+    assert cleared["first_arrival"] == {}
     assert llm_server.config == ServerConfig()  # knobs survive a reset
 
 
@@ -942,4 +945,66 @@ def test_new_knobs_validate_and_survive_the_command_line(llm_server: TestServer)
     assert config_from_namespace(parsed) == config
     assert config_from_namespace(build_parser().parse_args(["--rate-limit-headers", "false"])) == (
         ServerConfig()
+    )
+
+
+def test_first_arrival_per_route_is_measured_from_the_reset(llm_server: TestServer) -> None:
+    client = openai_client(llm_server)
+    before_reset = time.monotonic()
+    llm_server.reset_stats()
+    after_reset = time.monotonic()
+    time.sleep(0.05)
+    sent = time.monotonic()
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "one"}])
+    client.embeddings.create(model="m", input=["a"])
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "two"}])
+    answered = time.monotonic()
+
+    arrivals = llm_server.stats()["first_arrival"]
+    assert set(arrivals) == {CHAT, "/v1/embeddings"}
+    # The server resets between before_reset and after_reset (same clock: thread mode).
+    # The second chat, sent after the embedding, does not move the chat route's time.
+    rounding = 1e-6
+    assert sent - after_reset - rounding <= arrivals[CHAT]
+    assert arrivals[CHAT] <= arrivals["/v1/embeddings"]
+    assert arrivals["/v1/embeddings"] <= answered - before_reset + rounding
+
+
+def test_delay_marker_slows_generation_routes_only(llm_server: TestServer) -> None:
+    assert delay_of(["plain", "a [[delay:0.1]] b [[delay:0.25]]", "[[delay:2]] last"]) == 2.0
+    assert delay_of(["none", "[[delay:soon]]", "[[delay:-1]]"]) == 0.0
+
+    # Delays are shown by client timeouts shorter than them, not by a clock.
+    impatient = openai.OpenAI(
+        base_url=llm_server.openai_base_url, api_key="k", max_retries=0, timeout=0.2
+    )
+    with impatient:
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(
+                model="gpt-x", messages=[{"role": "user", "content": "slow [[delay:0.6]]"}]
+            )
+        with pytest.raises(openai.APITimeoutError):  # the slowest prompt of a request counts
+            impatient.completions.create(model="c", prompt=["quick", "slow [[delay:0.6]]"])
+    cohere_chat = {"model": "c", "messages": [{"role": "user", "content": "[[delay:0.6]]"}]}
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(_post(llm_server.url + "/v2/chat", cohere_chat), 0.2))
+
+    # Embeddings ignore the marker that a chat answer echoes: 30 s would time out.
+    patient = openai_client(llm_server).with_options(timeout=10)
+    answer = patient.chat.completions.create(
+        model="gpt-x", messages=[{"role": "user", "content": "ready [[delay:0.05]]"}]
+    )
+    echoed = answer.choices[0].message.content
+    assert echoed == "echo(gpt-x): ready [[delay:0.05]]"
+    vectors = patient.embeddings.create(
+        model="e", input=[f"{echoed} [[delay:30]]"], encoding_format="float"
+    )
+    assert vectors.data[0].embedding == embedding("e", f"{echoed} [[delay:30]]")
+    status, _, body = post(
+        llm_server.url + "/v2/embed",
+        {"model": "e", "texts": ["[[delay:30]]"], "input_type": "search_query"},
+    )
+    assert status == 200 and body["embeddings"]["float"] == [embedding("e", "[[delay:30]]")]
+    assert llm_server.stats()["faults"] == dict.fromkeys(
+        ("429", "500", "hang", "drop", "malformed", "limit_429", "401", "400"), 0
     )

@@ -21,6 +21,9 @@ WORKLOAD_MODULES: tuple[str, ...] = (
     "pipeline",
     "scheduler_overhead",
     "faults",
+    "random_429",
+    "overload",
+    "staggered",
     "warm_rerun",
 )
 

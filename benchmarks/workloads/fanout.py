@@ -7,8 +7,10 @@ the same 64 requests in flight.
 
 Ideal: with every slot busy all the time, ``ceil(N / 64)`` waves of ``latency`` each.
 
-The contender functions here are reused by the faults workload, which runs the same
-calls with injected errors; they read the retry budget from ``job.settings``.
+The contender functions here are reused by the faults, random_429 and overload
+workloads, which run the same calls with injected errors or a tighter server; they
+read the retry budget from ``job.settings`` (``run_feste_default_settings`` leaves
+feste's retry options at their defaults).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import dask
+import openai
 
 from benchmarks.harness import (
     GRAPH_BUILT,
@@ -46,6 +49,10 @@ __all__ = [
     "check_chat",
     "fanout_ideal",
     "make_prompts",
+    "run_asyncio",
+    "run_feste",
+    "run_feste_default_settings",
+    "run_openai_async",
 ]
 
 CONCURRENCY = 64
@@ -101,6 +108,23 @@ def run_feste(job: Job) -> list[str]:
     return list(values)
 
 
+def run_feste_default_settings(job: Job) -> list[str]:
+    """The same calls with every retry and limit option left at feste's defaults."""
+    import feste
+    from feste.backend import OpenAI
+
+    llm = OpenAI(
+        base_url=job.openai_base_url,
+        api_key=job.api_key,
+        model=CHAT_MODEL,
+        max_concurrency=job.settings["concurrency"],
+    )
+    answers = [llm.chat(prompt) for prompt in job.inputs]
+    job.mark(GRAPH_BUILT)
+    (values,) = feste.compute(answers)
+    return list(values)
+
+
 # -- peers ------------------------------------------------------------------------------
 
 
@@ -116,6 +140,29 @@ def run_asyncio(job: Job) -> list[str]:
                 payload = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": prompt}]}
                 body = await post_json(session, url, payload, max_retries)
                 return str(body["choices"][0]["message"]["content"])
+
+            return await gather_limited(job.settings["concurrency"], ask, job.inputs)
+
+    return asyncio.run(main())
+
+
+def run_openai_async(job: Job) -> list[str]:
+    """Hand-written with the official async client: a semaphore, ``asyncio.gather``;
+    the client's own ``max_retries`` (it honours the server's retry-after headers)."""
+
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(
+            base_url=job.openai_base_url,
+            api_key=job.api_key,
+            max_retries=int(job.settings["max_retries"]),
+        )
+        async with client:
+
+            async def ask(prompt: str) -> str:
+                completion = await client.chat.completions.create(
+                    model=CHAT_MODEL, messages=[{"role": "user", "content": prompt}]
+                )
+                return str(completion.choices[0].message.content)
 
             return await gather_limited(job.settings["concurrency"], ask, job.inputs)
 

@@ -22,7 +22,7 @@ from typing import Any
 from benchmarks.harness import Contender, Ideal, Size, Workload, ceil_div
 from benchmarks.workloads import fanout
 
-__all__ = ["WORKLOAD"]
+__all__ = ["WORKLOAD", "expected_max_attempts", "retry_ideal"]
 
 CONCURRENCY = 64
 FAULTS = {"fault_429": 0.2, "fault_500": 0.05, "retry_after": 0.05}
@@ -40,24 +40,46 @@ def expected_max_attempts(n: int, failure: float) -> float:
         k += 1
 
 
-def faults_ideal(n: int, server: Mapping[str, Any]) -> Ideal:
-    failure = server["fault_429"] + server["fault_500"]
-    latency = server["latency"] + server["latency_per_item"]
-    cap = server["max_concurrency"]
+def retry_ideal(
+    n: int,
+    *,
+    latency: float,
+    slots: int,
+    fault_429: float,
+    wait_429: float,
+    fault_500: float = 0.0,
+) -> Ideal:
+    """The ideal of ``n`` calls on ``slots`` slots when each attempt fails at random:
+    with probability ``fault_429`` a 429 announcing ``wait_429`` seconds, with
+    ``fault_500`` a 500 (retried at once). The larger of the work and the expected
+    chain of the unluckiest call."""
+    failure = fault_429 + fault_500
     attempts = n / (1.0 - failure)
-    work = ceil_div(round(attempts), cap) * latency
+    work = ceil_div(round(attempts), slots) * latency
     # The unluckiest call: each extra attempt costs a latency, plus the announced
     # Retry-After when the failure was a 429 (a 500 may be retried at once).
-    wait = server["retry_after"] * server["fault_429"] / failure
+    wait = wait_429 * fault_429 / failure
     chain = expected_max_attempts(n, failure)
     critical = latency + (chain - 1) * (latency + wait)
     return Ideal(
         seconds=max(work, critical),
         formula=(
-            f"max(ceil({attempts:.0f} expected attempts / {cap}) waves x {latency * 1000:g} ms, "
-            f"unluckiest call: {chain:.1f} attempts expected = {critical * 1000:.0f} ms)"
+            f"max(ceil({attempts:.0f} expected attempts / {slots}) waves x "
+            f"{latency * 1000:g} ms, unluckiest call: {chain:.1f} attempts expected = "
+            f"{critical * 1000:.0f} ms)"
         ),
         requests=round(attempts),
+    )
+
+
+def faults_ideal(n: int, server: Mapping[str, Any]) -> Ideal:
+    return retry_ideal(
+        n,
+        latency=server["latency"] + server["latency_per_item"],
+        slots=server["max_concurrency"],
+        fault_429=server["fault_429"],
+        wait_429=server["retry_after"],
+        fault_500=server["fault_500"],
     )
 
 

@@ -20,7 +20,8 @@ Deterministic outputs:
 - tokens: ``count_tokens(text) == ceil(len(text) / 4)`` (0 for "").
 
 ``TestServer.stats()`` (and ``GET /_stats``) keys: ``requests``, ``by_route``,
-``by_api_key``, ``items``, ``items_per_request``, ``max_in_flight``,
+``first_arrival`` (per route, seconds from the last reset to its first
+request), ``by_api_key``, ``items``, ``items_per_request``, ``max_in_flight``,
 ``in_flight``, ``faults``, ``status_counts``, ``inputs`` (meanings in
 ``feste.testing._stats.Stats``). Lists are in ARRIVAL order: ``inputs[route]``
 holds the item texts of each successful request in the order the server
@@ -46,6 +47,11 @@ rerank query is ``"query"``):
   ``meta.billed_units`` ``{"input_tokens": "many"}`` / ``{"search_units": "many"}``;
 - ``[[deep_json]]``: 200 with the normal body plus a field ``"deep"`` holding
   arrays nested 100,000 levels (valid JSON a recursive parser cannot read).
+
+Not a fault: ``[[delay:SECONDS]]`` in the input of a chat or completion
+request adds ``SECONDS`` to its latency (the largest marker of the request
+counts), for generations of varied length; embeddings and rerank ignore it, so
+an answer echoing the marker embeds at the usual latency.
 
 Random faults draw one number per admitted request from ``random.Random(seed)``,
 in arrival order, so a seed replays them. Retry headers are ``retry-after-ms``

@@ -15,7 +15,9 @@ consistent. A request walks one pipeline:
    decides the random fault;
 5. body parsed and validated (400), then its input tokens admitted or
    refused by ``tokens_per_minute`` (429);
-6. ``latency + latency_per_item * items`` slept;
+6. ``latency + latency_per_item * items`` slept, plus, for the routes that
+   generate text (chat, completions), the largest ``[[delay:SECONDS]]``
+   marker among the inputs;
 7. a marker trigger in an input (``[[status:503]]``, ``[[hang]]``...) or else
    the random fault applied; otherwise the deterministic answer computed by
    ``feste.testing._responses``.
@@ -39,12 +41,18 @@ from ._config import ServerConfig
 from ._faults import MALFORMED_BODY, FaultInjector, deep_json_body, drop_connection
 from ._limits import RateLimits
 from ._parsing import ENDPOINTS, Endpoint
+from ._responses import delay_of
 from ._stats import Stats, key_label
 
 __all__ = ["ApiSimulator"]
 
 # Answers of OpenAI routes with these statuses carry the x-ratelimit-* headers.
 _RATE_HEADER_STATUSES = frozenset({200, 429})
+
+# Only requests of these routes take the [[delay:S]] markers of their inputs: a delay
+# stands for a slow generation, and since a chat answer echoes its prompt, markers
+# included, embedding that answer must not be slowed down a second time.
+_GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v2/chat"})
 
 
 def _bearer_token(request: web.BaseRequest) -> str | None:
@@ -243,6 +251,8 @@ class ApiSimulator:
             return self._error(stats, endpoint, config, limited)
 
         delay = config.latency + config.latency_per_item * len(parsed.texts)
+        if endpoint.route in _GENERATION_ROUTES:
+            delay += delay_of(parsed.texts)
         if delay > 0:
             await asyncio.sleep(delay)
 

@@ -1,7 +1,7 @@
 """Deterministic outputs of the simulated LLM APIs, as pure functions of the inputs.
 
 Design: every value the test server answers with (generated text, token counts,
-embedding vectors, rerank scores, injected-fault markers) is computed here from
+embedding vectors, rerank scores, fault and delay markers) is computed here from
 the request alone, with no state, clock or randomness. Tests elsewhere import
 these functions to compute the values they expect, and the formats are simple
 enough to be written as literals too:
@@ -33,6 +33,7 @@ __all__ = [
     "chat_text",
     "completion_text",
     "count_tokens",
+    "delay_of",
     "embedding",
     "embedding_base64",
     "find_trigger",
@@ -54,6 +55,10 @@ _FLOATS_PER_DIGEST: Final = 8  # 32 bytes of sha256 = 8 chunks of 4 bytes
 _TRIGGER_PATTERN: Final = re.compile(
     r"\[\[(status:(\d{3})|retry_after:(\d+(?:\.\d+)?)|hang|drop|malformed|bad_usage|deep_json)\]\]"
 )
+
+
+# Not a fault: the extra seconds a chat or completion takes to generate its answer.
+_DELAY_PATTERN: Final = re.compile(r"\[\[delay:(\d+(?:\.\d+)?)\]\]")
 
 
 def count_tokens(text: str) -> int:
@@ -204,3 +209,19 @@ def find_trigger(texts: Sequence[str], name: str = "input", indexed: bool = True
             if 400 <= status <= 599:
                 return Trigger("status", where, status, text=text)
     return None
+
+
+def delay_of(texts: Sequence[str]) -> float:
+    """Seconds asked by the ``[[delay:SECONDS]]`` markers in ``texts``: the largest, else 0.0.
+
+    One request is answered when its slowest item is ready, so across several markers
+    (in one text or in several) the largest counts. SECONDS is digits with an optional
+    decimal fraction.
+    """
+    slowest = 0.0
+    for text in texts:
+        if "[[delay:" not in text:  # cheap pre-check: almost no input holds a marker
+            continue
+        for found in _DELAY_PATTERN.findall(text):
+            slowest = max(slowest, float(found))
+    return slowest

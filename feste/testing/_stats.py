@@ -12,6 +12,7 @@ short digest that identifies a key without revealing it.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any, Final
 
 __all__ = [
@@ -57,6 +58,9 @@ class Stats:
     - ``requests``: API requests received, whatever their fate (the control
       routes ``/_stats``, ``/stats`` and ``/_config`` are not counted);
     - ``by_route``: the same per route, e.g. ``{"/v1/embeddings": 3}``;
+    - ``first_arrival``: per route, when its first request arrived, in seconds
+      since the statistics were reset (or the server started), e.g.
+      ``{"/v1/embeddings": 0.412}``: when a client's first request of a kind left;
     - ``by_api_key``: the same per credential: ``key_label(token)`` of the
       ``Authorization: Bearer <token>`` header (which both the OpenAI and the
       Cohere clients send), ``"(no key)"`` for requests without one; counted
@@ -92,17 +96,21 @@ class Stats:
         "by_api_key",
         "by_route",
         "faults",
+        "first_arrival",
         "input_texts",
         "item_counts",
         "items",
         "max_in_flight",
         "requests",
+        "started",
         "status_counts",
     )
 
     def __init__(self, in_flight: int = 0) -> None:
+        self.started = time.monotonic()
         self.requests = 0
         self.by_route: dict[str, int] = {}
+        self.first_arrival: dict[str, float] = {}
         self.by_api_key: dict[str, int] = {}
         self.items = 0
         # (arrival sequence number, value): answers finish out of arrival
@@ -117,6 +125,8 @@ class Stats:
         self.requests += 1
         self.by_route[route] = self.by_route.get(route, 0) + 1
         self.by_api_key[api_key_label] = self.by_api_key.get(api_key_label, 0) + 1
+        if route not in self.first_arrival:
+            self.first_arrival[route] = round(time.monotonic() - self.started, 6)
         if route not in self.item_counts:
             self.item_counts[route] = []
             self.input_texts[route] = []
@@ -141,6 +151,7 @@ class Stats:
         return {
             "requests": self.requests,
             "by_route": dict(self.by_route),
+            "first_arrival": dict(self.first_arrival),
             "by_api_key": dict(self.by_api_key),
             "items": self.items,
             "items_per_request": {
