@@ -90,9 +90,14 @@ def test_quick_run_reports_every_workload_and_contender(tmp_path: Path) -> None:
                 assert row["requests"] >= 1, where
         feste_row = next(row for row in workload["rows"] if row["kind"] == "feste")
         assert feste_row["status"] == "ok"
-        if workload["name"] in ("fanout", "embed_batching", "pipeline"):
+        if workload["name"] in ("fanout", "embed_batching"):
             # No faults here: feste sends exactly the requests of the ideal plan.
             assert feste_row["requests"] == workload["ideal"]["requests"], workload["name"]
+        if workload["name"] == "pipeline":
+            # The embeddings of answers are batched as the answers arrive: a few more
+            # requests than one batch per 2,048 at the very end, never one per call.
+            ideal = workload["ideal"]["requests"]
+            assert ideal <= feste_row["requests"] <= ideal * 1.1
 
     table = (tmp_path / "latest.md").read_text()
     for workload in report["workloads"]:

@@ -13,9 +13,9 @@ before sending any: the whole embedding stage then comes after the last answer. 
 client that embeds answers as they arrive overlaps the two stages. Rows:
 
 * feste, as a user writes it (``chat`` then ``embed`` per document, ``feste.compute``):
-  its static pass fuses the embeddings into one batched request;
-* feste with ``optimize_graph=False``: the async scheduler gathers ready embeddings
-  at run time, within its batch window;
+  the embeddings wait on chats, so the static pass leaves them to the async
+  scheduler, which gathers ready embeddings at run time within its batch window;
+* feste with ``optimize_graph=False``: the same without the static pass;
 * hand-written asyncio, per document ``chat`` then ``embed`` of that answer alone,
   ``asyncio.gather`` over the documents (one request per embedding). Chats and
   embeddings share one ``asyncio.Semaphore(64)``, which is first come, first served:
