@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import contextvars
+import signal
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
@@ -288,6 +290,29 @@ def _start_helper() -> asyncio.AbstractEventLoop:
         return _helper_loop
 
 
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Let Ctrl-C interrupt a blocking wait on the main thread.
+
+    ``asyncio.run`` installs a SIGINT handler that only cancels its main task, which
+    cannot happen while that task is blocked in a synchronous ``feste.compute``: the
+    computation would run to the end. While waiting, Ctrl-C raises KeyboardInterrupt
+    here instead; the handler is restored afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous) or previous is signal.default_int_handler:
+        yield  # the default already raises; SIG_IGN and SIG_DFL are left as they are
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_on_helper_thread(coro: Coroutine[Any, Any, T]) -> T:
     loop = _start_helper()
     ctx = contextvars.copy_context()
@@ -310,7 +335,8 @@ def _run_on_helper_thread(coro: Coroutine[Any, Any, T]) -> T:
 
     loop.call_soon_threadsafe(start)
     try:
-        return future.result()
+        with _interruptible():
+            return future.result()
     except BaseException:
         # Interrupted while waiting (Ctrl-C in Jupyter): cancel the work on the helper loop.
         if not future.done():

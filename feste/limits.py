@@ -25,7 +25,8 @@ Overload control (the account's window) reacts to overload, not to every 429: it
 keeps a moving average of the share of answers that are 429s. Only when that share
 is high (above :data:`_OVERLOAD_SHARE`) while the window is in use does a 429 shrink
 the window (by a quarter, once per generation of requests) and pause the account for
-the announced ``Retry-After``; successes grow it back by one while it is in use. A
+the announced ``Retry-After``; successes grow it back by about one request per round
+while it is in use. A
 provider that sheds a fifth of requests at random therefore costs each unlucky
 request its own ``Retry-After`` and nobody else anything, while a server at its
 capacity drives the window down to about what it can serve. A header saying a budget
@@ -86,8 +87,9 @@ __all__ = [
     "run_scope",
 ]
 
-# Each success (while the window is in use) raises the overload window by this much:
-# at most doubling per round of requests, so it recovers within a few rounds.
+# Each success (while the window is in use) raises the overload window by this much
+# divided by the window: one more request per round of requests, so it probes for
+# capacity without overshooting a server's cap by a whole round.
 _RECOVERY_STEP = 1.0
 # An overload 429 multiplies the window by this.
 _DECREASE_FACTOR = 0.75
@@ -332,7 +334,8 @@ class Limiter:
                     in_flight += 1
                 in_use = 2 * in_flight >= self._window
                 if (cap is None or self._window < cap) and in_use:
-                    self._window += _RECOVERY_STEP
+                    # About one more request per round trip (additive increase).
+                    self._window += _RECOVERY_STEP / self._window
                     if cap is not None and self._window > cap:
                         self._window = max(1.0, float(cap))
                 if headers:

@@ -668,6 +668,49 @@ def test_ctrl_c_cancels_in_flight_requests(llm_server_factory):
     assert wait_until(lambda: server.stats()["in_flight"] == 0)
 
 
+INTERRUPTED_INSIDE_ASYNCIO_RUN = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+    import feste
+    from feste.backend.openai import OpenAI
+
+    async def main():
+        llm = OpenAI(base_url=sys.argv[1], api_key="k", max_concurrency=8)
+        print("started", flush=True)
+        # A synchronous compute inside async code (it runs on feste's helper thread).
+        feste.compute([llm.chat(f"slow {i} [[hang]]") for i in range(20)], task_timeout=60)
+        print("finished", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_stops_a_synchronous_compute_inside_asyncio_run(llm_server_factory):
+    server = llm_server_factory(mode="process")
+    process = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_INSIDE_ASYNCIO_RUN, server.openai_base_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_until(lambda: server.stats()["in_flight"] == 8, timeout=60)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert "KeyboardInterrupt" in err
+    assert "finished" not in out
+    # Only the first eight were ever sent; the in-flight ones were cancelled.
+    assert server.stats()["requests"] == 8
+    assert wait_until(lambda: server.stats()["in_flight"] == 0)
+
+
 def test_dask_compute_of_feste_values_uses_the_engine():
     # dask.compute hands feste values to feste's scheduler (async by default).
     assert dask.compute(thread_name())[0].startswith("feste-worker-")
