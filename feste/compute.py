@@ -35,7 +35,7 @@ from feste import context
 from feste._replay import replay_cached_calls
 from feste._runs import record_run
 from feste.errors import SchedulerError
-from feste.graph import FesteGraph, GraphStats, build_task
+from feste.graph import FesteGraph, GraphStats, batched_at_run_time, build_task
 from feste.optimization import default_optimizer
 from feste.schedulers import get_scheduler
 from feste.schedulers._engine import inline_function, run_graph
@@ -170,12 +170,15 @@ def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
     Reports the node count and depth of the graph that would run, and per backend
     method how many calls the graph holds and how many requests they become after
     optimization (``str()`` of the result: ``"openai.embed: 5000 calls -> 3 requests"``).
+    Calls whose inputs come from other calls are batched by the async scheduler as
+    they arrive: they count as at most one request each, and the line says so.
     """
     prepared = prepare(*objs, optimize_graph=optimize_graph)
     calls, _ = prepared.collected.backend_calls()
     graph = FesteGraph(prepared.graph)
     _, requests = graph.backend_calls()
-    return GraphStats(len(graph), graph.depth(), calls, requests)
+    later = batched_at_run_time(prepared.graph)
+    return GraphStats(len(graph), graph.depth(), calls, requests, later)
 
 
 def _runs_on_engine(scheduler: Any) -> bool:

@@ -12,6 +12,7 @@ from dask.delayed import Delayed
 
 import feste
 from feste import context
+from feste.backend.openai import OpenAI
 from feste.compute import compute, explain, prepare
 from feste.errors import BadRequestError, SchedulerError
 from feste.graph import GraphStats
@@ -283,3 +284,18 @@ def test_mixing_feste_and_dask_values():
     with pytest.raises(ValueError, match="differing default schedulers"):
         dask.compute(feste_value, dask_value)
     assert dask.compute(feste_value, dask_value, scheduler="sync") == (2, 30)
+
+
+def test_explain_says_which_calls_are_batched_at_run_time(llm_server):
+    llm = OpenAI(base_url=llm_server.openai_base_url, api_key="k")
+    literal = [llm.embed(f"text {index}") for index in range(5)]
+    after_chat = [llm.embed(llm.chat(f"question {index}")) for index in range(3)]
+    stats = feste.explain(literal, after_chat)
+    assert stats.at_run_time == {"openai.embed": 3}
+    assert "openai.chat: 3 calls -> 3 requests" in str(stats)
+    assert (
+        "openai.embed: 8 calls -> at most 4 requests (3 batched at run time as their inputs "
+        "arrive)" in str(stats)
+    )
+    # Nothing was sent.
+    assert llm_server.stats()["requests"] == 0
