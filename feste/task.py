@@ -317,10 +317,15 @@ def _user_call_site() -> str | None:
     """``"file.py:12 in func"`` of the innermost frame outside feste and outside a
     backend's own methods (a user-defined backend's ``embed``), for error messages."""
     frame = sys._getframe(2)
-    while frame is not None and (
-        frame.f_code.co_filename.startswith(_PACKAGE_DIR)
-        or isinstance(frame.f_locals.get("self"), Backend)
-    ):
+    while frame is not None:
+        code = frame.f_code
+        if not code.co_filename.startswith(_PACKAGE_DIR) and not (
+            # Only a method's frame can belong to a backend: look at self then.
+            code.co_argcount
+            and code.co_varnames[0] == "self"
+            and isinstance(frame.f_locals.get("self"), Backend)
+        ):
+            break
         frame = frame.f_back  # type: ignore[assignment]
     if frame is None:
         return None

@@ -239,6 +239,8 @@ class Backend(abc.ABC):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_transports"] = {}
+        # Salted for this process only: another process computes its own.
+        state.pop("_fingerprint", None)
         if state.get("_client") is not None:
             # Official client objects hold sockets and locks; they cannot travel.
             state["_client"] = None
@@ -331,17 +333,23 @@ class Backend(abc.ABC):
 
         Batch groups include it, so calls of backends with different keys never share
         a request. The salt is random per process and the hash is never stored: it
-        identifies nothing outside this process. None when the key comes from the
-        environment (the same for every backend where the call runs).
+        identifies nothing outside this process (it is remembered per backend object for
+        speed, and left out when the backend is pickled). None when the key comes from
+        the environment (the same for every backend where the call runs).
         """
-        given = [self._api_key, getattr(self._client, "api_key", None)]
+        given = (self._api_key, getattr(self._client, "api_key", None))
+        remembered = self.__dict__.get("_fingerprint")
+        if remembered is not None and remembered[0] == given:
+            return remembered[1]
         keys = [key for key in given if isinstance(key, str) and key]
-        if not keys:
-            return None
-        digest = hashlib.sha256(_CREDENTIAL_SALT)
-        for key in keys:
-            digest.update(key.encode() + b"\0")
-        return digest.hexdigest()
+        fingerprint = None
+        if keys:
+            digest = hashlib.sha256(_CREDENTIAL_SALT)
+            for key in keys:
+                digest.update(key.encode() + b"\0")
+            fingerprint = digest.hexdigest()
+        self.__dict__["_fingerprint"] = (given, fingerprint)
+        return fingerprint
 
     def _check_client(self, client: Any) -> None:
         """Refuse anything but the official async client (checked without importing it)."""
