@@ -12,12 +12,14 @@ Every scheduler reaches a provider through this module: the async engine awaits
    items become :class:`ItemFailure` entries, every other item gets its value; any
    other error fails only the items of its own request.
 2. :func:`send` is the only function that calls a transport. Around each attempt it
-   takes admission from the backend's limiter (concurrency, requests and tokens per
-   minute), applies the timeout, and on a retryable error (429, 5xx, dropped
-   connection, timeout) waits with exponential backoff and full jitter, or the
-   server's ``Retry-After``, up to ``max_retries``. Authentication and bad-request
-   errors are never retried. The client libraries' own retries are switched off by the
-   transports, so this is the only retry policy.
+   takes admission from the computation's, the backend's and the account's limiters
+   (:mod:`feste.limits`), applies the timeouts, and retries: rate limits (429) by
+   time, after the server's ``Retry-After`` (``rate_limit_timeout``), other transient
+   errors (5xx, dropped connection, timeout) with exponential backoff and full jitter
+   up to ``max_retries``. Authentication and bad-request errors are never retried; an
+   authentication failure trips the computation's breaker for its account. The
+   client libraries' own retries are switched off by the transports, so this is the
+   only retry policy.
 3. Each request, retry and usage report is told to the current :class:`RunObserver`
    (progress bars, usage records, run history).
 4. With a result cache on (:mod:`feste.cache`), :func:`run_call` and :func:`run_batch`
