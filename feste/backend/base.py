@@ -326,19 +326,21 @@ class Backend(abc.ABC):
     async_client: ClassVar[tuple[str, str, str]] = ("", "", "")
     sync_clients: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def credential_fingerprint(self) -> str | None:
+    def credential_fingerprint(self, salt: bytes | None = None) -> str | None:
         """A salted hash of the key this backend was given (directly or in its client).
 
         Batch groups include it, so calls of backends with different keys never share
         a request. The salt is random per process and the hash is never stored: it
         identifies nothing outside this process. None when the key comes from the
-        environment (the same for every backend where the call runs).
+        environment (the same for every backend where the call runs). ``salt``
+        replaces the process's salt (a cluster run's salt names one key alike in
+        every worker).
         """
         given = [self._api_key, getattr(self._client, "api_key", None)]
         keys = [key for key in given if isinstance(key, str) and key]
         if not keys:
             return None
-        digest = hashlib.sha256(_CREDENTIAL_SALT)
+        digest = hashlib.sha256(_CREDENTIAL_SALT if salt is None else salt)
         for key in keys:
             digest.update(key.encode() + b"\0")
         return digest.hexdigest()
