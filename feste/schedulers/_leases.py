@@ -91,11 +91,11 @@ class _Pool:
         self.cap = limits.max_concurrency
         self.held: dict[str, int] = {}
         self.short: dict[str, float] = {}
-        self.requests = None if limits.requests_per_minute is None else _Bucket(
-            limits.requests_per_minute
+        self.requests = (
+            None if limits.requests_per_minute is None else _Bucket(limits.requests_per_minute)
         )
-        self.tokens = None if limits.tokens_per_minute is None else _Bucket(
-            limits.tokens_per_minute
+        self.tokens = (
+            None if limits.tokens_per_minute is None else _Bucket(limits.tokens_per_minute)
         )
         self.paused_until = 0.0
         self.max_held = 0

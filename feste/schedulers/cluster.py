@@ -51,7 +51,7 @@ import contextlib
 import dataclasses
 import threading
 import uuid
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import AsyncIterator, Hashable, Mapping
 from typing import Any
 
 from dask._task_spec import DataNode, GraphNode, Task, TaskRef, convert_legacy_graph
@@ -67,7 +67,6 @@ from feste.schedulers._leases import LeaseBoard, worker_quotas
 from feste.schedulers._policy import (
     TaskEvents,
     portable_options,
-    returns_failures,
     split_keywords,
 )
 
@@ -413,9 +412,7 @@ def run_block(spec: _BlockSpec, *upstream: BlockResult) -> BlockResult:
         ):
             values = run_sync(_run_watched(graph, block.exports, block.key))
     except Exception as error:
-        return BlockResult(
-            {}, task_events, log.events if log is not None else [], error=error
-        )
+        return BlockResult({}, task_events, log.events if log is not None else [], error=error)
     finally:
         if token is not None:
             current_observer.reset(token)
@@ -502,11 +499,7 @@ class ClusterScheduler:
             dsk[block.key] = Task(
                 block.key, run_block, spec, *(TaskRef(dep) for dep in block.depends_on)
             )
-        literal_values = {
-            key: graph[key].value  # type: ignore[attr-defined]
-            for key in outputs
-            if type(graph[key]) is DataNode
-        }
+        literal_values = {key: graph[key].value for key in outputs if type(graph[key]) is DataNode}
         values: dict[Hashable, Any] = dict(literal_values)
         progress = RunProgress.start(tally) if show else None
         failed = True
@@ -554,7 +547,7 @@ class _Finished:
 
 
 @contextlib.asynccontextmanager
-async def _submitted(client: Any, dsk: dict[str, Task]) -> Iterator[_Finished]:  # type: ignore[misc]
+async def _submitted(client: Any, dsk: dict[str, Task]) -> AsyncIterator[_Finished]:
     """Submit the blocks; yield their results as they finish; cancel what is left."""
     loop = asyncio.get_running_loop()
     finished = _Finished()
