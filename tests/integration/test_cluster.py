@@ -26,6 +26,7 @@ import feste
 from feste import context
 from feste.backend.openai import OpenAI
 from feste.errors import BadRequestError, SchedulerError, TransientError
+from feste.schedulers import cluster as cluster_scheduler
 from feste.testing import TestServer, chat_text, embedding, wait_until
 
 distributed = pytest.importorskip("distributed")
@@ -101,6 +102,41 @@ def test_five_thousand_embeds_are_three_requests_on_the_cluster(
     ]
     assert vectors[0] == embedding(EMBED_MODEL, texts[0])
     assert vectors[4999] == embedding(EMBED_MODEL, texts[4999])
+
+
+def test_a_run_is_a_few_dask_tasks_named_feste_block(client: Any, llm_server_factory: Any) -> None:
+    def finished_blocks(dask_scheduler: Any) -> int:
+        """Tasks of the "feste-block" prefix that reached memory (the dashboard's bars)."""
+        prefix = dask_scheduler.task_prefixes.get("feste-block")
+        return 0 if prefix is None else int(prefix.state_counts["memory"])
+
+    server = llm_server_factory()
+    llm = openai(server)
+    before = client.run_on_scheduler(finished_blocks)
+    feste.compute([llm.chat(f"block {index}") for index in range(500)], scheduler=client)
+    blocks = client.run_on_scheduler(finished_blocks) - before
+    # 500 calls on two workers: BLOCKS_PER_WORKER blocks each, not 500 Dask tasks.
+    assert blocks == 2 * cluster_scheduler.BLOCKS_PER_WORKER
+    assert server.stats()["requests"] == 500
+
+
+def test_an_adaptive_cluster_runs_the_graph(llm_server_factory: Any) -> None:
+    server = llm_server_factory(max_concurrency=4)
+    llm = openai(server)
+    prompts = [f"adaptive {index}" for index in range(60)]
+    with (
+        distributed.LocalCluster(
+            n_workers=0, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster) as dask_client,
+    ):
+        cluster.adapt(minimum=1, maximum=2)
+        dask_client.wait_for_workers(1, timeout=30)
+        (values,) = feste.compute(
+            [llm.chat(p) for p in prompts], scheduler=dask_client, max_concurrency=4
+        )
+    assert list(values) == answers_of(prompts)
+    assert server.stats()["faults"]["limit_429"] == 0
 
 
 # -- every option ---------------------------------------------------------------------
