@@ -43,6 +43,11 @@ its own loop, resolved directly on that loop's thread or through
 ``call_soon_threadsafe``; waiters blocked by time are woken by a timer armed on each
 loop that has waiters.
 
+Shared limits: on a worker of a cluster run (:func:`shared_limits`), :class:`RunLimits`
+takes each scope's limiter from a :class:`SharedLimits`, and those limiters admit
+through a :class:`Quota` as well: the share of a cluster-wide budget the process holds
+(:mod:`feste.schedulers._leases`).
+
 The circuit breaker: once a request of a computation fails authentication, the
 computation's other calls on that account fail at once with a copy of that error
 instead of being sent (:meth:`RunLimits.trip`).

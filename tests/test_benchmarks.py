@@ -115,6 +115,7 @@ def test_list_names_every_workload_and_its_contenders() -> None:
         "scheduler_overhead",
         "faults",
         "warm_rerun",
+        "cluster",
     ]
     for contenders in declared.values():
         assert contenders[0] == "feste"
