@@ -44,6 +44,11 @@ its own loop, resolved directly on that loop's thread or through
 ``call_soon_threadsafe``; waiters blocked by time are woken by a timer armed on each
 loop that has waiters.
 
+Shared limits: on a worker of a cluster run (:func:`shared_limits`), :class:`RunLimits`
+takes each scope's limiter from a :class:`SharedLimits`, and those limiters admit
+through a :class:`Quota` as well: the share of a cluster-wide budget the process holds
+(:mod:`feste.schedulers._leases`).
+
 The circuit breaker: once a request of a computation fails authentication, the
 computation's other calls on that account fail at once with a copy of that error
 instead of being sent (:meth:`RunLimits.trip`).
@@ -75,7 +80,9 @@ __all__ = [
     "Gates",
     "Limiter",
     "Limits",
+    "Quota",
     "RunLimits",
+    "SharedLimits",
     "Ticket",
     "account_limiter",
     "admit",
@@ -85,6 +92,7 @@ __all__ = [
     "resolve_limits",
     "run_limits",
     "run_scope",
+    "shared_limits",
 ]
 
 # Each success (while the window is in use) raises the overload window by this much
@@ -189,6 +197,35 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+class Quota:
+    """The share this process holds of limits enforced across processes (a cluster).
+
+    A :class:`Limiter` made with a quota admits a request only when the quota says so
+    too; the quota wakes the limiter (:meth:`Limiter.wake`) when it gets more. Its
+    methods are called with the limiter's lock held: they must not call it back then.
+    The base class holds everything (no shared limits).
+    """
+
+    def attach(self, limiter: Limiter) -> None:
+        """``limiter`` admits through this quota."""
+
+    def wait(self, tokens: int, demand: int, now: float) -> float | None:
+        """0.0: admissible now; seconds: wait that long; None: wait to be woken.
+
+        ``demand`` is how many admissions the limiter wants held: in flight plus waiting.
+        """
+        return 0.0
+
+    def taken(self, tokens: int) -> None:
+        """One admission of ``tokens`` tokens was made."""
+
+    def returned(self, demand: int) -> None:
+        """One admission ended; ``demand`` is what the limiter still wants held."""
+
+    def paused(self, seconds: float) -> None:
+        """The provider asked everyone to wait ``seconds`` (an overload 429)."""
+
+
 class Limiter:
     """Admission control for one scope (see the module docstring).
 
@@ -197,10 +234,16 @@ class Limiter:
     """
 
     def __init__(
-        self, name: str = "", limits: Limits | None = None, adaptive: bool = False
+        self,
+        name: str = "",
+        limits: Limits | None = None,
+        adaptive: bool = False,
+        quota: Quota | None = None,
     ) -> None:
         self.name = name
         self.adaptive = adaptive
+        # Limits shared with other processes: admissions also need the quota's consent.
+        self._quota = quota
         self._lock = threading.Lock()
         # A heap of waiters and how many of them still wait (the heap may hold some that
         # gave up: they are dropped when they reach its top).
@@ -224,6 +267,8 @@ class Limiter:
         self._decreases = 0
         self._pauses = 0
         self.configure(limits or Limits())
+        if quota is not None:
+            quota.attach(self)
 
     # -- configuration --------------------------------------------------------------
 
@@ -308,6 +353,16 @@ class Limiter:
                 return
             ticket.released = True
             self._in_flight -= 1
+            if self._quota is not None:
+                self._quota.returned(self._in_flight + self._waiting)
+            if not self._waiting:
+                return
+            grants, delay = self._grant_locked(time.monotonic())
+        self._deliver(grants, delay)
+
+    def wake(self) -> None:
+        """Look at the waiters again (a :class:`Quota` got more to give)."""
+        with self._lock:
             if not self._waiting:
                 return
             grants, delay = self._grant_locked(time.monotonic())
@@ -382,6 +437,8 @@ class Limiter:
             ):
                 self._paused_until = max(self._paused_until, now + retry_after)
                 self._pauses += 1
+                if self._quota is not None:
+                    self._quota.paused(retry_after)
             base = min(self._window, float(in_flight))
             self._window = max(1.0, base * _DECREASE_FACTOR)
             self._generation += 1
@@ -435,6 +492,8 @@ class Limiter:
             wait = self._tokens.wait_time(float(tokens), now)
             if wait > 0.0:
                 return wait
+        if self._quota is not None:
+            return self._quota.wait(tokens, self._in_flight + max(1, self._waiting), now)
         return 0.0
 
     def _take(self, tokens: int) -> Ticket:
@@ -446,6 +505,8 @@ class Limiter:
             self._requests.level -= 1.0
         if self._tokens is not None:
             self._tokens.level -= tokens
+        if self._quota is not None:
+            self._quota.taken(tokens)
         return Ticket(tokens, self._generation)
 
     def _forget(self, waiter: _Waiter) -> None:
@@ -655,6 +716,35 @@ def all_limiters() -> dict[str, Limiter]:
     return found
 
 
+class SharedLimits:
+    """Where the limiters of a computation spread over several processes come from.
+
+    A worker of a cluster run sets one (:func:`shared_limits`); :class:`RunLimits`
+    then takes each scope's limiter from it instead of this process's registries. The
+    base class gives plain per-process limiters. ``salt`` fingerprints credentials
+    alike in every process that shares the limits.
+    """
+
+    salt: bytes = b""
+
+    def limiter(
+        self, scope: str, key: tuple[Any, ...], name: str, limits: Limits, adaptive: bool
+    ) -> Limiter:
+        """The limiter of ``scope`` (``"compute"``, ``"backend"`` or ``"account"``) for
+        ``key``, enforcing ``limits``."""
+        return Limiter(name, limits, adaptive=adaptive)
+
+
+def _shared_account_key(backend: Any, salt: bytes) -> tuple[Any, ...]:
+    """An account's key that is the same in every process sharing ``salt``: a credential
+    read from the environment is named by its variable."""
+    fingerprint = backend.credential_fingerprint(salt)
+    if fingerprint is None:
+        fingerprint = ("env", getattr(backend, "api_key_env", ""))
+    headers = tuple(sorted(backend.request_headers().items()))
+    return (backend.provider, backend.base_url, headers, fingerprint)
+
+
 class Gates(NamedTuple):
     """The limiters one backend's requests pass, outermost first, and its account."""
 
@@ -668,6 +758,8 @@ class RunLimits:
 
     def __init__(self) -> None:
         self.limits = Limits(*(context.get(name) for name in Limits._fields))
+        # Set on a worker of a cluster run: the limits hold for the whole cluster.
+        self.shared = _shared.get()
         # Weak: contexts copied during a run (timers of connection pools) may outlive it,
         # and must not keep its backends and their pools alive.
         self._gates: weakref.WeakKeyDictionary[Any, Gates] = weakref.WeakKeyDictionary()
@@ -679,6 +771,10 @@ class RunLimits:
         """The limiters ``backend``'s requests pass in this computation."""
         gates = self._gates.get(backend)
         if gates is not None:
+            return gates
+        if self.shared is not None:
+            gates = self._shared_gates(backend, self.shared)
+            self._gates[backend] = gates
             return gates
         account = account_limiter(backend)
         limiters: list[Limiter] = []
@@ -697,6 +793,22 @@ class RunLimits:
         gates = Gates(tuple(limiters), account)
         self._gates[backend] = gates
         return gates
+
+    def _shared_gates(self, backend: Any, shared: SharedLimits) -> Gates:
+        account_key = _shared_account_key(backend, shared.salt)
+        where = f"{backend.provider} {backend.base_url}"
+        limiters: list[Limiter] = []
+        if not self.limits.unlimited:
+            limiters.append(
+                shared.limiter("compute", account_key, f"compute {where}", self.limits, False)
+            )
+        own = _backend_limits(backend)
+        if not own.unlimited:
+            key = (backend.identity(), backend.credential_fingerprint(shared.salt), own)
+            limiters.append(shared.limiter("backend", key, f"backend {where}", own, False))
+        account = shared.limiter("account", account_key, f"account {where}", _NO_LIMITS, True)
+        limiters.append(account)
+        return Gates(tuple(limiters), account)
 
     def trip(self, account: Limiter, error: BaseException) -> None:
         """An authentication failure on ``account``: its other calls fail fast."""
@@ -718,6 +830,21 @@ class RunLimits:
 _current_run: contextvars.ContextVar[RunLimits | None] = contextvars.ContextVar(
     "feste_run_limits", default=None
 )
+
+
+_shared: contextvars.ContextVar[SharedLimits | None] = contextvars.ContextVar(
+    "feste_shared_limits", default=None
+)
+
+
+@contextlib.contextmanager
+def shared_limits(shared: SharedLimits | None) -> Iterator[None]:
+    """Computations started inside take their limiters from ``shared`` (a cluster's)."""
+    token = _shared.set(shared)
+    try:
+        yield
+    finally:
+        _shared.reset(token)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,9 @@ model, how many calls the request served (a batch serves many), and the tokens t
 provider reported. Nothing here estimates: a provider that reports no usage (Cohere's
 rerank) gives a record with zero tokens.
 
-Limits: requests sent by worker *processes* (the ``processes`` scheduler, a Dask
-cluster) are not seen by a recorder in the calling process.
+Requests sent on a Dask cluster are reported back to the client with each block's
+results and replayed to the current observer there, so a recorder sees them; those
+sent by the ``processes`` scheduler's worker processes are not seen.
 """
 
 from __future__ import annotations

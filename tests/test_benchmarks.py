@@ -130,6 +130,7 @@ def test_list_names_every_workload_and_its_contenders() -> None:
         "overload",
         "staggered",
         "warm_rerun",
+        "cluster",
     ]
     for contenders in declared.values():
         assert contenders[0] == "feste"

@@ -81,6 +81,17 @@ _KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")
 _URL_SCHEME = re.compile(r"https?://[^/\s]", re.IGNORECASE)
 
 
+def _fingerprint_of(given: tuple[Any, ...], salt: bytes) -> str | None:
+    """The salted hash of the keys among ``given`` (None when there is none)."""
+    keys = [key for key in given if isinstance(key, str) and key]
+    if not keys:
+        return None
+    digest = hashlib.sha256(salt)
+    for key in keys:
+        digest.update(key.encode() + b"\0")
+    return digest.hexdigest()
+
+
 def _key_problem(key: str) -> str | None:
     """What makes ``key`` unusable in a header, described without quoting it."""
     if _KEY_CHARACTERS.fullmatch(key):
@@ -328,26 +339,24 @@ class Backend(abc.ABC):
     async_client: ClassVar[tuple[str, str, str]] = ("", "", "")
     sync_clients: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def credential_fingerprint(self) -> str | None:
+    def credential_fingerprint(self, salt: bytes | None = None) -> str | None:
         """A salted hash of the key this backend was given (directly or in its client).
 
         Batch groups include it, so calls of backends with different keys never share
         a request. The salt is random per process and the hash is never stored: it
         identifies nothing outside this process (it is remembered per backend object for
         speed, and left out when the backend is pickled). None when the key comes from
-        the environment (the same for every backend where the call runs).
+        the environment (the same for every backend where the call runs). ``salt``
+        replaces the process's salt (a cluster run's salt names one key alike in
+        every worker); such a fingerprint is not remembered.
         """
         given = (self._api_key, getattr(self._client, "api_key", None))
+        if salt is not None:
+            return _fingerprint_of(given, salt)
         remembered = self.__dict__.get("_fingerprint")
         if remembered is not None and remembered[0] == given:
             return remembered[1]
-        keys = [key for key in given if isinstance(key, str) and key]
-        fingerprint = None
-        if keys:
-            digest = hashlib.sha256(_CREDENTIAL_SALT)
-            for key in keys:
-                digest.update(key.encode() + b"\0")
-            fingerprint = digest.hexdigest()
+        fingerprint = _fingerprint_of(given, _CREDENTIAL_SALT)
         self.__dict__["_fingerprint"] = (given, fingerprint)
         return fingerprint
 

@@ -6,7 +6,8 @@ the values in the same nesting. :data:`SCHEDULERS` maps names to those modules; 
 distributed ``Client`` or any ``get`` function is accepted as well.
 
 Layers, each importing only the ones below it: the scheduler modules (``asyncio``,
-``sync``, ``threads``, ``processes``) adapt the protocol; ``_engine`` (the async
+``sync``, ``threads``, ``processes``, and ``cluster`` for a ``distributed.Client``)
+adapt the protocol; ``_engine`` (the async
 engine's scheduling loop, with ``_pools`` for its worker pools and ``_stream`` for
 streaming on top of it) and ``_local`` (dask's local schedulers) run graphs; ``_policy``
 is what every scheduler promises about keywords, failures and callbacks. Below them
@@ -21,7 +22,7 @@ from typing import Any
 
 from feste import context
 from feste.errors import SchedulerError
-from feste.schedulers import asyncio, processes, sync, threads
+from feste.schedulers import asyncio, cluster, processes, sync, threads
 
 __all__ = ["DEFAULT_SCHEDULER", "SCHEDULERS", "get_scheduler"]
 
@@ -61,7 +62,7 @@ def get_scheduler(scheduler: Any = None) -> Callable[..., Any]:
         return get
     client_get = getattr(scheduler, "get", None)
     if type(scheduler).__name__ == "Client" and callable(client_get):
-        return client_get
+        return cluster.ClusterScheduler(scheduler)
     if callable(scheduler):
         return scheduler
     raise SchedulerError(
