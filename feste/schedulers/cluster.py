@@ -59,7 +59,7 @@ from dask._task_spec import DataNode, GraphNode, Task, TaskRef, convert_legacy_g
 from feste import context
 from feste._calls import RunObserver, current_observer
 from feste._loop import run_sync
-from feste._progress import RunProgress, should_show
+from feste._progress import RunProgress
 from feste.backend.types import Request, Usage
 from feste.errors import CancelledError, Failure, SchedulerError
 from feste.schedulers._engine import inline_function, run_graph
@@ -439,16 +439,6 @@ def _flat(keys: Any, into: list[Hashable]) -> list[Hashable]:
     return into
 
 
-class _Tally:
-    """The counters the progress bar reads (the engine's, for a cluster run)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-        self.failed = 0
-        self.running = 0
-
-
 class ClusterScheduler:
     """``get(graph, keys, **options)`` on a ``distributed.Client`` (see the module
     docstring). Keywords are feste options for this computation; anything else is
@@ -478,17 +468,16 @@ class ClusterScheduler:
         workers = await asyncio.to_thread(self._workers)
         blocks = partition(graph, outputs, workers * self.blocks_per_worker, run_id)
         total = sum(1 for block in blocks for _ in block.nodes)
-        events = TaskEvents(total)
-        tally = _Tally(total)
-        show = should_show()
-        observer = current_observer.get()
-        wants_requests = show or type(observer) is not RunObserver
+        progress = RunProgress.start(graph)
+        events = TaskEvents(total, progress)
+        # The progress bar (the current observer when shown) or another observer.
+        wants_requests = type(current_observer.get()) is not RunObserver
         shipped = {
             name: value for name, value in portable_options().items() if name not in _CLIENT_ONLY
         }
         if events.on_task_done is not None:
             task_events = "values"
-        elif events.wanted or show:
+        elif events.wanted:
             task_events = "keys"
         else:
             task_events = ""
@@ -501,15 +490,12 @@ class ClusterScheduler:
             )
         literal_values = {key: graph[key].value for key in outputs if type(graph[key]) is DataNode}
         values: dict[Hashable, Any] = dict(literal_values)
-        progress = RunProgress.start(tally) if show else None
         failed = True
         try:
             async with _submitted(self.client, dsk) as finished:
-                tally.running = len(dsk)
                 for _ in range(len(dsk)):
                     result: BlockResult = await finished.get()
-                    tally.running -= 1
-                    self._replay(result, events, tally)
+                    self._replay(result, events)
                     if result.error is not None:
                         raise result.error
                     values.update(result.values)
@@ -521,16 +507,14 @@ class ClusterScheduler:
         return _nest(keys, values.__getitem__)
 
     @staticmethod
-    def _replay(result: BlockResult, events: TaskEvents, tally: _Tally) -> None:
+    def _replay(result: BlockResult, events: TaskEvents) -> None:
         observer = current_observer.get()
         for event, request, arguments in result.request_events:
             getattr(observer, event)(request, *arguments)
         for key, ok, value in result.task_events:
             if ok:
-                tally.done += 1
                 events.done(key, value)
             else:
-                tally.failed += 1
                 events.failed(key, value)
 
 
