@@ -388,3 +388,27 @@ def test_dask_scheduler_and_workers_started_from_the_command_line(
     assert list(values) == answers_of(prompts)
     assert server.stats()["max_in_flight"] <= 6
     assert server.stats()["faults"]["limit_429"] == 0
+
+
+# -- the cache, shared by every worker --------------------------------------------------
+
+
+def test_workers_share_one_postgresql_cache(
+    client: Any, llm_server_factory: Any, postgres_url: str
+) -> None:
+    server = llm_server_factory(latency=0.01)
+    llm = openai(server)
+    prompts = [f"cached {index}" for index in range(40)]
+    # The workers send every call and store each answer in the shared database.
+    first = feste.compute(
+        [llm.chat(prompt) for prompt in prompts], scheduler=client, cache=postgres_url
+    )[0]
+    assert first == answers_of(prompts)
+    assert server.stats()["requests"] == 40
+    # Another run, on the cluster, and one in this process: both served by the cache.
+    again = feste.compute(
+        [llm.chat(prompt) for prompt in prompts], scheduler=client, cache=postgres_url
+    )[0]
+    local = feste.compute([llm.chat(prompt) for prompt in prompts], cache=postgres_url)[0]
+    assert again == local == first
+    assert server.stats()["requests"] == 40
