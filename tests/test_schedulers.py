@@ -351,8 +351,33 @@ def test_the_progress_bar_counts_calls_requests_and_failures(scheduler, llm_serv
     # Nine calls as written (not graph steps), one of them failed.
     assert "9/9 calls" in final
     assert "1 failed" in final
-    if scheduler != "processes":  # requests made in worker processes are not seen here
-        assert "5 requests" in final
+    assert "5 requests" in final
+
+
+def test_a_limit_holds_for_the_whole_computation(scheduler, llm_server_factory):
+    server = llm_server_factory(latency=0.02)
+    llm = OpenAI(base_url=server.openai_base_url, api_key="k")
+    questions = [join("question", index) for index in range(24)]  # plain tasks first
+    answers = feste.compute(
+        [llm.chat(question) for question in questions], scheduler=scheduler, max_concurrency=3
+    )[0]
+    assert answers == [chat_text("gpt-4o-mini", f"question {index}") for index in range(24)]
+    # Whatever runs the plain tasks (threads, processes), requests share one limit.
+    most = server.stats()["max_in_flight"]
+    if scheduler in ("async", "processes"):  # calls as coroutines: the cap is reached
+        assert most == 3
+    else:  # dask's pool runs one call per worker at a time
+        assert most <= 3
+
+
+def test_record_usage_sees_every_request(scheduler, llm_server):
+    llm = OpenAI(base_url=llm_server.openai_base_url, api_key="k")
+    calls = [llm.chat(join("question", index)) for index in range(4)]
+    calls += [llm.embed(f"text {index}") for index in range(3)]
+    with feste.record_usage() as usage:
+        feste.compute(calls, scheduler=scheduler)
+    assert len(usage.records) == llm_server.stats()["requests"] == 5
+    assert sorted(record.items for record in usage.records) == [1, 1, 1, 1, 3]
 
 
 def test_callbacks_see_every_task(scheduler):

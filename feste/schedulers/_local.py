@@ -1,4 +1,4 @@
-"""Shared by the schedulers that run on ``dask.local.get_async`` (sync, threads, processes).
+"""Shared by the schedulers that run on ``dask.local.get_async`` (sync, threads).
 
 Those schedulers run each node where dask puts it. :func:`run_on_dask` gives them the
 contract of the async scheduler, with the policy of :mod:`feste.schedulers._policy`:
@@ -7,7 +7,7 @@ contract of the async scheduler, with the policy of :mod:`feste.schedulers._poli
   this computation; the scheduler's own keywords go to dask; any other is refused;
 * every task node is wrapped (:class:`KeyedCall`) so that an exception leaving it names
   the task key (dask re-raises the original exception without saying which task raised
-  it), so that options reach worker processes, and, with ``errors="return"``, so that a
+  it), and, with ``errors="return"``, so that a
   failure becomes a :class:`~feste.errors.Failure` that its dependents pass on
   (cancelled, or with the same error for an item pick) instead of running;
 * ``on_task_done``, ``on_task_failed`` and ``on_progress`` are called from dask's
@@ -36,7 +36,6 @@ from feste.schedulers._policy import (
     dependent_failure,
     first_failure,
     passes_failure_on,
-    portable_options,
     returns_failures,
     split_keywords,
     task_failure,
@@ -46,7 +45,7 @@ __all__ = ["KeyedCall", "keyed_graph", "run_on_dask"]
 
 
 class KeyedCall:
-    """Runs a node's function with the caller's options and labels its errors.
+    """Runs a node's function and labels its errors with the task key.
 
     ``return_failures`` (``errors="return"``): an exception becomes the task's
     :class:`~feste.errors.Failure`, and a failure among the arguments is passed on
@@ -54,19 +53,13 @@ class KeyedCall:
     cancelled).
     """
 
-    __slots__ = ("func", "key", "options", "return_failures", "same_error")
+    __slots__ = ("func", "key", "return_failures", "same_error")
 
     def __init__(
-        self,
-        func: Any,
-        key: Any,
-        options: Mapping[str, Any] | None,
-        return_failures: bool = False,
-        same_error: bool = False,
+        self, func: Any, key: Any, return_failures: bool = False, same_error: bool = False
     ) -> None:
         self.func = func
         self.key = key
-        self.options = options
         self.return_failures = return_failures
         self.same_error = same_error
 
@@ -85,10 +78,7 @@ class KeyedCall:
             if upstream is not None:
                 return dependent_failure(self.key, upstream, same_error=self.same_error)
         try:
-            if self.options is None:
-                return _awaited(self.func(*args, **kwargs))
-            with context.set(**self.options):
-                return _awaited(self.func(*args, **kwargs))
+            return _awaited(self.func(*args, **kwargs))
         except Exception as exc:
             if self.return_failures:
                 return task_failure(self.key, exc)
@@ -106,17 +96,11 @@ class KeyedCall:
         kept, merged = batch_without_failed_inputs(items, failures)
         if not kept:
             return merged([])
-        batch = KeyedCall(self.func, self.key, self.options, self.return_failures)
+        batch = KeyedCall(self.func, self.key, self.return_failures)
         results = batch(kept, *args[1:], **kwargs)
         if isinstance(results, Failure):
             return results
         return merged(results)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            KeyedCall,
-            (self.func, self.key, self.options, self.return_failures, self.same_error),
-        )
 
 
 def _awaited(value: Any) -> Any:
@@ -126,16 +110,12 @@ def _awaited(value: Any) -> Any:
     return value
 
 
-def keyed_graph(
-    graph: Mapping[Any, Any],
-    options: Mapping[str, Any] | None = None,
-    return_failures: bool = False,
-) -> dict[Any, Any]:
+def keyed_graph(graph: Mapping[Any, Any], return_failures: bool = False) -> dict[Any, Any]:
     """``graph`` with the function of every ``Task`` node wrapped in a :class:`KeyedCall`."""
     wrapped: dict[Any, Any] = {}
     for key, node in graph.items():
         if type(node) is Task:
-            call = KeyedCall(node.func, key, options, return_failures, passes_failure_on(node))
+            call = KeyedCall(node.func, key, return_failures, passes_failure_on(node))
             wrapped[key] = Task(key, call, *node.args, **node.kwargs)
         else:
             wrapped[key] = node
@@ -167,19 +147,16 @@ def run_on_dask(
     *,
     scheduler: str,
     accepted: Iterable[str] = (),
-    ship_options: bool = False,
     **kwargs: Any,
 ) -> Any:
     """Run ``graph`` with one of dask's local ``get`` functions, feste-style.
 
     ``accepted`` names the keywords passed on to ``dask_get`` (``num_workers``...);
-    the others must be feste options. ``ship_options`` sends the options to worker
-    processes (threads share the caller's context already).
+    the others must be feste options (worker threads share the caller's context).
     """
     options, passed_on = split_keywords(kwargs, scheduler=scheduler, accepted=accepted)
     with context.set(**options), run_scope():
-        shipped = portable_options() if ship_options else None
-        wrapped = keyed_graph(graph, shipped, returns_failures())
+        wrapped = keyed_graph(graph, returns_failures())
         task_keys = {key for key, node in wrapped.items() if type(node) is Task}
         progress = RunProgress.start(graph)
         callbacks = _event_callbacks(task_keys, progress)

@@ -1,8 +1,11 @@
-"""The process scheduler: dask's process pool, one worker per core by default.
+"""The process scheduler: plain Python tasks in a pool of processes, one per core.
 
-This is the original feste design's multiprocessing scheduler. It suits CPU-bound
-Python tasks; for LLM calls, which wait on the network, the async scheduler is far
-faster. Options set around ``feste.compute`` (except callbacks) travel to the workers.
+It suits CPU-bound Python tasks. It is the async engine with ``python_executor=
+"processes"``: plain tasks run in worker processes (their functions, inputs and
+results must pickle; options set around ``feste.compute``, except callbacks, travel
+with them), while backend calls stay in this process as coroutines. So every request
+goes through this process's limiters: a ``max_concurrency`` holds for the whole pool,
+and the progress bar and ``record_usage`` see every request.
 """
 
 from __future__ import annotations
@@ -10,23 +13,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dask import multiprocessing
-
 from feste import context
-from feste.schedulers._local import run_on_dask
+from feste._loop import run_sync
+from feste.schedulers._engine import run_graph
+from feste.schedulers._policy import option_keywords
 
 __all__ = ["get"]
 
 
 def get(graph: Mapping[Any, Any], keys: Any, num_workers: int | None = None, **kwargs: Any) -> Any:
-    num_workers = num_workers or context.get("num_workers")
-    return run_on_dask(
-        multiprocessing.get,
-        graph,
-        keys,
-        scheduler="processes",
-        accepted=("initializer", "num_workers", "pool"),
-        ship_options=True,
-        num_workers=num_workers,
-        **kwargs,
-    )
+    """Compute ``keys`` of ``graph``; keywords are feste options (and ``num_workers``)."""
+    options = option_keywords(kwargs)
+    if num_workers is not None:
+        options["num_workers"] = num_workers
+    with context.set(python_executor="processes", **options):
+        return run_sync(run_graph(graph, keys))
