@@ -412,3 +412,19 @@ def test_workers_share_one_postgresql_cache(
     local = feste.compute([llm.chat(prompt) for prompt in prompts], cache=postgres_url)[0]
     assert again == local == first
     assert server.stats()["requests"] == 40
+
+
+def test_requests_per_minute_hold_for_the_whole_cluster(
+    client: Any, llm_server_factory: Any
+) -> None:
+    server = llm_server_factory()
+    llm = openai(server, requests_per_minute=120)  # 2 a second, a burst of 2
+    prompts = [f"paced {index}" for index in range(8)]
+    started = time.monotonic()
+    values = feste.compute([llm.chat(prompt) for prompt in prompts], scheduler=client)[0]
+    elapsed = time.monotonic() - started
+    assert values == answers_of(prompts)
+    # One budget for both workers: 2 at once, then the other 6 at 2 a second. Two
+    # budgets of their own would let the workers finish in about half that time.
+    # (A lower bound: load only makes a run slower.)
+    assert elapsed >= 2.5
