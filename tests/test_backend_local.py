@@ -65,21 +65,27 @@ def test_embeddings_are_deterministic_across_runs_and_eager_mode(local_model):
 
 def test_batched_and_one_at_a_time_embeddings_agree(local_model):
     model = SentenceTransformers()
-    texts = numbered_texts(100)
+    texts = numbered_texts(120)
     with feste.record_usage() as batched_usage:
         batched = feste.compute([model.embed(text) for text in texts])[0]
-    # The static pass fused the 100 calls: 64 + 36 texts in two requests.
-    assert sorted(record.items for record in batched_usage.records) == [36, BATCH_SIZE]
+    # The static pass fused the 120 calls into one request.
+    assert [record.items for record in batched_usage.records] == [120]
 
     with feste.record_usage() as single_usage:
         # No batching pass and the sync scheduler: every call is its own request.
         single = feste.compute(
             [model.embed(text) for text in texts], optimize_graph=False, scheduler="sync"
         )[0]
-    assert [record.items for record in single_usage.records] == [1] * 100
+    assert [record.items for record in single_usage.records] == [1] * 120
 
     worst = max(abs(x - y) for a, b in zip(batched, single) for x, y in zip(a, b))
     assert worst <= 1e-5
+
+
+def test_requests_hold_up_to_the_batch_size():
+    model = SentenceTransformers()
+    plan = str(feste.explain([model.embed(text) for text in numbered_texts(BATCH_SIZE + 1)]))
+    assert f"local.embed: {BATCH_SIZE + 1} calls -> 2 requests" in plan
 
 
 def test_calls_ready_during_a_run_are_coalesced(local_model):

@@ -22,6 +22,7 @@ WORKLOAD_MODULES: tuple[str, ...] = (
     "scheduler_overhead",
     "faults",
     "warm_rerun",
+    "local_embed",
 )
 
 

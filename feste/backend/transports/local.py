@@ -30,6 +30,7 @@ the process, and :meth:`~BaseTransport.aclose` has nothing of its own to release
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import threading
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from feste.backend.base import Backend
-from feste.backend.local import BUNDLED_MODELS, SentenceTransformers
+from feste.backend.local import BUNDLED_MODELS, ENCODE_BATCH_SIZE, SentenceTransformers
 from feste.backend.transports._errors import unexpected_error
 from feste.backend.transports.base import BaseTransport
 from feste.backend.types import Request, Response
@@ -170,7 +171,7 @@ def _read_model(name: str, folder: Path, device: str | None) -> Any:
 
 def _encode(model: Any, texts: list[str]) -> list[list[float]]:
     vectors = model.encode(
-        texts, batch_size=len(texts) or 1, convert_to_numpy=True, show_progress_bar=False
+        texts, batch_size=ENCODE_BATCH_SIZE, convert_to_numpy=True, show_progress_bar=False
     )
     rows: list[list[float]] = vectors.tolist()
     return rows
@@ -184,7 +185,7 @@ def _similarities(model: Any, pairs: list[list[Any]]) -> list[float]:
     encoded: dict[str, Any] = {}
     if texts:
         vectors = model.encode(
-            texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
+            texts, batch_size=ENCODE_BATCH_SIZE, convert_to_numpy=True, show_progress_bar=False
         )
         encoded = dict(zip(texts, vectors))
     scores = []
@@ -233,8 +234,11 @@ class LocalModelTransport(BaseTransport):
         if self._ready:
             return
         self.loop = asyncio.get_running_loop()
-        await self._model(self._default_model)
         self._ready = True
+        # A model that cannot be loaded fails in send(), where the error can name the
+        # call (its method and input); here it would name no call.
+        with contextlib.suppress(BackendError):
+            await self._model(self._default_model)
 
     async def _model(self, name: str) -> Any:
         folder = model_folder(name)
