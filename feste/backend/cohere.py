@@ -62,7 +62,9 @@ class Cohere(Backend):
     The key: ``api_key=`` or, by default, the ``CO_API_KEY`` environment variable, read
     when each call runs. An explicit ``api_key`` travels with the backend when it is
     pickled (to Dask workers, or into a stored graph); the environment variable does
-    not. The key never appears in ``repr``, graph keys, tokens, errors or logs.
+    not. The key never appears in ``repr``, graph keys, tokens, errors or logs. The
+    address: ``base_url=``, else the ``CO_API_URL`` environment variable when the backend
+    is made, else Cohere's.
 
     ``transport="http"`` (default) uses feste's aiohttp transport; ``"sdk"`` the official
     ``cohere.AsyncClientV2`` (retries off). ``client=`` takes a configured
@@ -72,6 +74,7 @@ class Cohere(Backend):
     provider: ClassVar[str] = "cohere"
     api_key_env: ClassVar[str] = "CO_API_KEY"
     default_base_url: ClassVar[str] = "https://api.cohere.com"
+    base_url_env: ClassVar[str] = "CO_API_URL"
     sdk_package: ClassVar[str] = "cohere"
     methods: ClassVar[Mapping[str, MethodSpec]] = {
         "chat": MethodSpec("chat", params=_CHAT_PARAMS),

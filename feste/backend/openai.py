@@ -102,7 +102,8 @@ class OpenAI(Backend):
     explicit ``api_key`` is kept in the backend and travels with it when the backend is
     pickled (to Dask workers, or into a stored graph): prefer the environment variable
     for graphs you save. The key is never in ``repr``, graph keys, tokens, error
-    messages or logs.
+    messages or logs. The address: ``base_url=``, else the ``OPENAI_BASE_URL``
+    environment variable when the backend is made, else OpenAI's.
 
     ``transport="http"`` (default) uses feste's aiohttp transport; ``"sdk"`` the official
     ``openai.AsyncOpenAI`` client (retries off). ``client=`` takes a configured
@@ -117,6 +118,7 @@ class OpenAI(Backend):
     provider: ClassVar[str] = "openai"
     api_key_env: ClassVar[str] = "OPENAI_API_KEY"
     default_base_url: ClassVar[str] = "https://api.openai.com/v1"
+    base_url_env: ClassVar[str] = "OPENAI_BASE_URL"
     sdk_package: ClassVar[str] = "openai"
     methods: ClassVar[Mapping[str, MethodSpec]] = {
         "chat": MethodSpec("chat", params=_field_names(ChatParams)),

@@ -15,6 +15,10 @@ before a request's deadline starts, then ``send``\\ s. The contract is
   official async clients, through one :class:`SDKAdapter` per provider
   (``_openai_sdk``, ``_cohere_sdk``), their own retries off.
 
+and, for a model in this process rather than a provider,
+:class:`LocalModelTransport` (:mod:`.local`), the ``transport_class`` of
+:class:`~feste.backend.local.SentenceTransformers`.
+
 Both map errors at one boundary onto one status table (:mod:`._errors`), so they raise
 the same exception types with the same messages, and every exception leaving a
 transport is a :class:`~feste.errors.BackendError` with backend and method set and no
@@ -36,11 +40,13 @@ from feste.backend.transports._errors import (
 )
 from feste.backend.transports.base import BaseTransport, SDKAdapter
 from feste.backend.transports.http import HTTPTransport
+from feste.backend.transports.local import LocalModelTransport
 from feste.backend.transports.sdk import SDKTransport
 
 __all__ = [
     "BaseTransport",
     "HTTPTransport",
+    "LocalModelTransport",
     "SDKAdapter",
     "SDKTransport",
     "make_transport",
