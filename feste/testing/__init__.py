@@ -13,7 +13,20 @@ everything. It needs nothing else from feste.
 Deterministic outputs:
 
 - chat (both providers): ``f"echo({model}): {last user message}"``, truncated
-  to ``max_tokens`` tokens (then finish reason "length" / "MAX_TOKENS");
+  to ``max_tokens`` tokens (then finish reason "length" / "MAX_TOKENS"); OpenAI's
+  ``n`` gives ``n`` choices (``chat_text(model, message, i)``), ``logprobs`` and
+  ``top_logprobs`` give per-token log probabilities (``token_chunks``,
+  ``token_logprob``), Cohere's ``logprobs`` likewise;
+- JSON modes (OpenAI ``json_object`` / ``json_schema``, Cohere ``json_object``
+  with or without ``json_schema``): ``schema_instance(schema, source)``, a value
+  conforming to the requested schema built from ``source_text(first user
+  message)`` (``{"echo": source}`` without a schema); in the last user message,
+  ``[[invalid_json]]`` makes the text invalid JSON (``invalid_json_text``) and
+  ``[[wrong_schema]]`` answers ``wrong_schema_value(source)`` instead;
+- tools: with ``tool_choice`` "required" (Cohere "REQUIRED") or naming a tool, or
+  "auto" and a tool's name in the last user message, a call of that tool whose
+  arguments are ``schema_instance(its parameters, source)`` (``tool_call``),
+  finish reason "tool_calls" / "TOOL_CALL" (rules in ``_chat``);
 - completions: ``f"complete({model}): {prompt}"``, one choice per prompt;
 - embeddings: ``embedding(model, text, dim)``, the same for OpenAI and Cohere;
 - rerank: ``rerank_scores(query, documents)``, results by score then index;
@@ -62,6 +75,8 @@ written like OpenAI's ``"20ms"``, ``"1s"``, ``"6m0s"``.
 Modules: ``_config`` (knobs, CLI mapping), ``_stats`` (counters,
 ``key_label``), ``_responses`` (deterministic outputs, markers), ``_answers``
 (error shapes, retry headers), ``_parsing`` (one parser per endpoint),
+``_chat`` (chat options: ``n``, JSON modes, tools, log probabilities),
+``_structured`` (schema instances, tool calls, token log probabilities),
 ``_limits`` (concurrency, requests and tokens windows, rate-limit headers),
 ``_faults`` (fault choice and odd bodies), ``_app`` (``ApiSimulator``, the
 aiohttp handlers), ``_run`` (``TestServer``, ``serve``, thread and process
@@ -92,6 +107,16 @@ from ._responses import (
 )
 from ._run import TestServer, serve
 from ._stats import key_label
+from ._structured import (
+    invalid_json_text,
+    json_answer_text,
+    schema_instance,
+    source_text,
+    token_chunks,
+    token_logprob,
+    tool_call,
+    wrong_schema_value,
+)
 from ._waiting import wait_until
 
 __all__ = [
@@ -103,10 +128,18 @@ __all__ = [
     "count_tokens",
     "embedding",
     "embedding_base64",
+    "invalid_json_text",
+    "json_answer_text",
     "key_label",
     "rerank_order",
     "rerank_scores",
+    "schema_instance",
     "serve",
+    "source_text",
+    "token_chunks",
+    "token_logprob",
+    "tool_call",
     "truncate_to_tokens",
     "wait_until",
+    "wrong_schema_value",
 ]

@@ -18,10 +18,17 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ._answers import Provider, bad_request
+from ._chat import (
+    ChatChoice,
+    chat_choices,
+    cohere_logprobs,
+    cohere_options,
+    openai_logprobs,
+    openai_options,
+)
 from ._config import ServerConfig
 from ._responses import (
     Trigger,
-    chat_text,
     completion_text,
     count_tokens,
     embedding,
@@ -109,12 +116,21 @@ def _message_text(content: Any, param: str) -> str:
     raise bad_request(f"{param} must be a string or a list of content parts", param)
 
 
-def _chat_messages(body: dict[str, Any], roles: frozenset[str]) -> tuple[str, int]:
-    """(content of the last user message or "", prompt tokens of all messages)."""
+@dataclass(frozen=True, slots=True)
+class _Conversation:
+    """What the chat answers read from the messages."""
+
+    first_user: str  # the first user message ("" without one): the source of JSON answers
+    last_user: str  # the last user message ("" without one): what the echo repeats
+    prompt_tokens: int  # tokens of every message
+
+
+def _chat_messages(body: dict[str, Any], roles: frozenset[str]) -> _Conversation:
+    """The user messages that answers read, and the prompt tokens of all messages."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
-    last_user = ""
+    user_texts: list[str] = []
     prompt_tokens = 0
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -134,8 +150,10 @@ def _chat_messages(body: dict[str, Any], roles: frozenset[str]) -> tuple[str, in
         text = _message_text(content, f"messages[{index}].content")
         prompt_tokens += count_tokens(text)
         if role == "user":
-            last_user = text
-    return last_user, prompt_tokens
+            user_texts.append(text)
+    first = user_texts[0] if user_texts else ""
+    last = user_texts[-1] if user_texts else ""
+    return _Conversation(first, last, prompt_tokens)
 
 
 def _string_list(value: Any, name: str, *, allow_empty_strings: bool) -> list[str]:
@@ -180,17 +198,13 @@ def _openai_chat(body: Any, config: ServerConfig) -> Parsed:
     body = _body_object(body)
     model = _model(body)
     _reject_streaming(body)
-    last_user, prompt_tokens = _chat_messages(body, OPENAI_CHAT_ROLES)
-    limit = _optional_positive_int(body, "max_completion_tokens")
-    if limit is None:
-        limit = _optional_positive_int(body, "max_tokens")
+    conversation = _chat_messages(body, OPENAI_CHAT_ROLES)
+    options = openai_options(body)
 
     def answer(request_id: str) -> dict[str, Any]:
-        text = chat_text(model, last_user)
-        finish_reason = "stop"
-        if limit is not None and count_tokens(text) > limit:
-            text, finish_reason = truncate_to_tokens(text, limit), "length"
-        completion_tokens = count_tokens(text)
+        choices = chat_choices(model, conversation.first_user, conversation.last_user, options)
+        completion_tokens = sum(choice.completion_tokens for choice in choices)
+        prompt_tokens = conversation.prompt_tokens
         return {
             "id": f"chatcmpl-{request_id}",
             "object": "chat.completion",
@@ -198,11 +212,14 @@ def _openai_chat(body: Any, config: ServerConfig) -> Parsed:
             "model": model,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
+                    "index": index,
+                    "message": _openai_message(choice),
+                    "logprobs": (
+                        openai_logprobs(choice, options.top_logprobs) if options.logprobs else None
+                    ),
+                    "finish_reason": choice.finish_reason,
                 }
+                for index, choice in enumerate(choices)
             ],
             "usage": {
                 "prompt_tokens": prompt_tokens,
@@ -212,7 +229,22 @@ def _openai_chat(body: Any, config: ServerConfig) -> Parsed:
             "system_fingerprint": None,
         }
 
-    return Parsed((last_user,), prompt_tokens, find_trigger((last_user,)), answer)
+    last_user = conversation.last_user
+    return Parsed((last_user,), conversation.prompt_tokens, find_trigger((last_user,)), answer)
+
+
+def _openai_message(choice: ChatChoice) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+    if choice.tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]},
+            }
+            for call in choice.tool_calls
+        ]
+    return message
 
 
 def _openai_completions(body: Any, config: ServerConfig) -> Parsed:
@@ -298,28 +330,52 @@ def _openai_models(body: Any, config: ServerConfig) -> Parsed:
     return Parsed((), 0, None, answer)
 
 
+_COHERE_FINISH_REASONS: Final = {
+    "stop": "COMPLETE",
+    "length": "MAX_TOKENS",
+    "tool_calls": "TOOL_CALL",
+}
+
+
 def _cohere_chat(body: Any, config: ServerConfig) -> Parsed:
     body = _body_object(body)
     model = _model(body)
     _reject_streaming(body)
-    last_user, input_tokens = _chat_messages(body, COHERE_CHAT_ROLES)
-    limit = _optional_positive_int(body, "max_tokens")
+    conversation = _chat_messages(body, COHERE_CHAT_ROLES)
+    options = cohere_options(body)
 
     def answer(request_id: str) -> dict[str, Any]:
-        text = chat_text(model, last_user)
-        finish_reason = "COMPLETE"
-        if limit is not None and count_tokens(text) > limit:
-            text, finish_reason = truncate_to_tokens(text, limit), "MAX_TOKENS"
-        output_tokens = count_tokens(text)
-        tokens = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-        return {
+        (choice,) = chat_choices(model, conversation.first_user, conversation.last_user, options)
+        tokens = {
+            "input_tokens": conversation.prompt_tokens,
+            "output_tokens": choice.completion_tokens,
+        }
+        message: dict[str, Any] = {"role": "assistant"}
+        if choice.tool_calls:
+            names = ", ".join(call["name"] for call in choice.tool_calls)
+            message["tool_plan"] = f"I will call {names}."
+            message["tool_calls"] = [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+                for call in choice.tool_calls
+            ]
+        else:
+            message["content"] = [{"type": "text", "text": choice.text}]
+        payload: dict[str, Any] = {
             "id": f"chat-{request_id}",
-            "finish_reason": finish_reason,
-            "message": {"role": "assistant", "content": [{"type": "text", "text": text}]},
+            "finish_reason": _COHERE_FINISH_REASONS[choice.finish_reason],
+            "message": message,
             "usage": {"billed_units": dict(tokens), "tokens": tokens},
         }
+        if options.logprobs:
+            payload["logprobs"] = cohere_logprobs(choice)
+        return payload
 
-    return Parsed((last_user,), input_tokens, find_trigger((last_user,)), answer)
+    last_user = conversation.last_user
+    return Parsed((last_user,), conversation.prompt_tokens, find_trigger((last_user,)), answer)
 
 
 def _cohere_embed(body: Any, config: ServerConfig) -> Parsed:
