@@ -25,7 +25,7 @@ import sys
 from typing import Any
 
 from feste import context
-from feste._calls import RunObserver, current_observer
+from feste._calls import CachedCalls, RequestReport, RunObserver, current_observer
 from feste.backend.types import Request, Usage
 
 __all__ = ["RunProgress", "should_show"]
@@ -92,6 +92,12 @@ class RunProgress(RunObserver):
     def request_failed(self, request: Request, error: BaseException, attempt: int) -> None:
         self.ended += 1
         self.previous.request_failed(request, error, attempt)
+
+    def request_ended(self, request: Request, report: RequestReport) -> None:
+        self.previous.request_ended(request, report)
+
+    def calls_cached(self, cached: CachedCalls) -> None:
+        self.previous.calls_cached(cached)
 
     # -- display ----------------------------------------------------------------------
 

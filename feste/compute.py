@@ -22,7 +22,9 @@ live one layer up and call into here, as dask's collections call their scheduler
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,7 @@ from feste.schedulers import get_scheduler
 from feste.schedulers._engine import inline_function, run_graph
 from feste.schedulers._policy import option_keywords
 from feste.schedulers._stream import GraphStream
+from feste.trace import record_trace
 
 __all__ = [
     "Prepared",
@@ -119,6 +122,7 @@ def compute(
     traverse: bool = True,
     cache: Any = None,
     run: str | None = None,
+    trace: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     """Compute lazy values; return a tuple with one result per argument.
@@ -130,9 +134,11 @@ def compute(
     URL or a store; ``False`` for none) and ``run`` names the run to record in it; both
     default to the context's options. With a cache, calls it can answer before the run
     (their inputs known) are answered in one bulk lookup and never scheduled; the others
-    are looked up where they are sent. Extra keywords go to the scheduler.
+    are looked up where they are sent. ``trace`` is a file to write a Chrome/Perfetto
+    trace of the run's requests to (:mod:`feste.trace`). Extra keywords go to the
+    scheduler.
     """
-    with context.set(**_cache_options(cache, run)):
+    with context.set(**_cache_options(cache, run)), _traced(trace):
         prepared = prepare(*objs, optimize_graph=optimize_graph, traverse=traverse)
         if not prepared.keys:
             return objs
@@ -151,7 +157,17 @@ def compute(
         return values
 
 
-# -- cache and run options ------------------------------------------------------------
+# -- cache, run and trace options ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _traced(path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Record a trace of the requests made inside the block when ``path`` is given."""
+    if path is None:
+        yield
+        return
+    with record_trace(path):
+        yield
 
 
 def _cache_options(cache: Any, run: str | None) -> dict[str, Any]:
@@ -191,6 +207,7 @@ async def compute_async(
     traverse: bool = True,
     cache: Any = None,
     run: str | None = None,
+    trace: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     """``await feste.compute_async(...)``: :func:`compute` for async code.
@@ -198,10 +215,10 @@ async def compute_async(
     With the async scheduler (the default) the graph runs on the caller's event loop,
     next to whatever else it runs; keywords are feste options for this computation
     (``errors="return"``, ``max_concurrency=...``). Another scheduler runs in a worker
-    thread, so the loop is never blocked. ``cache`` and ``run`` are those of
+    thread, so the loop is never blocked. ``cache``, ``run`` and ``trace`` are those of
     :func:`compute`.
     """
-    with context.set(**_cache_options(cache, run)):
+    with context.set(**_cache_options(cache, run)), _traced(trace):
         prepared = prepare(*objs, optimize_graph=optimize_graph, traverse=traverse)
         if not prepared.keys:
             return objs

@@ -13,7 +13,10 @@ contract of the async scheduler, with the policy of :mod:`feste.schedulers._poli
 * ``on_task_done``, ``on_task_failed`` and ``on_progress`` are called from dask's
   post-task callback, in the calling process;
 * an ``async def`` task runs on its worker thread's event loop
-  (:func:`feste._loop.run_sync`).
+  (:func:`feste._loop.run_sync`);
+* in worker processes (``ship_options``), each task runs under
+  :func:`feste.usage.run_relayed`, so the reports of the requests it makes come back
+  with its result and reach the caller's usage records and traces.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from feste.schedulers._policy import (
     split_keywords,
     task_failure,
 )
+from feste.usage import run_relayed
 
 __all__ = ["KeyedCall", "keyed_graph", "run_on_dask"]
 
@@ -74,6 +78,11 @@ class KeyedCall:
         return getattr(self.func, "__name__", type(self.func).__name__)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.options is not None:  # in a worker process: send request reports back
+            return run_relayed(self._run, *args, **kwargs)
+        return self._run(*args, **kwargs)
+
+    def _run(self, *args: Any, **kwargs: Any) -> Any:
         if self.return_failures and type(self.func) is BatchCall and args:
             entries = self._batch_without_failed_items(args, kwargs)
             if entries is not None:
