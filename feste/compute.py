@@ -36,6 +36,7 @@ from dask.utils import ensure_dict
 from feste import context
 from feste._replay import replay_cached_calls
 from feste._runs import record_run
+from feste.backend.prices import price_table
 from feste.errors import SchedulerError
 from feste.graph import FesteGraph, GraphStats, build_task
 from feste.optimization import default_optimizer
@@ -181,17 +182,21 @@ def _cache_options(cache: Any, run: str | None) -> dict[str, Any]:
 
 
 def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
-    """What computing ``objs`` would do, without running anything.
+    """What computing ``objs`` would do, and about what it would cost, running nothing.
 
     Reports the node count and depth of the graph that would run, and per backend
     method how many calls the graph holds and how many requests they become after
-    optimization (``str()`` of the result: ``"openai.embed: 5000 calls -> 3 requests"``).
+    optimization (``str()`` of the result: ``"openai.embed: 5000 calls -> 3 requests"``),
+    then the estimated tokens and dollars of those requests at the price table's list
+    prices (:class:`~feste.graph.GraphStats`; ``"estimated cost: $0.0012 ..."``).
     """
     prepared = prepare(*objs, optimize_graph=optimize_graph)
     calls, _ = prepared.collected.backend_calls()
     graph = FesteGraph(prepared.graph)
     _, requests = graph.backend_calls()
-    return GraphStats(len(graph), graph.depth(), calls, requests)
+    usage, cost, unknown = graph.estimated_usage()
+    date = price_table().date if usage else None
+    return GraphStats(len(graph), graph.depth(), calls, requests, usage, cost, unknown, date)
 
 
 def _runs_on_engine(scheduler: Any) -> bool:
