@@ -16,7 +16,7 @@ from feste import context
 from feste.backend import Cohere, OpenAI
 from feste.backend.prices import Price, builtin_prices, price_table
 from feste.backend.spec import estimate_tokens
-from feste.backend.types import Usage
+from feste.backend.types import Response, Usage
 from feste.errors import OptionError
 from feste.task import feste_task
 from feste.testing import chat_text, count_tokens
@@ -105,6 +105,33 @@ def test_bad_price_tables_are_refused_by_name(prices, message):
         price_table()
     assert "invalid price table" in str(raised.value)
     assert message in str(raised.value)
+
+
+def test_cached_prompt_tokens_are_read_from_both_providers():
+    llm = OpenAI(api_key=KEY)
+    request = llm.build_request("chat", ["hi"], {})
+    body = {
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": 2000,
+            "completion_tokens": 10,
+            "prompt_tokens_details": {"cached_tokens": 1024},
+        },
+    }
+    usage = llm.parse_response(request, Response(200, body)).usage
+    assert usage == Usage("gpt-4o-mini-2024-07-18", 2000, 10, cached_tokens=1024)
+    expected = (976 * 0.15 + 1024 * 0.075 + 10 * 0.60) / MILLION
+    assert price_table().cost("openai", usage) == pytest.approx(expected, abs=1e-15)
+    co = Cohere(api_key=KEY)
+    cohere_body = {
+        "id": "x",
+        "finish_reason": "COMPLETE",
+        "message": {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+        "usage": {"tokens": {"input_tokens": 30, "output_tokens": 2}, "cached_tokens": 16},
+    }
+    parsed = co.parse_response(co.build_request("chat", ["hi"], {}), Response(200, cohere_body))
+    assert parsed.usage == Usage(COMMAND, 30, 2, cached_tokens=16)
 
 
 # -- dollars after a run --------------------------------------------------------------

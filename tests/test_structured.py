@@ -15,12 +15,14 @@ import warnings
 
 import pydantic
 import pytest
+from dask.base import tokenize
 
 import feste
 from feste import context
 from feste.backend import ChatParams, Cohere, OpenAI
 from feste.backend.structured import ResponseFormat, strict_schema
 from feste.backend.types import ChatResult, Choice, TokenLogprob, ToolCall, Usage
+from feste.cache.keys import call_key
 from feste.errors import (
     ConfigurationError,
     Failure,
@@ -173,6 +175,14 @@ def test_the_model_class_is_part_of_the_call_identity(llm_server):
     }
     assert len(keys) == 4
     assert llm.chat("x", response_format=Person).key == llm.chat("x", response_format=Person).key
+    # Same module and name, another schema: another call (and another cache key).
+    renamed = pydantic.create_model("Person", __module__=Person.__module__, name=(str, ...))
+    assert renamed.__qualname__ == Person.__qualname__
+    assert tokenize(ResponseFormat(renamed)) != tokenize(ResponseFormat(Person))
+    assert llm.chat("x", response_format=renamed).key != llm.chat("x", response_format=Person).key
+    assert call_key(llm, "chat", "x", {"response_format": ResponseFormat(renamed)}) != call_key(
+        llm, "chat", "x", {"response_format": ResponseFormat(Person)}
+    )
     fmt = ResponseFormat(Person)
     assert pickle.loads(pickle.dumps(fmt)) == fmt
     assert ResponseFormat.of(Person) == fmt and ResponseFormat.of({"type": "x"}) is None
@@ -426,6 +436,10 @@ def test_on_truncation_raise_and_ignore(llm_server, transport):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with context.set(on_truncation="ignore"):
-            (result,) = feste.compute(llm.chat("hello", max_tokens=2, full=True))
+            result, cohere_result = feste.compute(
+                llm.chat("hello", max_tokens=2, full=True),
+                cohere_llm(llm_server, transport).chat("hello", max_tokens=2, full=True),
+            )
     assert not [w for w in caught if issubclass(w.category, TruncatedOutputWarning)]
     assert result.truncated and result.finish_reason == "length"
+    assert cohere_result.truncated and cohere_result.finish_reason == "length"  # MAX_TOKENS

@@ -61,7 +61,7 @@ from feste.backend.structured import usage_from_record
 from feste.backend.types import Parsed, Request, Response, Usage
 from feste.errors import ConfigurationError, MalformedResponseError, OptionError
 
-__all__ = ["NOT_ANSWERED", "Backend", "CallBuilder", "install_call_builder"]
+__all__ = ["Backend", "CallBuilder", "NOT_ANSWERED", "install_call_builder"]
 
 #: ``builder(backend, method, item, params, pure)``: a lazy node, or the value in eager mode.
 CallBuilder = Callable[["Backend", str, Any, dict[str, Any], bool], Any]
