@@ -400,10 +400,13 @@ class ServerPair:
             "items": 0,
             "status_counts": {},
             "max_in_flight": {},
+            "billed": {},
         }
         for name, server in (("openai", self.openai), ("cohere", self.cohere)):
             stats = server.stats()
             summary["requests"] += stats.get("requests", 0)
+            # What the answers billed, per provider and model (priced in the report).
+            summary["billed"][name] = stats.get("billed", {})
             summary["items"] += stats.get("items", 0)
             for key in ("by_route", "status_counts"):
                 for route, count in stats.get(key, {}).items():
@@ -508,6 +511,7 @@ def _measure_contender(
         correct=True,
         note="; ".join(notes),
     )
+    row["billed"] = median["server"]["billed"]  # priced in the report (report.priced)
     if workload.per_item:
         row["per_item_us"] = makespan / size * 1e6
     log(

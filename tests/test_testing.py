@@ -339,6 +339,14 @@ def test_cohere_rerank_sorted_by_score(llm_server: TestServer) -> None:
     assert reply.meta is not None and reply.meta.billed_units is not None
     assert reply.meta.billed_units.search_units == 1
     assert llm_server.stats()["inputs"]["/v2/rerank"] == [documents]
+    assert llm_server.stats()["billed"] == {
+        "rerank-v3.5": {
+            "requests": 1,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "search_units": 1,
+        }
+    }
 
 
 # --- statistics ---------------------------------------------------------------
@@ -370,7 +378,17 @@ def test_stats_count_requests_items_and_inputs(llm_server: TestServer) -> None:
         "in_flight",
         "faults",
         "status_counts",
+        "billed",
         "inputs",
+    }
+    # Both chat and embeddings asked for model "m": one entry, what the answers reported.
+    assert stats["billed"] == {
+        "m": {
+            "requests": 3,
+            "prompt_tokens": count_tokens("one") + 3 + 1,
+            "completion_tokens": count_tokens(chat_text("m", "one")),
+            "search_units": 0,
+        }
     }
 
     status, _, over_http = asyncio.run(_get_json(llm_server.url + "/_stats"))

@@ -34,7 +34,8 @@ Deterministic outputs:
 
 ``TestServer.stats()`` (and ``GET /_stats``) keys: ``requests``, ``by_route``,
 ``by_api_key``, ``items``, ``items_per_request``, ``max_in_flight``,
-``in_flight``, ``faults``, ``status_counts``, ``inputs`` (meanings in
+``in_flight``, ``faults``, ``status_counts``, ``billed`` (tokens and
+searches the answers reported, per model), ``inputs`` (meanings in
 ``feste.testing._stats.Stats``). Lists are in ARRIVAL order: ``inputs[route]``
 holds the item texts of each successful request in the order the server
 received them, whatever order it answered them in. ``by_api_key`` counts every

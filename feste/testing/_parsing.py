@@ -61,6 +61,7 @@ class Parsed:
     tokens: int  # input tokens, as counted by tokens_per_minute
     trigger: Trigger | None
     answer: Callable[[str], dict[str, Any]]  # request id -> JSON payload
+    model: str = ""  # the model asked for ("" for routes without one)
 
 
 def _body_object(body: Any) -> dict[str, Any]:
@@ -230,7 +231,9 @@ def _openai_chat(body: Any, config: ServerConfig) -> Parsed:
         }
 
     last_user = conversation.last_user
-    return Parsed((last_user,), conversation.prompt_tokens, find_trigger((last_user,)), answer)
+    return Parsed(
+        (last_user,), conversation.prompt_tokens, find_trigger((last_user,)), answer, model
+    )
 
 
 def _openai_message(choice: ChatChoice) -> dict[str, Any]:
@@ -282,7 +285,7 @@ def _openai_completions(body: Any, config: ServerConfig) -> Parsed:
             },
         }
 
-    return Parsed(tuple(prompts), prompt_tokens, find_trigger(prompts), answer)
+    return Parsed(tuple(prompts), prompt_tokens, find_trigger(prompts), answer, model)
 
 
 def _openai_embeddings(body: Any, config: ServerConfig) -> Parsed:
@@ -314,7 +317,7 @@ def _openai_embeddings(body: Any, config: ServerConfig) -> Parsed:
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
 
-    return Parsed(tuple(inputs), prompt_tokens, find_trigger(inputs), answer)
+    return Parsed(tuple(inputs), prompt_tokens, find_trigger(inputs), answer, model)
 
 
 def _openai_models(body: Any, config: ServerConfig) -> Parsed:
@@ -375,7 +378,9 @@ def _cohere_chat(body: Any, config: ServerConfig) -> Parsed:
         return payload
 
     last_user = conversation.last_user
-    return Parsed((last_user,), conversation.prompt_tokens, find_trigger((last_user,)), answer)
+    return Parsed(
+        (last_user,), conversation.prompt_tokens, find_trigger((last_user,)), answer, model
+    )
 
 
 def _cohere_embed(body: Any, config: ServerConfig) -> Parsed:
@@ -428,12 +433,12 @@ def _cohere_embed(body: Any, config: ServerConfig) -> Parsed:
             },
         }
 
-    return Parsed(tuple(texts), input_tokens, find_trigger(texts), answer)
+    return Parsed(tuple(texts), input_tokens, find_trigger(texts), answer, model)
 
 
 def _cohere_rerank(body: Any, config: ServerConfig) -> Parsed:
     body = _body_object(body)
-    _model(body)  # required by the real API, though the scores ignore it
+    model = _model(body)  # required by the real API, though the scores ignore it
     query = body.get("query")
     if not isinstance(query, str) or not query:
         raise bad_request("query must be a non-empty string", "query")
@@ -454,7 +459,7 @@ def _cohere_rerank(body: Any, config: ServerConfig) -> Parsed:
             "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
         }
 
-    return Parsed(tuple(documents), 0, trigger, answer)
+    return Parsed(tuple(documents), 0, trigger, answer, model)
 
 
 def _spoil_openai_usage(payload: dict[str, Any]) -> None:
@@ -473,6 +478,25 @@ def _spoil_cohere_rerank_usage(payload: dict[str, Any]) -> None:
     payload["meta"]["billed_units"] = {"search_units": BAD_COUNT}
 
 
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _openai_billed(payload: dict[str, Any]) -> tuple[int, int, int]:
+    usage = payload.get("usage") or {}
+    return _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), 0
+
+
+def _cohere_chat_billed(payload: dict[str, Any]) -> tuple[int, int, int]:
+    billed = (payload.get("usage") or {}).get("billed_units") or {}
+    return _count(billed.get("input_tokens")), _count(billed.get("output_tokens")), 0
+
+
+def _cohere_meta_billed(payload: dict[str, Any]) -> tuple[int, int, int]:
+    billed = (payload.get("meta") or {}).get("billed_units") or {}
+    return _count(billed.get("input_tokens")), 0, _count(billed.get("search_units"))
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """One API route: how to parse its requests, and where its answers report usage."""
@@ -483,14 +507,38 @@ class Endpoint:
     parse: Callable[[Any, ServerConfig], Parsed]
     # Replaces the usage of an answer by a malformed one ([[bad_usage]]).
     spoil_usage: Callable[[dict[str, Any]], None]
+    # (prompt tokens, completion tokens, searches) an answer bills, for stats["billed"].
+    billed: Callable[[dict[str, Any]], tuple[int, int, int]]
 
 
 ENDPOINTS: Final = (
-    Endpoint("/v1/chat/completions", "POST", "openai", _openai_chat, _spoil_openai_usage),
-    Endpoint("/v1/completions", "POST", "openai", _openai_completions, _spoil_openai_usage),
-    Endpoint("/v1/embeddings", "POST", "openai", _openai_embeddings, _spoil_openai_usage),
-    Endpoint("/v1/models", "GET", "openai", _openai_models, _spoil_openai_usage),
-    Endpoint("/v2/chat", "POST", "cohere", _cohere_chat, _spoil_cohere_chat_usage),
-    Endpoint("/v2/embed", "POST", "cohere", _cohere_embed, _spoil_cohere_embed_usage),
-    Endpoint("/v2/rerank", "POST", "cohere", _cohere_rerank, _spoil_cohere_rerank_usage),
+    Endpoint(
+        "/v1/chat/completions", "POST", "openai", _openai_chat, _spoil_openai_usage, _openai_billed
+    ),
+    Endpoint(
+        "/v1/completions",
+        "POST",
+        "openai",
+        _openai_completions,
+        _spoil_openai_usage,
+        _openai_billed,
+    ),
+    Endpoint(
+        "/v1/embeddings", "POST", "openai", _openai_embeddings, _spoil_openai_usage, _openai_billed
+    ),
+    Endpoint("/v1/models", "GET", "openai", _openai_models, _spoil_openai_usage, _openai_billed),
+    Endpoint(
+        "/v2/chat", "POST", "cohere", _cohere_chat, _spoil_cohere_chat_usage, _cohere_chat_billed
+    ),
+    Endpoint(
+        "/v2/embed", "POST", "cohere", _cohere_embed, _spoil_cohere_embed_usage, _cohere_meta_billed
+    ),
+    Endpoint(
+        "/v2/rerank",
+        "POST",
+        "cohere",
+        _cohere_rerank,
+        _spoil_cohere_rerank_usage,
+        _cohere_meta_billed,
+    ),
 )
