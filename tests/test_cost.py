@@ -132,6 +132,10 @@ def test_cached_prompt_tokens_are_read_from_both_providers():
     }
     parsed = co.parse_response(co.build_request("chat", ["hi"], {}), Response(200, cohere_body))
     assert parsed.usage == Usage(COMMAND, 30, 2, cached_tokens=16)
+    # Billed units, when given, are what is billed (tokens include Cohere's own).
+    cohere_body["usage"]["billed_units"] = {"input_tokens": 20, "output_tokens": 1}
+    parsed = co.parse_response(co.build_request("chat", ["hi"], {}), Response(200, cohere_body))
+    assert parsed.usage == Usage(COMMAND, 20, 1, cached_tokens=16)
 
 
 # -- dollars after a run --------------------------------------------------------------

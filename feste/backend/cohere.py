@@ -407,9 +407,10 @@ def _chat_usage(body: dict[str, Any], model: str | None) -> Usage | None:
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return None
-    tokens = usage.get("tokens")
+    # What is billed: Cohere's "tokens" also count tokens it adds itself, not billed.
+    tokens = usage.get("billed_units")
     if not isinstance(tokens, dict):
-        tokens = usage.get("billed_units")
+        tokens = usage.get("tokens")
     if not isinstance(tokens, dict):
         return None
     input_tokens = _token_count(tokens.get("input_tokens"))
