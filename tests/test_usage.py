@@ -153,3 +153,18 @@ def test_the_relay_hook_carries_reports_through_pickling(llm_server):
     merged.merge(usage.records + failed.records)
     assert merged.requests == 2
     assert merged.total == expected + failed.total
+
+
+def test_usage_is_recorded_behind_the_progress_bar_and_the_run_history(llm_server, tmp_path):
+    """Both wrap the current observer during a run: they pass request reports on."""
+    llm = OpenAI(base_url=llm_server.openai_base_url, api_key="k")
+    questions = [f"question {i}" for i in range(3)]
+    with record_usage() as usage:
+        feste.compute(
+            [llm.chat(q) for q in questions],
+            progress=True,
+            cache=str(tmp_path / "cache.sqlite"),
+            run="recorded",
+        )
+    assert usage.requests == llm_server.stats()["requests"] == 3
+    assert usage.total.prompt_tokens == sum(count_tokens(q) for q in questions)
