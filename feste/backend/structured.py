@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,8 +135,13 @@ class ResponseFormat:
     def _identity(self) -> tuple[Any, ...]:
         if self.model is None:
             return ("dict",)
-        schema = json.dumps(self.schema(), sort_keys=True, default=str)
-        return (self.model.__module__, self.model.__qualname__, schema)
+        identity = _identities.get(self.model)
+        if identity is None:
+            # Building a schema takes a while, and every call of a pipeline asks.
+            schema = json.dumps(self.schema(), sort_keys=True, default=str)
+            identity = (self.model.__module__, self.model.__qualname__, schema)
+            _identities[self.model] = identity
+        return identity
 
     def __dask_tokenize__(self) -> Any:
         return ("feste.ResponseFormat", *self._identity())
@@ -151,6 +157,10 @@ class ResponseFormat:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (ResponseFormat, (self.model,))
+
+
+# model class -> its identity (module, name, schema); weak, so classes can go away.
+_identities: weakref.WeakKeyDictionary[type, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 
 def _validation_detail(error: ValueError) -> str:
