@@ -166,12 +166,16 @@ async def send(backend: Backend, request: Request) -> Parsed:
     """
     observer = current_observer.get()
     timing = RequestTiming()
+    # Reports are built only for an observer that reads them (the base one does not).
+    reported = type(observer).request_ended is not RunObserver.request_ended
     try:
         parsed = await _send_attempts(backend, request, timing)
     except BaseException as error:
-        observer.request_ended(request, timing.report(request, None, error))
+        if reported:
+            observer.request_ended(request, timing.report(request, None, error))
         raise
-    observer.request_ended(request, timing.report(request, parsed.usage, None))
+    if reported:
+        observer.request_ended(request, timing.report(request, parsed.usage, None))
     if parsed.truncated:
         apply_truncation_policy(run_limits(), request, parsed)
     return parsed
