@@ -405,10 +405,13 @@ class ServerPair:
             "status_counts": {},
             "max_in_flight": {},
             "first_arrival": {},
+            "billed": {},
         }
         for name, server in (("openai", self.openai), ("cohere", self.cohere)):
             stats = server.stats()
             summary["requests"] += stats.get("requests", 0)
+            # What the answers billed, per provider and model (priced in the report).
+            summary["billed"][name] = stats.get("billed", {})
             summary["items"] += stats.get("items", 0)
             for key in ("by_route", "status_counts"):
                 for route, count in stats.get(key, {}).items():
@@ -522,6 +525,7 @@ def _measure_contender(
         row["milestones"] = {
             label: arrivals.get(route) for label, route in workload.milestones.items()
         }
+    row["billed"] = median["server"]["billed"]  # priced in the report (report.priced)
     if workload.per_item:
         row["per_item_us"] = makespan / size * 1e6
     log(

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import GRAPH_BUILT
+from feste.backend.prices import builtin_prices
+from feste.backend.types import Usage
 
-__all__ = ["markdown_table", "write_chart", "write_report"]
+__all__ = ["markdown_table", "priced", "write_chart", "write_report"]
 
 COLUMNS = (
     "Workload",
@@ -23,6 +25,8 @@ COLUMNS = (
     "x ideal",
     "x best peer",
     "Requests",
+    "Tokens",
+    "Dollars",
     "Peak RSS MiB (growth)",
     "Correct",
     "Note",
@@ -44,6 +48,36 @@ def _makespan(row: dict[str, Any], per_item: bool) -> str:
     return text
 
 
+def priced(billed: dict[str, dict[str, dict[str, int]]]) -> tuple[int, float | None]:
+    """(tokens, dollars at feste's list prices) of what the servers billed, per provider
+    and model; dollars None when a model is not in the price table."""
+    table = builtin_prices()
+    tokens = 0
+    dollars: float | None = 0.0
+    for provider, models in billed.items():
+        for model, counts in models.items():
+            usage = Usage(
+                model,
+                counts.get("prompt_tokens", 0),
+                counts.get("completion_tokens", 0),
+                search_units=counts.get("search_units", 0),
+            )
+            tokens += usage.total_tokens
+            cost = table.cost(provider, usage)
+            dollars = None if cost is None or dollars is None else dollars + cost
+    return tokens, dollars
+
+
+def _billing_cells(row: dict[str, Any]) -> list[str]:
+    """Tokens and dollars of a row, scaled like its makespan when it ran on a subset."""
+    if "billed" not in row:
+        return ["", ""]  # a report made before the servers counted tokens
+    tokens, dollars = priced(row["billed"])
+    scale = row.get("scale", 1.0)
+    shown = "unpriced" if dollars is None else f"${dollars * scale:.6f}"
+    return [str(round(tokens * scale)), shown]
+
+
 def _row_cells(workload: dict[str, Any], row: dict[str, Any]) -> list[str]:
     name = row["contender"] + (" **(feste)**" if row["kind"] == "feste" else "")
     if row["status"] != "ok":
@@ -55,6 +89,8 @@ def _row_cells(workload: dict[str, Any], row: dict[str, Any]) -> list[str]:
             "",
             "",
             str(row.get("server", {}).get("requests", "")),
+            "",
+            "",
             "",
             status.get(row["status"], row["status"]),
             _cell(row.get("note", ""))[:300],
@@ -83,6 +119,7 @@ def _row_cells(workload: dict[str, Any], row: dict[str, Any]) -> list[str]:
         _ratio(row.get("ratio_to_ideal")),
         _ratio(row.get("ratio_to_best_peer")),
         requests,
+        *_billing_cells(row),
         memory,
         "yes",
         _cell(note),
@@ -119,6 +156,8 @@ def markdown_table(report: dict[str, Any]) -> str:
                     ideal_requests,
                     "",
                     "",
+                    "",
+                    "",
                     _cell(ideal["formula"]),
                 ]
             )
@@ -130,7 +169,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         "",
         "`*` ran on a subset of the inputs; the makespan is scaled linearly to the full "
         "size. Requests are counted at the server (retries included; `(k x 429)`: k of "
-        "them were answered 429). Peak RSS is "
+        "them were answered 429); tokens are "
+        "what the answers billed, and dollars those tokens at feste's list prices "
+        "(feste/backend/prices.toml), scaled like the makespan on a subset. Peak RSS is "
         "the client's resident memory (worker processes included for the pool), growth is "
         "above the forked process's starting size.",
         "",

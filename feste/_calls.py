@@ -21,11 +21,18 @@ Every scheduler reaches a provider through this module: the async engine awaits
    client libraries' own retries are switched off by the transports, so this is the
    only retry policy.
 3. Each request, retry and usage report is told to the current :class:`RunObserver`
-   (progress bars, usage records, run history).
+   (progress bars, usage records, run history, traces): at its end a request's
+   timings come as one :class:`RequestReport`, and calls the cache answered as
+   :class:`CachedCalls`. An answer cut at its token limit then warns once per run,
+   raises or passes, as the ``on_truncation`` option says.
 4. With a result cache on (:mod:`feste.cache`), :func:`run_call` and :func:`run_batch`
    look every call up before sending (the items of a batch one by one, in one bulk
    query): hits never reach :func:`send`, so they take no limiter admission; the
    misses are sent and their values stored (committed) before they are handed on.
+5. A call whose backend *finishes* its value after the cache (``Backend.finishes``:
+   structured outputs, whole answers) carries the parsed answer through the cache and
+   is finished in :func:`run_call`; an answer that does not validate is re-asked up
+   to ``Backend.repair_retries`` times (each re-ask is a call of its own, cached too).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from feste import context
+from feste._reports import CachedCalls, RequestReport, RequestTiming, apply_truncation_policy
 from feste.backend.base import Backend
 from feste.backend.spec import chunk_items
 from feste.backend.transports import BaseTransport, make_transport
@@ -50,24 +58,31 @@ from feste.errors import (
     BadRequestError,
     RateLimitError,
     RetryableError,
+    StructuredOutputError,
     TransientError,
 )
 from feste.limits import admit, release_all, run_limits
 
 __all__ = [
+    "CachedCalls",
+    "RequestReport",
     "RunObserver",
     "call_priority",
     "current_observer",
     "run_batch",
     "run_call",
     "send",
+    "tell_cached",
 ]
 
 _MAX_BACKOFF = 20.0
 
 
 class RunObserver:
-    """Receives what happens to requests; the base class ignores everything."""
+    """Receives what happens to requests; the base class ignores everything.
+
+    An observer that wraps another (``previous``) passes every event on to it.
+    """
 
     def request_started(self, request: Request) -> None:
         pass
@@ -80,6 +95,12 @@ class RunObserver:
 
     def request_failed(self, request: Request, error: BaseException, attempt: int) -> None:
         """The last attempt failed (not retried); ``error`` is what the caller gets."""
+
+    def request_ended(self, request: Request, report: RequestReport) -> None:
+        """The request is over (after ``request_finished`` or ``request_failed``)."""
+
+    def calls_cached(self, cached: CachedCalls) -> None:
+        """Calls were answered by the result cache instead of a request."""
 
 
 #: The priority of the calls made in this context (higher is admitted first).
@@ -141,6 +162,30 @@ def _deadline_error(request: Request, policy: _RetryPolicy, waiting: str) -> Tra
 async def send(backend: Backend, request: Request) -> Parsed:
     """Send ``request`` with limits, timeouts and retries; return the parsed result.
 
+    Every request ends with one :class:`RequestReport` to the observer; an answer cut
+    at its token limit is then handled by the ``on_truncation`` option (see
+    :func:`_send_attempts` for the policy of attempts).
+    """
+    observer = current_observer.get()
+    timing = RequestTiming()
+    # Reports are built only for an observer that reads them (the base one does not).
+    reported = type(observer).request_ended is not RunObserver.request_ended
+    try:
+        parsed = await _send_attempts(backend, request, timing)
+    except BaseException as error:
+        if reported:
+            observer.request_ended(request, timing.report(request, None, error))
+        raise
+    if reported:
+        observer.request_ended(request, timing.report(request, parsed.usage, None))
+    if parsed.truncated:
+        apply_truncation_policy(run_limits(), request, parsed)
+    return parsed
+
+
+async def _send_attempts(backend: Backend, request: Request, timing: RequestTiming) -> Parsed:
+    """The attempts of one request, with limits, timeouts and retries.
+
     Each attempt is admitted by the computation's, the backend's and the account's
     limiters (:mod:`feste.limits`) and holds them only while in flight, so waiting
     retries never occupy concurrency. Rate limits (429) and other transient errors are
@@ -179,6 +224,7 @@ async def send(backend: Backend, request: Request) -> Parsed:
             error = _deadline_error(request, policy, "waiting for admission")
             observer.request_failed(request, error, attempt)
             raise error from None
+        timing.admitted(attempt)
         # Checked once admitted: the breaker may have tripped while this call waited.
         tripped = scope.tripped(gates.account)
         if tripped is not None:
@@ -240,6 +286,7 @@ async def send(backend: Backend, request: Request) -> Parsed:
                 observer.request_failed(request, error, attempt)
                 raise
             observer.request_retried(request, error, attempt)
+            timing.retrying()
             await asyncio.sleep(delay)
             continue
         except BackendError as error:
@@ -266,14 +313,37 @@ async def run_call(
 
     With a cache on, the call is looked up first (a hit is returned without reaching
     the limiter) and a sent call's value is stored before it is returned. ``pure=False``
-    calls are cached only within a named run.
+    calls are cached only within a named run. A call the backend ``finishes`` (point 5
+    of the module docstring) is finished here, after the cache, re-asked when its
+    answer does not validate and ``repair_retries`` allows.
     """
+    answer = await _answer(backend, method, item, params, pure)
+    if not backend.finishes(method, params):
+        return answer
+    repairs = 0
+    while True:
+        try:
+            return backend.finish(method, params, answer)
+        except StructuredOutputError as error:
+            error.repairs = repairs
+            if repairs >= backend.repair_retries(method, params):
+                raise
+            repairs += 1
+            item = backend.repair_item(method, item, error)
+            answer = await _answer(backend, method, item, params, pure)
+
+
+async def _answer(
+    backend: Backend, method: str, item: Any, params: Mapping[str, Any], pure: bool
+) -> Any:
+    """The parsed answer of one call: from the cache, or sent (and then stored)."""
     cache = calls_cache()
     key = None
     if cache is not None:
         (key,) = cache.keys(backend, method, [item], params, pure=pure)
         found = await cache.lookup([key])
         if key in found:
+            tell_cached(backend, method, [item], [found[key]], params)
             return found[key]
     request = backend.build_request(method, [item], params)
     parsed = await send(backend, request)
@@ -283,6 +353,30 @@ async def run_call(
         if key is not None:
             await cache.store_values(backend, method, params, [(key, value)], pure=pure)
     return value
+
+
+def tell_cached(
+    backend: Backend, method: str, items: list[Any], answers: list[Any], params: Mapping[str, Any]
+) -> None:
+    """Tell the observer about calls the cache answered (here, or before the run by
+    :mod:`feste._replay`), with what they would have cost."""
+    if not items:
+        return
+    usage: Usage | None = None
+    for item, answer in zip(items, answers):
+        estimate = backend.estimated_usage(method, item, params, answer)
+        usage = estimate if usage is None else usage + estimate
+    assert usage is not None
+    model = params.get("model")
+    current_observer.get().calls_cached(
+        CachedCalls(
+            backend.provider,
+            method,
+            model if isinstance(model, str) else usage.model,
+            len(items),
+            usage,
+        )
+    )
 
 
 def _copy_error(error: BaseException) -> BaseException:
@@ -434,6 +528,14 @@ async def run_batch(
     if cache is not None:
         keys = cache.keys(backend, method, unique_items, params, pure=dedupe)
         found = await cache.lookup(keys)
+        hits = [index for index, key in enumerate(keys) if key is not None and key in found]
+        tell_cached(
+            backend,
+            method,
+            [unique_items[index] for index in hits],
+            [found[keys[index]] for index in hits],  # type: ignore[index]
+            params,
+        )
     missing = [index for index, key in enumerate(keys) if key is None or key not in found]
     chunk_results = await asyncio.gather(
         *(

@@ -35,7 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 
 from feste import context
-from feste._calls import RunObserver, current_observer
+from feste._calls import CachedCalls, RequestReport, RunObserver, current_observer
 from feste._nodes import BackendCall, BatchCall, take_item
 from feste.backend.types import Request, Usage
 
@@ -134,6 +134,12 @@ class RunProgress(RunObserver):
         self.ended += 1
         self.failed_requests += 1
         self.previous.request_failed(request, error, attempt)
+
+    def request_ended(self, request: Request, report: RequestReport) -> None:
+        self.previous.request_ended(request, report)
+
+    def calls_cached(self, cached: CachedCalls) -> None:
+        self.previous.calls_cached(cached)
 
     # -- display ----------------------------------------------------------------------
 

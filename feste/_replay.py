@@ -12,8 +12,11 @@ graph first, in one bulk query: every pure call node whose inputs are all known 
 the run (no dependencies) and whose answer is stored becomes a data node holding that
 answer, so it never runs at all. A batched node is replaced when all its items are
 stored; otherwise it runs and the sender answers its stored items one by one. Calls
-whose inputs come from other nodes, and ``pure=False`` calls (their answers depend on
-their order within a run), are left to the sender.
+whose inputs come from other nodes, ``pure=False`` calls (their answers depend on
+their order within a run), and calls whose value the backend finishes after the cache
+(structured outputs, whole answers: the cache holds their answer, not their value) are
+left to the sender. Replayed calls are told to the current observer
+(``RunObserver.calls_cached``), as the sender tells its own hits.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 from dask.task_spec import DataNode, GraphNode, Task
 
+from feste._calls import tell_cached
 from feste._nodes import BackendCall, BatchCall
 from feste.cache._codec import decode
 from feste.cache._open import active_store
@@ -49,6 +53,7 @@ def replay_cached_calls(graph: Mapping[Any, Any]) -> Mapping[Any, Any]:
         return graph
     # graph key -> (whole batch?, cache key per item)
     planned: dict[Any, tuple[bool, list[str]]] = {}
+    calls: dict[Any, tuple[Any, list[Any], dict[str, Any]]] = {}  # graph key -> call
     for key, node in graph.items():
         if type(node) is not Task or node.dependencies or len(node.args) != 1:
             continue
@@ -61,8 +66,11 @@ def replay_cached_calls(graph: Mapping[Any, Any]) -> Mapping[Any, Any]:
         else:
             continue
         params = {name: _literal(value) for name, value in node.kwargs.items()}
+        if func.backend.finishes(func.method, params):
+            continue
         cache_keys = [call_key(func.backend, func.method, item, params) for item in items]
         planned[key] = (kind is BatchCall, cache_keys)
+        calls[key] = (func, items, params)
     if not planned:
         return graph
     wanted = list(dict.fromkeys(k for _, keys in planned.values() for k in keys))
@@ -82,6 +90,8 @@ def replay_cached_calls(graph: Mapping[Any, Any]) -> Mapping[Any, Any]:
             values.append(decoded[cache_key])
         replayed[key] = DataNode(key, values if whole else values[0])
         answered += len(cache_keys)
+        func, items, params = calls[key]
+        tell_cached(func.backend, func.method, items, values, params)
     tally = current_tally.get()
     if tally is not None:
         tally.add(hits=answered)

@@ -36,7 +36,7 @@ from typing import Any
 from dask.base import is_dask_collection
 from dask.delayed import Delayed
 
-from feste._calls import RunObserver, current_observer
+from feste._calls import CachedCalls, RequestReport, RunObserver, current_observer
 from feste.backend.types import Request, Usage
 from feste.cache import CacheStore, RunOutput, active_store
 from feste.cache._codec import encode
@@ -83,6 +83,12 @@ class RunRecorder(RunObserver):
         with self._lock:
             self.failed_requests += 1
         self.previous.request_failed(request, error, attempt)
+
+    def request_ended(self, request: Request, report: RequestReport) -> None:
+        self.previous.request_ended(request, report)
+
+    def calls_cached(self, cached: CachedCalls) -> None:
+        self.previous.calls_cached(cached)
 
 
 def _scheduler_name(scheduler: Any) -> str:

@@ -22,7 +22,9 @@ live one layer up and call into here, as dask's collections call their scheduler
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ from dask.utils import ensure_dict
 from feste import context
 from feste._replay import replay_cached_calls
 from feste._runs import record_run
+from feste.backend.prices import price_table
 from feste.errors import SchedulerError
 from feste.graph import FesteGraph, GraphStats, batched_at_run_time, build_task
 from feste.optimization import default_optimizer
@@ -41,6 +44,7 @@ from feste.schedulers import get_scheduler
 from feste.schedulers._engine import inline_function, run_graph
 from feste.schedulers._policy import option_keywords
 from feste.schedulers._stream import GraphStream
+from feste.trace import record_trace
 
 __all__ = [
     "Prepared",
@@ -119,6 +123,7 @@ def compute(
     traverse: bool = True,
     cache: Any = None,
     run: str | None = None,
+    trace: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     """Compute lazy values; return a tuple with one result per argument.
@@ -130,9 +135,11 @@ def compute(
     URL or a store; ``False`` for none) and ``run`` names the run to record in it; both
     default to the context's options. With a cache, calls it can answer before the run
     (their inputs known) are answered in one bulk lookup and never scheduled; the others
-    are looked up where they are sent. Extra keywords go to the scheduler.
+    are looked up where they are sent. ``trace`` is a file to write a Chrome/Perfetto
+    trace of the run's requests to (:mod:`feste.trace`). Extra keywords go to the
+    scheduler.
     """
-    with context.set(**_cache_options(cache, run)):
+    with context.set(**_cache_options(cache, run)), _traced(trace):
         prepared = prepare(*objs, optimize_graph=optimize_graph, traverse=traverse)
         if not prepared.keys:
             return objs
@@ -151,7 +158,17 @@ def compute(
         return values
 
 
-# -- cache and run options ------------------------------------------------------------
+# -- cache, run and trace options ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _traced(path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Record a trace of the requests made inside the block when ``path`` is given."""
+    if path is None:
+        yield
+        return
+    with record_trace(path):
+        yield
 
 
 def _cache_options(cache: Any, run: str | None) -> dict[str, Any]:
@@ -165,11 +182,13 @@ def _cache_options(cache: Any, run: str | None) -> dict[str, Any]:
 
 
 def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
-    """What computing ``objs`` would do, without running anything.
+    """What computing ``objs`` would do, and about what it would cost, running nothing.
 
     Reports the node count and depth of the graph that would run, and per backend
     method how many calls the graph holds and how many requests they become after
-    optimization (``str()`` of the result: ``"openai.embed: 5000 calls -> 3 requests"``).
+    optimization (``str()`` of the result: ``"openai.embed: 5000 calls -> 3 requests"``),
+    then the estimated tokens and dollars of those requests at the price table's list
+    prices (:class:`~feste.graph.GraphStats`; ``"estimated cost: $0.0012 ..."``).
     Calls whose inputs come from other calls are batched by the async scheduler as
     they arrive: they count as at most one request each, and the line says so.
     """
@@ -177,8 +196,19 @@ def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
     calls, _ = prepared.collected.backend_calls()
     graph = FesteGraph(prepared.graph)
     _, requests = graph.backend_calls()
-    later = batched_at_run_time(prepared.graph)
-    return GraphStats(len(graph), graph.depth(), calls, requests, later)
+    usage, cost, unknown = graph.estimated_usage()
+    date = price_table().date if usage else None
+    return GraphStats(
+        len(graph),
+        graph.depth(),
+        calls,
+        requests,
+        at_run_time=batched_at_run_time(prepared.graph),
+        estimated_usage=usage,
+        estimated_cost=cost,
+        unknown_inputs=unknown,
+        price_date=date,
+    )
 
 
 def _runs_on_engine(scheduler: Any) -> bool:
@@ -194,6 +224,7 @@ async def compute_async(
     traverse: bool = True,
     cache: Any = None,
     run: str | None = None,
+    trace: str | os.PathLike[str] | None = None,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     """``await feste.compute_async(...)``: :func:`compute` for async code.
@@ -201,10 +232,10 @@ async def compute_async(
     With the async scheduler (the default) the graph runs on the caller's event loop,
     next to whatever else it runs; keywords are feste options for this computation
     (``errors="return"``, ``max_concurrency=...``). Another scheduler runs in a worker
-    thread, so the loop is never blocked. ``cache`` and ``run`` are those of
+    thread, so the loop is never blocked. ``cache``, ``run`` and ``trace`` are those of
     :func:`compute`.
     """
-    with context.set(**_cache_options(cache, run)):
+    with context.set(**_cache_options(cache, run)), _traced(trace):
         prepared = prepare(*objs, optimize_graph=optimize_graph, traverse=traverse)
         if not prepared.keys:
             return objs

@@ -129,6 +129,18 @@ def _cache_location(value: Any) -> Any:
     )
 
 
+def _prices(value: Any) -> Any:
+    # Checked by shape here; feste.backend.prices reads and checks the table itself.
+    if value is None or isinstance(value, (str, os.PathLike, Mapping)):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("the price table location is empty; give a TOML file path")
+        return value
+    raise TypeError(
+        "expected a TOML file path, a mapping {provider: {model: {price: dollars}}} or None "
+        f"(the built-in list prices), got {value!r}"
+    )
+
+
 def _run_name(value: Any) -> str | None:
     if value is None:
         return None
@@ -263,6 +275,20 @@ _OPTION_LIST = [
         "None reads the FESTE_CACHE environment variable (no cache when unset); False turns "
         "caching off.",
         _cache_location,
+    ),
+    Option(
+        "on_truncation",
+        "warn",
+        "What a chat answer cut at its token limit (finish_reason 'length') does: 'warn' "
+        "(a TruncatedOutputWarning, once per run), 'raise' (TruncatedOutputError) or 'ignore'.",
+        _one_of("warn", "raise", "ignore"),
+    ),
+    Option(
+        "prices",
+        None,
+        "Prices used for dollar amounts (usage records, explain): a TOML file or a mapping "
+        "laid out like feste/backend/prices.toml, merged over the built-in dated list prices.",
+        _prices,
     ),
     Option(
         "run",

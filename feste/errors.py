@@ -18,6 +18,9 @@
         ├── AuthenticationError  401/403: wrong or missing key, no permission     (never retried)
         ├── BadRequestError      400/404/413/422: the request itself is wrong    (never retried)
         ├── MalformedResponseError  a 2xx answer feste cannot read              (never retried)
+        ├── StructuredOutputError   an answer that is not the JSON asked for (``raw`` holds it;
+        │                           ``repair_retries=N`` re-asks with the validation error)
+        ├── TruncatedOutputError    an answer cut at max_tokens, with ``on_truncation="raise"``
         └── RetryableError       worth trying again
             ├── RateLimitError   429, carries ``retry_after`` (seconds) from the server
             └── TransientError   5xx, connection reset or refused, timeout
@@ -26,6 +29,9 @@ Each backend maps its provider's answers and its client library's exceptions int
 tree at one boundary (``feste.backend.transports``); nothing above the transports sees
 an ``aiohttp``, ``openai`` or ``cohere`` exception. Messages name the backend, method and
 model, and never contain an API key.
+
+:class:`TruncatedOutputWarning` (a ``UserWarning``, not an error) is what a truncated
+answer gives by default (``on_truncation="warn"``), once per run.
 
 :class:`Failure` is not an exception: with ``errors="return"`` it stands in place of an
 output whose task failed.
@@ -53,8 +59,11 @@ __all__ = [
     "RateLimitError",
     "RetryableError",
     "SchedulerError",
+    "StructuredOutputError",
     "TemplateSyntaxError",
     "TransientError",
+    "TruncatedOutputError",
+    "TruncatedOutputWarning",
     "UnknownLanguageError",
 ]
 
@@ -191,6 +200,40 @@ class BadRequestError(BackendError, ValueError):
 
 class MalformedResponseError(BackendError):
     """The provider answered with a body feste cannot read."""
+
+
+class StructuredOutputError(BackendError):
+    """An answer that is not the structured value asked for (``response_format=``).
+
+    ``raw`` is the answer's text as the model wrote it, ``detail`` what is wrong with it
+    (not JSON, or the validation errors), ``repairs`` how many times the call re-asked
+    (``repair_retries``) before giving up. Never retried by the transport: sending the
+    same request again would get the same answer from a cache, and often from the model.
+    """
+
+    def __init__(
+        self, message: str, *, raw: str | None = None, detail: str = "", **context: Any
+    ) -> None:
+        super().__init__(message, **context)
+        self.raw = raw
+        self.detail = detail
+        self.repairs = 0
+
+
+class TruncatedOutputError(BackendError):
+    """An answer the provider cut at its token limit (``finish_reason="length"``).
+
+    Raised instead of a warning when the ``on_truncation`` option is ``"raise"``;
+    ``text`` is the cut answer.
+    """
+
+    def __init__(self, message: str, *, text: str | None = None, **context: Any) -> None:
+        super().__init__(message, **context)
+        self.text = text
+
+
+class TruncatedOutputWarning(UserWarning):
+    """An answer was cut at its token limit (shown once per run; ``on_truncation``)."""
 
 
 class RetryableError(BackendError):

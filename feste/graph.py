@@ -32,7 +32,10 @@ from dask.task_spec import Alias, DataNode, GraphNode, List, Task, TaskRef
 from dask.utils import ensure_dict, funcname
 
 from feste._nodes import BackendCall, BatchCall, take_item
+from feste.backend.base import NOT_ANSWERED
+from feste.backend.prices import price_table
 from feste.backend.spec import chunk_items
+from feste.backend.types import Usage
 from feste.errors import GraphError
 from feste.optimization import default_optimizer
 
@@ -49,6 +52,14 @@ class GraphStats:
     the calls of batchable methods whose inputs come from other calls: the optimizer
     leaves them to the async scheduler, which batches them as their inputs arrive, so
     they cost at most one request each (fewer in practice).
+
+    The estimate of what the calls will be billed, per ``"provider.method"``:
+    ``estimated_usage`` (tokens estimated from the inputs known before the run, at 4
+    characters a token; output tokens from ``max_tokens`` when set, else as long as
+    the input: see ``Backend.estimated_usage``) and ``estimated_cost`` in dollars at
+    the price table dated ``price_date`` (None for a method whose model is not
+    priced). ``unknown_inputs`` counts calls whose input comes from another node: they
+    count no input tokens, so the estimate is then a lower bound.
     """
 
     nodes: int
@@ -56,6 +67,16 @@ class GraphStats:
     calls: dict[str, int] = field(default_factory=dict)
     requests: dict[str, int] = field(default_factory=dict)
     at_run_time: dict[str, int] = field(default_factory=dict)
+    estimated_usage: dict[str, Usage] = field(default_factory=dict)
+    estimated_cost: dict[str, float | None] = field(default_factory=dict)
+    unknown_inputs: int = 0
+    price_date: str | None = None
+
+    @property
+    def total_cost(self) -> float | None:
+        """Estimated dollars of all priced calls; None when no call is priced."""
+        known = [cost for cost in self.estimated_cost.values() if cost is not None]
+        return round(sum(known), 12) if known else None
 
     def __str__(self) -> str:
         lines = [f"{_count(self.nodes, 'node')}, depth {self.depth}"]
@@ -70,7 +91,29 @@ class GraphStats:
                 )
             else:
                 lines.append(f"  {method}: {calls} -> {requests}")
+        if self.estimated_usage:
+            lines.extend(self._estimate_lines())
         return "\n".join(lines)
+
+    def _estimate_lines(self) -> list[str]:
+        total = self.total_cost
+        dated = f" at list prices of {self.price_date}" if self.price_date else ""
+        shown = "unknown" if total is None else f"${total:.6f}"
+        lines = [f"estimated cost: {shown}{dated}"]
+        for method in sorted(self.estimated_usage):
+            usage = self.estimated_usage[method]
+            cost = self.estimated_cost.get(method)
+            amount = "unpriced" if cost is None else f"${cost:.6f}"
+            billed = f"{usage.prompt_tokens} input + {usage.completion_tokens} output tokens"
+            if usage.search_units:
+                billed = _count(usage.search_units, "search")
+            lines.append(f"  {method}: {billed}, {amount}")
+        if self.unknown_inputs:
+            lines.append(
+                f"  ({_count(self.unknown_inputs, 'call')} with inputs known only at run time "
+                "counted without input tokens)"
+            )
+        return lines
 
 
 def _count(number: int, noun: str) -> str:
@@ -188,6 +231,58 @@ def _count_calls(graph: Mapping[Any, Any]) -> tuple[dict[str, int], dict[str, in
             calls[method] += takers.get(key) or n_items
             requests[method] += n_requests
     return dict(calls), dict(requests)
+
+
+def _literal(value: Any) -> Any:
+    """A node argument's value when it is known before the run, else NOT_ANSWERED."""
+    if isinstance(value, (TaskRef, GraphNode)):
+        return NOT_ANSWERED
+    return value
+
+
+def _estimate(
+    graph: Mapping[Any, Any],
+) -> tuple[dict[str, Usage], dict[str, float | None], int]:
+    """Estimated usage and dollars per ``provider.method`` of the calls in ``graph``."""
+    grouped: dict[tuple[str, str, str | None], Usage] = {}
+    methods: dict[tuple[str, str, str | None], str] = {}
+    unknown = 0
+    for node in graph.values():
+        if not isinstance(node, Task) or not isinstance(node.func, (BackendCall, BatchCall)):
+            continue
+        func = node.func
+        if isinstance(func, BatchCall):
+            container = node.args[0] if node.args else ()
+            items = list(container.args) if isinstance(container, Task) else list(container)
+        else:
+            items = [node.args[0]] if node.args else []
+        params = {name: _literal(value) for name, value in node.kwargs.items()}
+        params = {name: value for name, value in params.items() if value is not NOT_ANSWERED}
+        for item in items:
+            known = _literal(item)
+            if known is NOT_ANSWERED:
+                unknown += 1
+                known = None
+            usage = func.backend.estimated_usage(func.method, known, params)
+            model = usage.model if isinstance(usage.model, str) else None
+            group = (func.backend.provider, func.method, model)
+            grouped[group] = grouped[group] + usage if group in grouped else usage
+            methods[group] = f"{func.backend.provider}.{func.method}"
+    table = price_table()
+    usage_by_method: dict[str, Usage] = {}
+    cost_by_method: dict[str, float | None] = {}
+    for group, usage in grouped.items():
+        method = methods[group]
+        usage_by_method[method] = (
+            usage_by_method[method] + usage if method in usage_by_method else usage
+        )
+        cost = table.cost(group[0], usage)
+        previous = cost_by_method.get(method, 0.0)
+        if (method in cost_by_method and previous is None) or cost is None:
+            cost_by_method[method] = None
+        else:
+            cost_by_method[method] = round((previous or 0.0) + cost, 12)
+    return usage_by_method, cost_by_method, unknown
 
 
 class _Slot:
@@ -357,18 +452,37 @@ class FesteGraph(MutableMapping[Any, Any]):
         send as it stands (a batched node sends one request per chunk)."""
         return _count_calls(self._graph)
 
-    def stats(self, optimize: bool = True) -> GraphStats:
-        """Node count, depth, backend calls and the requests they become.
+    def estimated_usage(self) -> tuple[dict[str, Usage], dict[str, float | None], int]:
+        """``(usage, dollars, unknown inputs)`` estimated for the calls of this graph as
+        it stands, per ``provider.method`` (see :class:`GraphStats`). Nothing runs."""
+        return _estimate(self._graph)
 
-        ``nodes``, ``depth`` and ``calls`` describe this graph; ``requests`` is counted
-        on the graph the default optimizer makes of it (batching, deduplication), or on
-        this graph as it stands when ``optimize`` is false. Nothing runs.
+    def stats(self, optimize: bool = True) -> GraphStats:
+        """Node count, depth, backend calls, the requests they become, and their cost.
+
+        ``nodes``, ``depth`` and ``calls`` describe this graph; ``requests`` and the
+        estimates are made on the graph the default optimizer makes of it (batching,
+        deduplication), or on this graph as it stands when ``optimize`` is false.
+        Nothing runs.
         """
         calls, requests = self.backend_calls()
+        planned = self._graph
         if optimize and calls:
-            optimized = default_optimizer().optimize(self._graph, list(self._graph))
-            _, requests = _count_calls(optimized)
-        return GraphStats(len(self._graph), self.depth(), calls, requests)
+            planned = default_optimizer().optimize(self._graph, list(self._graph))
+            _, requests = _count_calls(planned)
+        usage, cost, unknown = _estimate(planned)
+        date = price_table().date if usage else None
+        return GraphStats(
+            len(self._graph),
+            self.depth(),
+            calls,
+            requests,
+            at_run_time=batched_at_run_time(planned),
+            estimated_usage=usage,
+            estimated_cost=cost,
+            unknown_inputs=unknown,
+            price_date=date,
+        )
 
     # -- display ----------------------------------------------------------------------
 

@@ -107,7 +107,7 @@ def test_usage_is_recorded(llm_server, transport):
     assert recorder.usages == [
         Usage("command-a-03-2025", count_tokens("count"), count_tokens(answer)),
         Usage("embed-v4.0", count_tokens("embed me"), 0),
-        None,  # rerank is billed in search units, not tokens
+        Usage("rerank-v3.5", search_units=1),  # rerank is billed in searches, not tokens
     ]
 
 
@@ -156,7 +156,7 @@ def test_bad_input_is_refused():
         co.embed("x", temperature=0)
     with pytest.raises(
         ConfigurationError,
-        match=r"'top_k' for Cohere\(\.\.\.\); valid parameters: .*, k, max_tokens",
+        match=r"'top_k' for Cohere\(\.\.\.\); valid parameters: .*, k, logprobs, max_tokens",
     ):
         Cohere(top_k=3)
 

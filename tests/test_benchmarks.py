@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.harness import _server_knobs
+from benchmarks.report import markdown_table, priced
 from benchmarks.workloads import overload, random_429, staggered
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,6 +98,10 @@ def test_quick_run_reports_every_workload_and_contender(tmp_path: Path) -> None:
             assert workload["name"] == "local_embed", feste_row
             continue
         assert feste_row["status"] == "ok"
+        if feste_row["requests"]:
+            # What the answers billed, priced at the list prices: every model is priced.
+            tokens, dollars = priced(feste_row["billed"])
+            assert tokens > 0 and dollars is not None and dollars > 0, workload["name"]
         if workload["name"] in ("fanout", "embed_batching"):
             # No faults here: feste sends exactly the requests of the ideal plan.
             assert feste_row["requests"] == workload["ideal"]["requests"], workload["name"]
@@ -231,3 +236,54 @@ def test_new_ideals_follow_their_formulas() -> None:
     # 21 chats of at most 0.55 s fit in 64 slots: the slowest chat, then one embedding.
     ideal = staggered.staggered_ideal(21, knobs)
     assert ideal.seconds == pytest.approx(0.05 + 0.0001 + 0.5 + 0.05 + 0.0001)
+
+
+def test_the_report_prices_what_the_servers_billed() -> None:
+    billed = {
+        "openai": {
+            "gpt-4o-mini": {"prompt_tokens": 1000, "completion_tokens": 500, "search_units": 0},
+            "text-embedding-3-small": {"prompt_tokens": 4000, "completion_tokens": 0},
+        },
+        "cohere": {"rerank-v3.5": {"prompt_tokens": 0, "completion_tokens": 0, "search_units": 2}},
+    }
+    tokens, dollars = priced(billed)
+    assert tokens == 5500
+    assert dollars == pytest.approx((1000 * 0.15 + 500 * 0.60 + 4000 * 0.02) / 1e6 + 2 * 0.002)
+    assert priced({"openai": {"my-model": {"prompt_tokens": 1}}}) == (1, None)
+
+    row = {
+        "contender": "feste",
+        "kind": "feste",
+        "status": "ok",
+        "makespan_s": 1.0,
+        "requests": 3,
+        "peak_rss_mib": 10.0,
+        "rss_growth_mib": 1.0,
+        "scale": 2.0,  # ran on half the inputs: billing doubles like the makespan
+        "inputs_run": 5,
+        "billed": billed,
+    }
+    report = {
+        "mode": "quick",
+        "started": "now",
+        "repeat": 1,
+        "environment": {
+            "versions": {},
+            "cpu_count": 2,
+            "python": "3.11",
+            "platform": "linux",
+            "feste_default_scheduler": "async",
+        },
+        "workloads": [
+            {
+                "name": "w",
+                "n": 10,
+                "per_item": False,
+                "ideal": {"seconds": 1.0, "formula": "f", "requests": 3},
+                "rows": [row],
+            }
+        ],
+    }
+    table = markdown_table(report)
+    assert "| Requests | Tokens | Dollars |" in table
+    assert f"| 3 (for 5 inputs) | 11000 | ${dollars * 2:.6f} |" in table

@@ -34,6 +34,8 @@ EXPECTED_OPTIONS = {
     "on_task_failed": None,
     "on_progress": None,
     "cache": None,
+    "on_truncation": "warn",
+    "prices": None,
     "run": None,
 }
 
@@ -132,6 +134,9 @@ def test_unknown_name_in_set_lists_the_known_names_and_changes_nothing():
         ("task_timeout", -3, "must be a positive finite number"),
         ("scheduler", 5, "expected a scheduler name, a get function or a distributed Client"),
         ("on_task_done", "print", "expected a callable or None"),
+        ("on_truncation", "error", "must be one of 'warn', 'raise', 'ignore'; got 'error'"),
+        ("prices", 0.15, "expected a TOML file path, a mapping"),
+        ("prices", " ", "the price table location is empty"),
     ],
 )
 def test_invalid_values_name_the_option(name, value, reason):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pickle
 
@@ -26,8 +27,11 @@ from feste.errors import (
     RateLimitError,
     RetryableError,
     SchedulerError,
+    StructuredOutputError,
     TemplateSyntaxError,
     TransientError,
+    TruncatedOutputError,
+    TruncatedOutputWarning,
     UnknownLanguageError,
     annotate_task_error,
 )
@@ -50,6 +54,8 @@ TREE = [
     (AuthenticationError, BackendError, None),
     (BadRequestError, BackendError, ValueError),
     (MalformedResponseError, BackendError, None),
+    (StructuredOutputError, BackendError, None),
+    (TruncatedOutputError, BackendError, None),
     (RetryableError, BackendError, None),
     (RateLimitError, RetryableError, None),
     (TransientError, RetryableError, None),
@@ -67,13 +73,18 @@ def test_the_tree(cls, parent, builtin):
 
 def test_every_exported_error_is_in_the_tree():
     exported = {getattr(errors, name) for name in errors.__all__} - {Failure}
-    assert exported == {FesteError} | {cls for cls, _, _ in TREE}
+    assert exported == {FesteError, TruncatedOutputWarning} | {cls for cls, _, _ in TREE}
+    # The warning is a warning, outside the tree of errors.
+    assert issubclass(TruncatedOutputWarning, UserWarning)
+    assert not issubclass(TruncatedOutputWarning, FesteError)
 
 
 def test_branches_do_not_overlap():
     assert not issubclass(AuthenticationError, RetryableError)
     assert not issubclass(BadRequestError, RetryableError)
     assert not issubclass(MalformedResponseError, RetryableError)
+    assert not issubclass(StructuredOutputError, RetryableError)
+    assert not issubclass(TruncatedOutputError, RetryableError)
     assert not issubclass(CancelledError, BackendError)
     assert not issubclass(RateLimitError, ValueError)
     assert not issubclass(AuthenticationError, ValueError)
@@ -143,35 +154,53 @@ def test_pickling_keeps_type_message_and_attributes(dumps):
         item_index=4,
         retry_after=2.5,
     )
-    copy = pickle.loads(dumps(error))
-    assert type(copy) is RateLimitError
-    assert copy.retry_after == 2.5
-    assert (copy.backend, copy.method, copy.model) == ("openai", "embed", "text-embedding-3-small")
-    assert (copy.status, copy.key, copy.attempts, copy.item_index) == (429, "embed-1", 2, 4)
-    assert str(copy) == str(error)
-    assert copy.args == ("too many",)
+    loaded = pickle.loads(dumps(error))
+    assert type(loaded) is RateLimitError
+    assert loaded.retry_after == 2.5
+    assert (loaded.backend, loaded.method, loaded.model) == (
+        "openai",
+        "embed",
+        "text-embedding-3-small",
+    )
+    assert (loaded.status, loaded.key, loaded.attempts, loaded.item_index) == (429, "embed-1", 2, 4)
+    assert str(loaded) == str(error)
+    assert loaded.args == ("too many",)
+
+
+def test_output_errors_keep_the_answer_through_pickling_and_copying():
+    structured = StructuredOutputError(
+        "not JSON", raw='{"a": ', detail="Expecting value", backend="openai", model="m"
+    )
+    structured.repairs = 2
+    copied = pickle.loads(cloudpickle.dumps(structured))
+    assert type(copied) is StructuredOutputError
+    assert (copied.raw, copied.detail, copied.repairs) == ('{"a": ', "Expecting value", 2)
+    assert str(copied) == "[openai model=m] not JSON"
+    truncated = TruncatedOutputError("cut", text="echo(gpt", backend="cohere", method="chat")
+    assert pickle.loads(pickle.dumps(truncated)).text == "echo(gpt"
+    assert copy.copy(truncated).text == "echo(gpt"
 
 
 def test_pickling_errors_with_a_builtin_base():
     error = ConfigurationError("missing api_key", backend="cohere", method="embed")
-    copy = pickle.loads(pickle.dumps(error))
-    assert type(copy) is ConfigurationError
-    assert isinstance(copy, ValueError)
-    assert str(copy) == "[cohere.embed] missing api_key"
+    loaded = pickle.loads(pickle.dumps(error))
+    assert type(loaded) is ConfigurationError
+    assert isinstance(loaded, ValueError)
+    assert str(loaded) == "[cohere.embed] missing api_key"
 
 
 def test_pickling_keeps_a_note():
     error = TransientError("reset", backend="openai")
     error.add_note("raised in feste task 'k'")
-    copy = pickle.loads(pickle.dumps(error))
-    assert copy.__notes__ == ["raised in feste task 'k'"]
+    loaded = pickle.loads(pickle.dumps(error))
+    assert loaded.__notes__ == ["raised in feste task 'k'"]
 
 
 def test_other_feste_errors_pickle():
     for error in (SchedulerError("s"), GraphError("g"), CancelledError("c"), OptionError("o")):
-        copy = pickle.loads(pickle.dumps(error))
-        assert type(copy) is type(error)
-        assert str(copy) == str(error)
+        loaded = pickle.loads(pickle.dumps(error))
+        assert type(loaded) is type(error)
+        assert str(loaded) == str(error)
 
 
 # -- Failure -------------------------------------------------------------------------------

@@ -33,9 +33,17 @@ from feste.testing import (
     count_tokens,
     embedding,
     embedding_base64,
+    invalid_json_text,
+    json_answer_text,
     key_label,
     rerank_order,
     rerank_scores,
+    schema_instance,
+    source_text,
+    token_chunks,
+    token_logprob,
+    tool_call,
+    wrong_schema_value,
 )
 from feste.testing.__main__ import build_parser
 from feste.testing.__main__ import main as cli_main
@@ -332,6 +340,14 @@ def test_cohere_rerank_sorted_by_score(llm_server: TestServer) -> None:
     assert reply.meta is not None and reply.meta.billed_units is not None
     assert reply.meta.billed_units.search_units == 1
     assert llm_server.stats()["inputs"]["/v2/rerank"] == [documents]
+    assert llm_server.stats()["billed"] == {
+        "rerank-v3.5": {
+            "requests": 1,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "search_units": 1,
+        }
+    }
 
 
 # --- statistics ---------------------------------------------------------------
@@ -364,7 +380,17 @@ def test_stats_count_requests_items_and_inputs(llm_server: TestServer) -> None:
         "in_flight",
         "faults",
         "status_counts",
+        "billed",
         "inputs",
+    }
+    # Both chat and embeddings asked for model "m": one entry, what the answers reported.
+    assert stats["billed"] == {
+        "m": {
+            "requests": 3,
+            "prompt_tokens": count_tokens("one") + 3 + 1,
+            "completion_tokens": count_tokens(chat_text("m", "one")),
+            "search_units": 0,
+        }
     }
 
     status, _, over_http = asyncio.run(_get_json(llm_server.url + "/_stats"))
@@ -1008,3 +1034,262 @@ def test_delay_marker_slows_generation_routes_only(llm_server: TestServer) -> No
     assert llm_server.stats()["faults"] == dict.fromkeys(
         ("429", "500", "hang", "drop", "malformed", "limit_429", "401", "400"), 0
     )
+
+
+# --- structured answers: n, JSON modes, tools, log probabilities ----------------
+
+PERSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}},
+        "kind": {"enum": ["cat", "dog"]},
+        "address": {"$ref": "#/$defs/Address"},
+        "nickname": {"anyOf": [{"type": "null"}, {"type": "string"}]},
+    },
+    "required": ["name", "age"],
+    "$defs": {
+        "Address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "zip": {"type": "number", "maximum": 2}},
+        }
+    },
+}
+
+
+def test_schema_instance_follows_the_schema_from_the_source_text() -> None:
+    source = source_text("  Alice [[status:500]] ")
+    assert source == "Alice"
+    assert schema_instance(PERSON_SCHEMA, source) == {
+        "name": "Alice",
+        "age": 2,  # count_tokens("Alice")
+        "tags": ["Ali", "Ali"],  # two items, cut to maxLength
+        "kind": "cat",
+        "address": {"city": "Alice", "zip": 2.0},  # 2.5 clamped to the maximum
+        "nickname": "Alice",
+    }
+    assert schema_instance({"type": "boolean"}, "ab") is True
+    assert schema_instance({"type": ["null", "integer"], "exclusiveMinimum": 5}, "a") == 6
+    assert schema_instance({"type": "array", "minItems": 3, "items": {}}, "x") == ["x"] * 3
+    with pytest.raises(ValueError, match="points nowhere"):
+        schema_instance({"$ref": "#/$defs/Missing"}, "x")
+    assert token_chunks("abcdefghij") == ["abcd", "efgh", "ij"]
+    assert all(-2 < token_logprob("abcd", position) <= 0 for position in range(10))
+
+
+def test_openai_n_choices_and_logprobs(llm_server: TestServer) -> None:
+    client = openai_client(llm_server)
+    reply = client.chat.completions.create(
+        model="gpt-x",
+        messages=[{"role": "user", "content": "hello"}],
+        n=3,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    texts = [choice.message.content for choice in reply.choices]
+    assert texts == [chat_text("gpt-x", "hello", i) for i in range(3)]
+    assert texts == ["echo(gpt-x): hello", "echo(gpt-x)[1]: hello", "echo(gpt-x)[2]: hello"]
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == sum(count_tokens(text) for text in texts)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert [entry.token for entry in logprobs.content] == token_chunks(texts[0])
+    assert [entry.logprob for entry in logprobs.content] == [
+        token_logprob(token, position) for position, token in enumerate(token_chunks(texts[0]))
+    ]
+    assert [len(entry.top_logprobs) for entry in logprobs.content] == [2] * 5
+    plain = client.chat.completions.create(
+        model="gpt-x", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert plain.choices[0].logprobs is None
+
+
+def test_openai_json_schema_answers_conform_and_markers_spoil_them(
+    llm_server: TestServer,
+) -> None:
+    def ask(content: str, response_format: dict[str, Any], max_tokens: int | None = None) -> Any:
+        body = {**chat_body(content), "response_format": response_format}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        status, _, answer = post(llm_server.openai_base_url + "/chat/completions", body)
+        assert status == 200, answer
+        return answer["choices"][0]
+
+    schema_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "Person", "schema": PERSON_SCHEMA, "strict": True},
+    }
+    choice = ask("Alice", schema_format)
+    assert choice["finish_reason"] == "stop"
+    assert json.loads(choice["message"]["content"]) == schema_instance(PERSON_SCHEMA, "Alice")
+    assert json.loads(ask("Bob", {"type": "json_object"})["message"]["content"]) == {"echo": "Bob"}
+    broken = ask("Alice [[invalid_json]]", schema_format)["message"]["content"]
+    assert broken == invalid_json_text(json_answer_text(schema_instance(PERSON_SCHEMA, "Alice")))
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(broken)
+    wrong = ask("Alice [[wrong_schema]]", schema_format)["message"]["content"]
+    assert json.loads(wrong) == wrong_schema_value("Alice") == {"unexpected": "Alice"}
+    # Outside JSON mode the markers are part of the text.
+    plain = post(llm_server.openai_base_url + "/chat/completions", chat_body("x [[invalid_json]]"))
+    assert plain[2]["choices"][0]["message"]["content"] == "echo(gpt-x): x [[invalid_json]]"
+    cut = ask("Alice", schema_format, max_tokens=3)
+    assert cut["finish_reason"] == "length"
+    assert (
+        cut["message"]["content"] == json_answer_text(schema_instance(PERSON_SCHEMA, "Alice"))[:12]
+    )
+
+    # A re-asked conversation gets the answer of its first user message.
+    body = {
+        "model": "gpt-x",
+        "messages": [
+            {"role": "user", "content": "Alice [[invalid_json]]"},
+            {"role": "assistant", "content": broken},
+            {"role": "user", "content": "That was not valid JSON; answer again."},
+        ],
+        "response_format": schema_format,
+    }
+    repaired = post(llm_server.openai_base_url + "/chat/completions", body)[2]
+    assert json.loads(repaired["choices"][0]["message"]["content"]) == schema_instance(
+        PERSON_SCHEMA, "Alice"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+            "response_format.json_schema.name",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
+        ({"n": 0}, "n"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+    ],
+)
+def test_openai_chat_options_are_validated(
+    llm_server: TestServer, extra: dict[str, Any], param: str
+) -> None:
+    status, _, answer = post(
+        llm_server.openai_base_url + "/chat/completions", {**chat_body("hi"), **extra}
+    )
+    assert status == 400
+    assert answer["error"]["param"] == param
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+        },
+    },
+}
+CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
+
+
+def test_openai_tool_calls_by_tool_choice(llm_server: TestServer) -> None:
+    client = openai_client(llm_server)
+    messages: Any = [{"role": "user", "content": "Paris"}]
+    required = client.chat.completions.create(
+        model="gpt-x", messages=messages, tools=[WEATHER_TOOL, CLOCK_TOOL], tool_choice="required"
+    )
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    expected = tool_call("get_weather", WEATHER_TOOL["function"]["parameters"], "Paris")
+    assert (call.id, call.function.name, call.function.arguments) == (
+        expected["id"],
+        "get_weather",
+        expected["arguments"],
+    )
+    assert json.loads(call.function.arguments) == {"city": "Paris", "days": 2}
+    assert required.usage is not None
+    assert required.usage.completion_tokens == count_tokens(expected["arguments"])
+
+    named = client.chat.completions.create(
+        model="gpt-x",
+        messages=messages,
+        tools=[WEATHER_TOOL, CLOCK_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )
+    assert [c.function.name for c in named.choices[0].message.tool_calls or []] == ["get_time"]
+    # "auto": a call when the message names a tool, text otherwise; "none": never.
+    auto = client.chat.completions.create(
+        model="gpt-x",
+        messages=[{"role": "user", "content": "use get_time please"}],
+        tools=[WEATHER_TOOL, CLOCK_TOOL],
+    )
+    assert auto.choices[0].finish_reason == "tool_calls"
+    text = client.chat.completions.create(
+        model="gpt-x", messages=messages, tools=[WEATHER_TOOL], tool_choice="auto"
+    )
+    assert text.choices[0].message.content == "echo(gpt-x): Paris"
+    never = client.chat.completions.create(
+        model="gpt-x",
+        messages=[{"role": "user", "content": "get_weather"}],
+        tools=[WEATHER_TOOL],
+        tool_choice="none",
+    )
+    assert never.choices[0].finish_reason == "stop"
+
+
+def test_cohere_json_mode_tools_and_logprobs(llm_server: TestServer) -> None:
+    client = cohere_client(llm_server)
+    structured = client.chat(
+        model="command-x",
+        messages=[{"role": "user", "content": "Alice"}],
+        response_format={"type": "json_object", "json_schema": PERSON_SCHEMA},
+    )
+    assert structured.message.content is not None
+    text = structured.message.content[0].text  # type: ignore[union-attr]
+    assert json.loads(text) == schema_instance(PERSON_SCHEMA, "Alice")
+
+    called = client.chat(
+        model="command-x",
+        messages=[{"role": "user", "content": "Paris"}],
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tool_choice="REQUIRED",
+    )
+    assert called.finish_reason == "TOOL_CALL"
+    (call,) = called.message.tool_calls or []
+    assert call.function is not None
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments or "") == {"city": "Paris", "days": 2}
+    assert called.message.tool_plan == "I will call get_weather."
+
+    scored = client.chat(
+        model="command-x", messages=[{"role": "user", "content": "hello"}], logprobs=True
+    )
+    assert scored.logprobs is not None
+    answer = chat_text("command-x", "hello")
+    assert [item.text for item in scored.logprobs] == token_chunks(answer)
+    assert [item.logprobs for item in scored.logprobs] == [
+        [token_logprob(token, position)] for position, token in enumerate(token_chunks(answer))
+    ]
+    status, _, refused = post(
+        llm_server.cohere_base_url + "/v2/chat",
+        {
+            **chat_body("x"),
+            "response_format": {"type": "json_object"},
+            "tools": [WEATHER_TOOL],
+        },
+    )
+    assert status == 400 and "cannot be combined with tools" in refused["message"]

@@ -56,11 +56,12 @@ from dask.base import tokenize
 
 from feste import context
 from feste._loop import aclose_on_loop, close_on_loop
-from feste.backend.spec import CallParams, MethodSpec
-from feste.backend.types import Parsed, Request, Response
+from feste.backend.spec import CallParams, MethodSpec, estimate_item_tokens, estimate_tokens
+from feste.backend.structured import usage_from_record
+from feste.backend.types import Parsed, Request, Response, Usage
 from feste.errors import ConfigurationError, MalformedResponseError, OptionError
 
-__all__ = ["Backend", "CallBuilder", "install_call_builder"]
+__all__ = ["Backend", "CallBuilder", "NOT_ANSWERED", "install_call_builder"]
 
 #: ``builder(backend, method, item, params, pure)``: a lazy node, or the value in eager mode.
 CallBuilder = Callable[["Backend", str, Any, dict[str, Any], bool], Any]
@@ -75,6 +76,15 @@ def install_call_builder(builder: CallBuilder) -> None:
 
 
 _CREDENTIAL_SALT = os.urandom(16)
+
+
+class _NotAnswered:
+    def __repr__(self) -> str:
+        return "NOT_ANSWERED"
+
+
+#: The answer of a call not made yet (cost estimates before a run).
+NOT_ANSWERED: Any = _NotAnswered()
 
 # An API key goes into an HTTP header: visible ASCII only, no whitespace.
 _KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")
@@ -133,6 +143,9 @@ class Backend(abc.ABC):
     #: A ``feste.backend.transports.BaseTransport`` subclass that sends this backend's
     #: requests instead of the ``transport=`` kinds (a provider with its own protocol).
     transport_class: ClassVar[Any] = None
+    #: Parameters refused on purpose, with the reason (``stream``: feste returns whole
+    #: answers), checked before unknown names.
+    refused_params: ClassVar[Mapping[str, str]] = {}
 
     def __init__(
         self,
@@ -329,6 +342,14 @@ class Backend(abc.ABC):
     def check_params(self, method: str, params: Mapping[str, Any]) -> None:
         """Refuse parameter names the method does not know, listing the valid ones."""
         spec = self.spec(method)
+        for name in params:
+            reason = self.refused_params.get(name)
+            if reason is not None:
+                raise ConfigurationError(
+                    f"{type(self).__name__}.{method} does not take {name}=: {reason}",
+                    backend=self.provider,
+                    method=method,
+                )
         unknown = sorted(set(params) - spec.params)
         if unknown:
             names = ", ".join(map(repr, unknown))
@@ -463,6 +484,66 @@ class Backend(abc.ABC):
     def parse_response(self, request: Request, response: Response) -> Parsed:
         """One value per item of ``request``, and the usage. Raise
         :class:`~feste.errors.MalformedResponseError` for a body that does not fit."""
+
+    # -- values finished after the cache (structured outputs, whole answers) -------------
+
+    def finishes(self, method: str, params: Mapping[str, Any]) -> bool:
+        """Whether the value of ``method(item, **params)`` is made from the parsed answer
+        after the cache (:meth:`finish`): the sender and the cache then carry the plain
+        JSON the parser returned, and :meth:`finish` turns it into the value each time
+        the call is answered. False by default: the parsed value is the value."""
+        return False
+
+    def finish(self, method: str, params: Mapping[str, Any], answer: Any) -> Any:
+        """The call's value from its parsed ``answer`` (for calls that :meth:`finishes`).
+
+        May raise :class:`~feste.errors.StructuredOutputError`, which the sender answers
+        by re-asking up to :meth:`repair_retries` times with :meth:`repair_item`.
+        """
+        return answer
+
+    def repair_retries(self, method: str, params: Mapping[str, Any]) -> int:
+        """How many times an answer :meth:`finish` refuses is re-asked (default 0)."""
+        return 0
+
+    def repair_item(self, method: str, item: Any, error: Exception) -> Any:
+        """The item of the call that re-asks after ``error`` (only called when
+        :meth:`repair_retries` is above zero)."""
+        raise error
+
+    # -- estimates --------------------------------------------------------------------
+
+    def estimated_usage(
+        self, method: str, item: Any, params: Mapping[str, Any], answer: Any = NOT_ANSWERED
+    ) -> Usage:
+        """What one call is estimated to be billed, without sending it.
+
+        Prompt tokens are estimated from the item (4 characters a token; an item not
+        known yet counts 0). Completion tokens come from the answer when it is known
+        (an answer record carries the usage the provider reported; a text is
+        estimated), else, for a method that :attr:`~MethodSpec.generates`, from
+        ``max_completion_tokens``/``max_tokens`` times ``n`` when given, and otherwise
+        guessed as long as the prompt. Used for ``explain()`` and for calls the cache
+        answered (the dollars saved).
+        """
+        model = params.get("model") or self.method_defaults.get(method, {}).get("model")
+        if isinstance(answer, Mapping) and isinstance(answer.get("usage"), Mapping):
+            reported = usage_from_record(answer)
+            if reported is not None:
+                return reported
+        prompt = estimate_item_tokens(item)
+        if not self.spec(method).generates:
+            return Usage(model, prompt, 0)
+        if answer is NOT_ANSWERED:
+            budget = params.get("max_completion_tokens") or params.get("max_tokens")
+            completion = budget * (params.get("n") or 1) if budget else prompt
+        elif isinstance(answer, str):
+            completion = estimate_tokens(answer)
+        elif isinstance(answer, list):
+            completion = sum(estimate_tokens(text) for text in answer if isinstance(text, str))
+        else:
+            completion = 0
+        return Usage(model, prompt, completion)
 
     def malformed(self, request: Request, detail: str) -> MalformedResponseError:
         return MalformedResponseError(

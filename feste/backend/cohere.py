@@ -10,6 +10,12 @@ chat call, the text of an embedding, the *query* of a rerank call. ``embed`` is
 batchable (96 texts per request, answered in input order); a rerank call already
 scores a list of documents against its query, so the documents are a keyword parameter
 (part of the node's key) and rerank calls are not batched.
+
+Structured outputs, whole answers and tools (``response_format=Model``, ``full=True``,
+``repair_retries``, ``tools``) are resolved by :mod:`feste.backend.structured`; here
+they are written in Cohere's form (``json_object`` with ``json_schema``) and Cohere's
+answers (tool calls, log probabilities, billed units, search units) are read into the
+provider-neutral answer record and usage.
 """
 
 from __future__ import annotations
@@ -20,11 +26,20 @@ from typing import Any, ClassVar
 
 from dask.delayed import Delayed
 
-from feste.backend.base import Backend
+from feste.backend.base import NOT_ANSWERED, Backend
 from feste.backend.spec import MethodSpec, estimate_tokens
+from feste.backend.structured import (
+    answer_record,
+    check_chat_params,
+    choice_record,
+    finish_chat,
+    finishes_chat,
+    repair_messages,
+    split_chat_params,
+)
 from feste.backend.types import Parsed, Request, Response, Usage
 from feste.backend.validation import chat_messages, check_messages, check_text, check_texts
-from feste.errors import BadRequestError, ConfigurationError
+from feste.errors import BadRequestError, ConfigurationError, StructuredOutputError
 
 __all__ = ["Cohere"]
 
@@ -44,8 +59,22 @@ _CHAT_PARAMS = frozenset(
         "response_format",
         "safety_mode",
         "priority",
+        "tools",
+        "tool_choice",
+        "strict_tools",
+        "logprobs",
+        "full",
+        "repair_retries",
     }
 )
+
+# Cohere's finish reasons, spelled the provider-neutral (OpenAI) way.
+_FINISH_REASONS = {
+    "COMPLETE": "stop",
+    "STOP_SEQUENCE": "stop",
+    "MAX_TOKENS": "length",
+    "TOOL_CALL": "tool_calls",
+}
 _EMBED_PARAMS = frozenset(
     {"model", "input_type", "output_dimension", "truncate", "max_tokens", "priority"}
 )
@@ -77,12 +106,16 @@ class Cohere(Backend):
     base_url_env: ClassVar[str] = "CO_API_URL"
     sdk_package: ClassVar[str] = "cohere"
     methods: ClassVar[Mapping[str, MethodSpec]] = {
-        "chat": MethodSpec("chat", params=_CHAT_PARAMS),
+        "chat": MethodSpec("chat", params=_CHAT_PARAMS, generates=True),
         "embed": MethodSpec("embed", params=_EMBED_PARAMS, batch_size=96),
         "rerank": MethodSpec("rerank", params=_RERANK_PARAMS),
     }
     async_client = ("cohere.v2.client", "AsyncV2Client", "cohere.AsyncClientV2")
     sync_clients = (("cohere", "ClientV2"), ("cohere", "Client"))
+    refused_params: ClassVar[Mapping[str, str]] = {
+        "stream": "feste returns whole answers; to get results as they finish, use "
+        "feste.as_completed(...)",
+    }
     method_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "chat": {"model": "command-a-03-2025"},
         "embed": {"model": "embed-v4.0", "input_type": "search_document"},
@@ -104,8 +137,16 @@ class Cohere(Backend):
 
         A string becomes one user message, ``system=`` a leading system message; a list
         of ``{"role": ..., "content": ...}`` dicts is sent as it is.
+
+        ``response_format=Model`` (a Pydantic model class) returns a validated
+        ``Model`` (Cohere's JSON mode with the model's schema), ``response_format=dict``
+        a decoded JSON object, and a mapping is Cohere's own format (sent as it is; the
+        answer stays text). ``full=True`` returns the whole answer
+        (:class:`~feste.backend.types.ChatResult`); ``repair_retries=N`` re-asks answers
+        that do not validate. ``tools``, ``tool_choice`` (``"REQUIRED"``, ``"NONE"``),
+        ``strict_tools`` and ``logprobs`` are sent as they are.
         """
-        call_params = self.call_params("chat", params, kwargs)
+        call_params = check_chat_params(self.provider, self.call_params("chat", params, kwargs))
         messages = chat_messages(self, "chat", prompt_or_messages, system, CHAT_ROLES)
         return self._call("chat", messages, call_params, pure=pure)
 
@@ -184,15 +225,24 @@ class Cohere(Backend):
                 for message in messages
                 if isinstance(message, dict) and isinstance(message.get("content"), str)
             )
+            payload, structured = split_chat_params(params)
+            if structured is not None:
+                schema = structured.schema()
+                payload["response_format"] = (
+                    {"type": "json_object"}
+                    if schema is None
+                    else {"type": "json_object", "json_schema": schema}
+                )
             return Request(
                 provider=self.provider,
                 method=method,
                 path="/v2/chat",
-                payload={**params, "messages": messages},
+                payload={**payload, "messages": messages},
                 model=model,
                 items=1,
                 estimated_tokens=prompt_tokens + (params.get("max_tokens") or 0),
                 sdk_method="chat",
+                full_answer=self.finishes(method, params),
             )
         if method == "embed":
             check_texts(self, method, items, allow_empty=False)
@@ -239,7 +289,7 @@ class Cohere(Backend):
         if not isinstance(body, dict):
             raise self.malformed(request, f"expected a JSON object, got {type(body).__name__}")
         if request.method == "chat":
-            return Parsed([self._chat_text(request, body)], _chat_usage(body, request.model))
+            return self._parse_chat(request, body)
         if request.method == "embed":
             embeddings = body.get("embeddings")
             vectors = embeddings.get("float") if isinstance(embeddings, dict) else None
@@ -259,11 +309,37 @@ class Cohere(Backend):
             if not isinstance(index, int) or not isinstance(score, (int, float)):
                 raise self.malformed(request, f"rerank result {position} lacks index or score")
             ranking.append((index, float(score)))
-        return Parsed([ranking], None)
+        return Parsed([ranking], _search_usage(body, request.model))
 
-    def _chat_text(self, request: Request, body: dict[str, Any]) -> str:
+    def _parse_chat(self, request: Request, body: dict[str, Any]) -> Parsed:
+        usage = _chat_usage(body, request.model)
         message = body.get("message")
-        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            raise self.malformed(request, "the answer has no message")
+        calls = self._tool_calls(request, message.get("tool_calls"))
+        text = self._chat_text(request, message, answered_by_tools=bool(calls))
+        reason = body.get("finish_reason")
+        finish_reason = (
+            _FINISH_REASONS.get(reason, reason.lower()) if isinstance(reason, str) else None
+        )
+        truncated = finish_reason == "length"
+        if not request.full_answer:
+            return Parsed([text], usage, truncated)
+        record = answer_record(
+            self.provider,
+            body.get("id") if isinstance(body.get("id"), str) else None,
+            request.model,
+            usage,
+            [choice_record(text, finish_reason, calls, _logprobs(body.get("logprobs")))],
+        )
+        return Parsed([record], usage, truncated)
+
+    def _chat_text(
+        self, request: Request, message: dict[str, Any], *, answered_by_tools: bool
+    ) -> str | None:
+        content = message.get("content")
+        if content is None and answered_by_tools:
+            return None  # the model only called tools
         if not isinstance(content, list):
             raise self.malformed(request, "the answer has no message content")
         pieces = []
@@ -275,21 +351,87 @@ class Cohere(Backend):
                 pieces.append(text)
         return "".join(pieces)
 
+    def _tool_calls(self, request: Request, calls: Any) -> list[dict[str, str]]:
+        found = []
+        for call in calls or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise self.malformed(request, "a tool call has no function name")
+            arguments = function.get("arguments")
+            found.append(
+                {
+                    "id": str(call.get("id") or ""),
+                    "name": function["name"],
+                    "arguments": arguments if isinstance(arguments, str) else "",
+                }
+            )
+        return found
+
+    def estimated_usage(
+        self, method: str, item: Any, params: Mapping[str, Any], answer: Any = NOT_ANSWERED
+    ) -> Usage:
+        if method == "rerank":  # billed per search, not per token
+            model = params.get("model") or self.method_defaults["rerank"]["model"]
+            return Usage(model, search_units=1)
+        return super().estimated_usage(method, item, params, answer)
+
+    # -- values finished after the cache -------------------------------------------------
+
+    def finishes(self, method: str, params: Mapping[str, Any]) -> bool:
+        return method == "chat" and finishes_chat(params)
+
+    def finish(self, method: str, params: Mapping[str, Any], answer: Any) -> Any:
+        return finish_chat(self.provider, answer, params)
+
+    def repair_retries(self, method: str, params: Mapping[str, Any]) -> int:
+        return int(params.get("repair_retries") or 0)
+
+    def repair_item(self, method: str, item: Any, error: Exception) -> Any:
+        if not isinstance(error, StructuredOutputError):
+            raise error
+        return repair_messages(check_messages(self, method, item, CHAT_ROLES), error)
+
+
+def _logprobs(value: Any) -> list[dict[str, Any]] | None:
+    """Cohere's log probabilities (text chunks) as answer-record entries."""
+    if not isinstance(value, list):
+        return None
+    entries: list[dict[str, Any]] = []
+    for item in value:
+        logprobs = item.get("logprobs") if isinstance(item, dict) else None
+        if not isinstance(logprobs, list):
+            continue
+        numbers = [number for number in logprobs if isinstance(number, (int, float))]
+        entries.append({"token": str(item.get("text") or ""), "logprob": sum(numbers), "top": []})
+    return entries
+
 
 def _chat_usage(body: dict[str, Any], model: str | None) -> Usage | None:
     usage = body.get("usage")
     if not isinstance(usage, dict):
         return None
-    tokens = usage.get("tokens")
+    # What is billed: Cohere's "tokens" also count tokens it adds itself, not billed.
+    tokens = usage.get("billed_units")
     if not isinstance(tokens, dict):
-        tokens = usage.get("billed_units")
+        tokens = usage.get("tokens")
     if not isinstance(tokens, dict):
         return None
     input_tokens = _token_count(tokens.get("input_tokens"))
     output_tokens = _token_count(tokens.get("output_tokens"))
     if input_tokens is None or output_tokens is None:
         return None  # unreadable counts: the answer is still good, the usage unknown
-    return Usage(model, input_tokens, output_tokens)
+    cached = _token_count(usage.get("cached_tokens")) or 0
+    return Usage(model, input_tokens, output_tokens, cached)
+
+
+def _search_usage(body: dict[str, Any], model: str | None) -> Usage | None:
+    """The searches a rerank request was billed for (None when unreadable)."""
+    meta = body.get("meta")
+    billed = meta.get("billed_units") if isinstance(meta, dict) else None
+    if not isinstance(billed, dict):
+        return None
+    searches = _token_count(billed.get("search_units"))
+    return None if searches is None else Usage(model, search_units=searches)
 
 
 def _billed_usage(body: dict[str, Any], model: str | None) -> Usage | None:

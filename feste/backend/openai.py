@@ -11,6 +11,12 @@ argument: the messages list of a chat call, the prompt of a completion, the text
 embedding. ``complete`` and ``embed`` are batchable (the endpoints take lists and
 answer with an ``index`` per input, which orders the values); ``chat`` is not.
 
+Structured outputs, whole answers and tools (``response_format=Model``, ``full=True``,
+``repair_retries``, ``tools``) are resolved by :mod:`feste.backend.structured`; this
+module writes them in OpenAI's form (``json_schema`` with ``strict``) and reads
+OpenAI's answers (choices, tool calls, log probabilities, cached tokens) into the
+provider-neutral answer record.
+
 The same code serves OpenAI-compatible servers (vLLM, llama.cpp, the feste.testing
 server...) through ``base_url``.
 """
@@ -24,9 +30,20 @@ from typing import Any, ClassVar
 
 from feste.backend.base import Backend
 from feste.backend.spec import CallParams, MethodSpec, estimate_tokens
+from feste.backend.structured import (
+    ResponseFormat,
+    answer_record,
+    check_chat_params,
+    choice_record,
+    finish_chat,
+    finishes_chat,
+    repair_messages,
+    split_chat_params,
+    strict_schema,
+)
 from feste.backend.types import Parsed, Request, Response, Usage
 from feste.backend.validation import chat_messages, check_messages, check_text, check_texts
-from feste.errors import ConfigurationError
+from feste.errors import ConfigurationError, StructuredOutputError
 
 __all__ = ["ChatParams", "CompleteParams", "EmbedParams", "OpenAI"]
 
@@ -38,6 +55,13 @@ class ChatParams(CallParams):
     """Parameters of :meth:`OpenAI.chat`; fields left at None are not sent.
 
     ``n`` > 1 makes the call return a list of ``n`` answers instead of one string.
+    ``response_format`` is a Pydantic model class (the answer comes back validated
+    into it), ``dict`` (any JSON object, decoded) or OpenAI's own mapping (sent as
+    it is; the answer stays text). ``full=True`` returns a
+    :class:`~feste.backend.types.ChatResult`; ``repair_retries`` re-asks answers that
+    do not validate. ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``logprobs``
+    and ``top_logprobs`` are sent as they are (tool calls and log probabilities are in
+    the ``full=True`` result).
     """
 
     model: str | None = None
@@ -51,10 +75,17 @@ class ChatParams(CallParams):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: Any = None
     reasoning_effort: str | None = None
     service_tier: str | None = None
     user: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    full: bool | None = None
+    repair_retries: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,9 +152,11 @@ class OpenAI(Backend):
     base_url_env: ClassVar[str] = "OPENAI_BASE_URL"
     sdk_package: ClassVar[str] = "openai"
     methods: ClassVar[Mapping[str, MethodSpec]] = {
-        "chat": MethodSpec("chat", params=_field_names(ChatParams)),
+        "chat": MethodSpec("chat", params=_field_names(ChatParams), generates=True),
         # /completions takes a list of prompts; OpenAI-compatible servers serve lists too.
-        "complete": MethodSpec("complete", params=_field_names(CompleteParams), batch_size=64),
+        "complete": MethodSpec(
+            "complete", params=_field_names(CompleteParams), batch_size=64, generates=True
+        ),
         # 2048 inputs and 300,000 tokens per request are the API's limits; the token
         # budget stays below because feste's estimate (4 characters a token) is rough.
         "embed": MethodSpec(
@@ -143,6 +176,10 @@ class OpenAI(Backend):
         "embed": {"model": "text-embedding-3-small"},
     }
     settings: ClassVar[tuple[str, ...]] = ("organization",)
+    refused_params: ClassVar[Mapping[str, str]] = {
+        "stream": "feste returns whole answers; to get results as they finish, use "
+        "feste.as_completed(...)",
+    }
     organization: str | None
 
     def request_headers(self) -> dict[str, str]:
@@ -165,8 +202,13 @@ class OpenAI(Backend):
         list of ``{"role": ..., "content": ...}`` dicts is sent as it is. Parameters come
         as a :class:`ChatParams`, as ``params=`` or as keywords (``temperature=0``).
         Returns a lazy value, or the answer itself in eager mode.
+
+        ``response_format=Model`` (a Pydantic model class) returns a validated
+        ``Model``; ``response_format=dict`` a decoded JSON object; ``full=True`` the
+        whole answer (:class:`~feste.backend.types.ChatResult`). See
+        :class:`ChatParams` for the rest.
         """
-        call_params = self.call_params("chat", params, kwargs)
+        call_params = check_chat_params(self.provider, self.call_params("chat", params, kwargs))
         messages = chat_messages(self, "chat", prompt_or_messages, system, CHAT_ROLES)
         return self._call("chat", messages, call_params, pure=pure)
 
@@ -211,15 +253,19 @@ class OpenAI(Backend):
             messages = check_messages(self, method, item, CHAT_ROLES)
             # OpenAI counts max_tokens against the tokens-per-minute limit up front.
             budget = params.get("max_completion_tokens") or params.get("max_tokens") or 0
+            payload, structured = split_chat_params(params)
+            if structured is not None:
+                payload["response_format"] = _response_format(structured)
             return Request(
                 provider=self.provider,
                 method=method,
                 path="/chat/completions",
-                payload={**params, "messages": messages},
+                payload={**payload, "messages": messages},
                 model=model,
                 items=1,
                 estimated_tokens=_messages_tokens(messages) + budget * (params.get("n") or 1),
                 sdk_method="chat.completions.create",
+                full_answer=self.finishes(method, params),
             )
         check_texts(self, method, items, allow_empty=method != "embed")
         prompt_tokens = sum(estimate_tokens(item) for item in items)
@@ -266,21 +312,78 @@ class OpenAI(Backend):
             return Parsed(self._indexed(request, choices, "text"), usage)
         # chat: one item; n > 1 gives a list of answers
         wanted = request.payload.get("n") or 1
-        answers = self._indexed(request, choices, "message", count=wanted)
-        texts = []
-        for message in answers:
-            if not isinstance(message, dict):
-                raise self.malformed(request, "a choice has no message object")
-            content = message.get("content")
-            if content is not None and not isinstance(content, str):
-                raise self.malformed(request, "a message's content is not a string")
-            texts.append(content)
-        return Parsed([texts[0] if wanted == 1 else texts], usage)
+        entries = self._indexed(request, choices, "message", count=wanted, whole=True)
+        records = [self._choice_record(request, entry) for entry in entries]
+        truncated = any(record["finish_reason"] == "length" for record in records)
+        if request.full_answer:
+            answer_id = body.get("id")
+            record = answer_record(
+                self.provider,
+                answer_id if isinstance(answer_id, str) else None,
+                usage.model if usage is not None else request.model,
+                usage,
+                records,
+            )
+            return Parsed([record], usage, truncated)
+        texts = [record["text"] for record in records]
+        return Parsed([texts[0] if wanted == 1 else texts], usage, truncated)
+
+    def _choice_record(self, request: Request, entry: dict[str, Any]) -> dict[str, Any]:
+        """One choice of an answer record, read from OpenAI's choice object."""
+        message = entry.get("message")
+        if not isinstance(message, dict):
+            raise self.malformed(request, "a choice has no message object")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise self.malformed(request, "a message's content is not a string")
+        finish_reason = entry.get("finish_reason")
+        calls = []
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise self.malformed(request, "a tool call has no function name")
+            arguments = function.get("arguments")
+            calls.append(
+                {
+                    "id": str(call.get("id") or ""),
+                    "name": function["name"],
+                    "arguments": arguments if isinstance(arguments, str) else "",
+                }
+            )
+        return choice_record(
+            content,
+            finish_reason if isinstance(finish_reason, str) else None,
+            calls,
+            _logprobs(entry.get("logprobs")),
+        )
+
+    # -- values finished after the cache -------------------------------------------------
+
+    def finishes(self, method: str, params: Mapping[str, Any]) -> bool:
+        return method == "chat" and finishes_chat(params)
+
+    def finish(self, method: str, params: Mapping[str, Any], answer: Any) -> Any:
+        return finish_chat(self.provider, answer, params)
+
+    def repair_retries(self, method: str, params: Mapping[str, Any]) -> int:
+        return int(params.get("repair_retries") or 0)
+
+    def repair_item(self, method: str, item: Any, error: Exception) -> Any:
+        if not isinstance(error, StructuredOutputError):
+            raise error
+        return repair_messages(check_messages(self, method, item, CHAT_ROLES), error)
 
     def _indexed(
-        self, request: Request, entries: Any, field: str, count: int | None = None
+        self,
+        request: Request,
+        entries: Any,
+        field: str,
+        count: int | None = None,
+        *,
+        whole: bool = False,
     ) -> list[Any]:
-        """``entries[*][field]`` ordered by each entry's ``index``; exactly ``count``."""
+        """``entries[*][field]`` (the entries themselves when ``whole``) ordered by each
+        entry's ``index``; exactly ``count``."""
         expected = request.items if count is None else count
         if not isinstance(entries, list) or len(entries) != expected:
             found = len(entries) if isinstance(entries, list) else type(entries).__name__
@@ -294,8 +397,39 @@ class OpenAI(Backend):
             if not isinstance(index, int) or not 0 <= index < expected or seen[index]:
                 raise self.malformed(request, f"result {position} has a bad index {index!r}")
             seen[index] = True
-            values[index] = entry[field]
+            values[index] = entry if whole else entry[field]
         return values
+
+
+def _response_format(structured: ResponseFormat) -> dict[str, Any]:
+    """OpenAI's form of a structured format: strict ``json_schema``, or JSON mode."""
+    schema = structured.schema()
+    if schema is None:
+        return {"type": "json_object"}
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": structured.name, "schema": strict_schema(schema), "strict": True},
+    }
+
+
+def _logprobs(value: Any) -> list[dict[str, Any]] | None:
+    """A choice's ``logprobs.content`` as answer-record entries (None when absent)."""
+    content = value.get("content") if isinstance(value, dict) else None
+    if not isinstance(content, list):
+        return None
+    entries: list[dict[str, Any]] = []
+    for item in content:
+        if not isinstance(item, dict) or not isinstance(item.get("logprob"), (int, float)):
+            continue
+        top = [
+            [alternative.get("token"), alternative.get("logprob")]
+            for alternative in item.get("top_logprobs") or ()
+            if isinstance(alternative, dict)
+        ]
+        entries.append(
+            {"token": str(item.get("token", "")), "logprob": item["logprob"], "top": top}
+        )
+    return entries
 
 
 def _messages_tokens(messages: list[Any]) -> int:
@@ -316,11 +450,14 @@ def _usage(body: dict[str, Any], model: str | None) -> Usage | None:
     completion_tokens = _token_count(usage.get("completion_tokens"))
     if prompt_tokens is None or completion_tokens is None:
         return None
+    details = usage.get("prompt_tokens_details")
+    cached = _token_count(details.get("cached_tokens")) if isinstance(details, dict) else 0
     reported_model = body.get("model")
     return Usage(
         reported_model if isinstance(reported_model, str) else model,
         prompt_tokens,
         completion_tokens,
+        cached or 0,
     )
 
 

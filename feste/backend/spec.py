@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["CallParams", "MethodSpec", "chunk_items", "estimate_tokens"]
+__all__ = ["CallParams", "MethodSpec", "chunk_items", "estimate_item_tokens", "estimate_tokens"]
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,16 @@ class MethodSpec:
     ``batch_size`` > 1 makes the method batchable: up to that many calls (their first
     positional arguments) go in one request. ``batch_tokens`` additionally caps the
     estimated tokens of one batched request. ``params`` lists the keyword parameters the
-    method accepts (unknown names are refused before anything is sent).
+    method accepts (unknown names are refused before anything is sent). ``generates``
+    says the method answers with generated text (billed as output tokens), which cost
+    estimates made before a run must guess.
     """
 
     name: str
     params: frozenset[str] = field(default_factory=frozenset)
     batch_size: int = 1
     batch_tokens: int | None = None
+    generates: bool = False
 
     @property
     def batchable(self) -> bool:
@@ -62,6 +65,21 @@ class CallParams:
 def estimate_tokens(text: str) -> int:
     """A cheap token estimate (about four characters a token) for limits and batching."""
     return (len(text) + 3) // 4 if text else 0
+
+
+def estimate_item_tokens(item: Any) -> int:
+    """Estimated tokens of a call's item: a text, or a list of chat messages (a few
+    tokens of framing each); 0 for anything else (a value not known yet)."""
+    if isinstance(item, str):
+        return estimate_tokens(item)
+    if isinstance(item, (list, tuple)):
+        total = 0
+        for message in item:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                total += estimate_tokens(content) + 4
+        return total
+    return 0
 
 
 def chunk_items(spec: MethodSpec, items: Sequence[Any]) -> list[list[Any]]:

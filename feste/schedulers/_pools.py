@@ -17,7 +17,9 @@ the worker.
   caller's options (callbacks stay behind), and :func:`run_chunk_in_process` runs it
   under those options. A result or exception that cannot be pickled back comes back
   as a ``TypeError`` for its own task, and a chunk that cannot be sent fails each of
-  its tasks with a ``TypeError`` saying so.
+  its tasks with a ``TypeError`` saying so. The reports of requests a chunk's tasks
+  make come back with its results (:func:`feste.usage.run_relayed`) and are told to
+  the observer that was current when the chunk was sent.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from typing import Any
 import cloudpickle
 
 from feste import context
+from feste._calls import current_observer
 from feste.schedulers._policy import portable_options
+from feste.usage import Relayed, delivered, run_relayed
 
 __all__ = [
     "Chunk",
@@ -145,12 +149,13 @@ def submit_to_processes(
         hand_back([(key, False, error) for key in keys], 0.0, len(chunk))
         return
     started = time.perf_counter()
+    observer = current_observer.get()
     future = process_pool(size).submit(run_chunk_in_process, payload)
 
-    def returned(future: Future[ChunkResults]) -> None:
+    def returned(future: Future[ChunkResults | Relayed]) -> None:
         elapsed = time.perf_counter() - started
         try:
-            results = future.result()
+            results = delivered(future.result(), observer)
         except BaseException as exc:
             results = [(key, False, exc) for key in keys]
         hand_back(results, elapsed, len(chunk))
@@ -162,11 +167,13 @@ def _never() -> bool:
     return False
 
 
-def run_chunk_in_process(payload: bytes) -> ChunkResults:
-    """Worker-process side: run a pickled chunk under the caller's options."""
+def run_chunk_in_process(payload: bytes) -> ChunkResults | Relayed:
+    """Worker-process side: run a pickled chunk under the caller's options; its results,
+    with the reports of the requests its tasks made when they made any."""
     chunk, options = cloudpickle.loads(payload)
     with context.set(**options):
-        results = run_chunk(chunk, _never)
+        relayed = run_relayed(run_chunk, chunk, _never)
+    results = relayed.value if isinstance(relayed, Relayed) else relayed
     try:
         pickle.dumps(results)
     except Exception:
@@ -182,4 +189,6 @@ def run_chunk_in_process(payload: bytes) -> ChunkResults:
                     (key, False, TypeError(f"the {kind} of task {key!r} cannot be pickled: {exc}"))
                 )
         results = checked
+    if isinstance(relayed, Relayed):
+        return Relayed(results, relayed.events)
     return results

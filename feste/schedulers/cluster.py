@@ -57,7 +57,7 @@ from typing import Any
 from dask._task_spec import DataNode, GraphNode, Task, TaskRef, convert_legacy_graph
 
 from feste import context
-from feste._calls import RunObserver, current_observer
+from feste._calls import CachedCalls, RequestReport, RunObserver, current_observer
 from feste._loop import run_sync
 from feste._progress import RunProgress
 from feste.backend.types import Request, Usage
@@ -277,6 +277,8 @@ class BlockResult:
     error: BaseException | None = None
     #: True when an input block had failed, so this one did not run.
     skipped: bool = False
+    #: The groups of calls the result cache answered on the worker, in order.
+    cached_events: list[CachedCalls] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -308,6 +310,7 @@ class _RequestLog(RunObserver):
 
     def __init__(self) -> None:
         self.events: list[tuple[str, Request, tuple[Any, ...]]] = []
+        self.cached: list[CachedCalls] = []
         self._lock = threading.Lock()
 
     def _add(self, event: str, request: Request, *arguments: Any) -> None:
@@ -326,6 +329,13 @@ class _RequestLog(RunObserver):
 
     def request_failed(self, request: Request, error: BaseException, attempt: int) -> None:
         self._add("request_failed", request, error, attempt)
+
+    def request_ended(self, request: Request, report: RequestReport) -> None:
+        self._add("request_ended", request, report)
+
+    def calls_cached(self, cached: CachedCalls) -> None:
+        with self._lock:
+            self.cached.append(cached)
 
 
 def _block_graph(block: Block, upstream: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -412,12 +422,21 @@ def run_block(spec: _BlockSpec, *upstream: BlockResult) -> BlockResult:
         ):
             values = run_sync(_run_watched(graph, block.exports, block.key))
     except Exception as error:
-        return BlockResult({}, task_events, log.events if log is not None else [], error=error)
+        return BlockResult(
+            {},
+            task_events,
+            log.events if log is not None else [],
+            error=error,
+            cached_events=log.cached if log is not None else [],
+        )
     finally:
         if token is not None:
             current_observer.reset(token)
     return BlockResult(
-        dict(zip(block.exports, values)), task_events, log.events if log is not None else []
+        dict(zip(block.exports, values)),
+        task_events,
+        log.events if log is not None else [],
+        cached_events=log.cached if log is not None else [],
     )
 
 
@@ -511,6 +530,8 @@ class ClusterScheduler:
         observer = current_observer.get()
         for event, request, arguments in result.request_events:
             getattr(observer, event)(request, *arguments)
+        for cached in result.cached_events:
+            observer.calls_cached(cached)
         for key, ok, value in result.task_events:
             if ok:
                 events.done(key, value)

@@ -13,7 +13,20 @@ everything. It needs nothing else from feste.
 Deterministic outputs:
 
 - chat (both providers): ``f"echo({model}): {last user message}"``, truncated
-  to ``max_tokens`` tokens (then finish reason "length" / "MAX_TOKENS");
+  to ``max_tokens`` tokens (then finish reason "length" / "MAX_TOKENS"); OpenAI's
+  ``n`` gives ``n`` choices (``chat_text(model, message, i)``), ``logprobs`` and
+  ``top_logprobs`` give per-token log probabilities (``token_chunks``,
+  ``token_logprob``), Cohere's ``logprobs`` likewise;
+- JSON modes (OpenAI ``json_object`` / ``json_schema``, Cohere ``json_object``
+  with or without ``json_schema``): ``schema_instance(schema, source)``, a value
+  conforming to the requested schema built from ``source_text(first user
+  message)`` (``{"echo": source}`` without a schema); in the last user message,
+  ``[[invalid_json]]`` makes the text invalid JSON (``invalid_json_text``) and
+  ``[[wrong_schema]]`` answers ``wrong_schema_value(source)`` instead;
+- tools: with ``tool_choice`` "required" (Cohere "REQUIRED") or naming a tool, or
+  "auto" and a tool's name in the last user message, a call of that tool whose
+  arguments are ``schema_instance(its parameters, source)`` (``tool_call``),
+  finish reason "tool_calls" / "TOOL_CALL" (rules in ``_chat``);
 - completions: ``f"complete({model}): {prompt}"``, one choice per prompt;
 - embeddings: ``embedding(model, text, dim)``, the same for OpenAI and Cohere;
 - rerank: ``rerank_scores(query, documents)``, results by score then index;
@@ -22,7 +35,8 @@ Deterministic outputs:
 ``TestServer.stats()`` (and ``GET /_stats``) keys: ``requests``, ``by_route``,
 ``first_arrival`` (per route, seconds from the last reset to its first
 request), ``by_api_key``, ``items``, ``items_per_request``, ``max_in_flight``,
-``in_flight``, ``faults``, ``status_counts``, ``inputs`` (meanings in
+``in_flight``, ``faults``, ``status_counts``, ``billed`` (tokens and
+searches the answers reported, per model), ``inputs`` (meanings in
 ``feste.testing._stats.Stats``). Lists are in ARRIVAL order: ``inputs[route]``
 holds the item texts of each successful request in the order the server
 received them, whatever order it answered them in. ``by_api_key`` counts every
@@ -68,6 +82,8 @@ written like OpenAI's ``"20ms"``, ``"1s"``, ``"6m0s"``.
 Modules: ``_config`` (knobs, CLI mapping), ``_stats`` (counters,
 ``key_label``), ``_responses`` (deterministic outputs, markers), ``_answers``
 (error shapes, retry headers), ``_parsing`` (one parser per endpoint),
+``_chat`` (chat options: ``n``, JSON modes, tools, log probabilities),
+``_structured`` (schema instances, tool calls, token log probabilities),
 ``_limits`` (concurrency, requests and tokens windows, rate-limit headers),
 ``_faults`` (fault choice and odd bodies), ``_app`` (``ApiSimulator``, the
 aiohttp handlers), ``_run`` (``TestServer``, ``serve``, thread and process
@@ -98,6 +114,16 @@ from ._responses import (
 )
 from ._run import TestServer, serve
 from ._stats import key_label
+from ._structured import (
+    invalid_json_text,
+    json_answer_text,
+    schema_instance,
+    source_text,
+    token_chunks,
+    token_logprob,
+    tool_call,
+    wrong_schema_value,
+)
 from ._waiting import wait_until
 
 __all__ = [
@@ -109,10 +135,18 @@ __all__ = [
     "count_tokens",
     "embedding",
     "embedding_base64",
+    "invalid_json_text",
+    "json_answer_text",
     "key_label",
     "rerank_order",
     "rerank_scores",
+    "schema_instance",
     "serve",
+    "source_text",
+    "token_chunks",
+    "token_logprob",
+    "tool_call",
     "truncate_to_tokens",
     "wait_until",
+    "wrong_schema_value",
 ]

@@ -283,4 +283,6 @@ class ApiSimulator:
 
         payload = parsed.answer(str(sequence))
         stats.succeeded(endpoint.route, sequence, parsed.texts)
+        if parsed.model:
+            stats.billed(parsed.model, *endpoint.billed(payload))
         return self._answer(stats, endpoint, config, json_bytes(payload))

@@ -18,10 +18,17 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ._answers import Provider, bad_request
+from ._chat import (
+    ChatChoice,
+    chat_choices,
+    cohere_logprobs,
+    cohere_options,
+    openai_logprobs,
+    openai_options,
+)
 from ._config import ServerConfig
 from ._responses import (
     Trigger,
-    chat_text,
     completion_text,
     count_tokens,
     embedding,
@@ -54,6 +61,7 @@ class Parsed:
     tokens: int  # input tokens, as counted by tokens_per_minute
     trigger: Trigger | None
     answer: Callable[[str], dict[str, Any]]  # request id -> JSON payload
+    model: str = ""  # the model asked for ("" for routes without one)
 
 
 def _body_object(body: Any) -> dict[str, Any]:
@@ -109,12 +117,21 @@ def _message_text(content: Any, param: str) -> str:
     raise bad_request(f"{param} must be a string or a list of content parts", param)
 
 
-def _chat_messages(body: dict[str, Any], roles: frozenset[str]) -> tuple[str, int]:
-    """(content of the last user message or "", prompt tokens of all messages)."""
+@dataclass(frozen=True, slots=True)
+class _Conversation:
+    """What the chat answers read from the messages."""
+
+    first_user: str  # the first user message ("" without one): the source of JSON answers
+    last_user: str  # the last user message ("" without one): what the echo repeats
+    prompt_tokens: int  # tokens of every message
+
+
+def _chat_messages(body: dict[str, Any], roles: frozenset[str]) -> _Conversation:
+    """The user messages that answers read, and the prompt tokens of all messages."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
-    last_user = ""
+    user_texts: list[str] = []
     prompt_tokens = 0
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -134,8 +151,10 @@ def _chat_messages(body: dict[str, Any], roles: frozenset[str]) -> tuple[str, in
         text = _message_text(content, f"messages[{index}].content")
         prompt_tokens += count_tokens(text)
         if role == "user":
-            last_user = text
-    return last_user, prompt_tokens
+            user_texts.append(text)
+    first = user_texts[0] if user_texts else ""
+    last = user_texts[-1] if user_texts else ""
+    return _Conversation(first, last, prompt_tokens)
 
 
 def _string_list(value: Any, name: str, *, allow_empty_strings: bool) -> list[str]:
@@ -180,17 +199,13 @@ def _openai_chat(body: Any, config: ServerConfig) -> Parsed:
     body = _body_object(body)
     model = _model(body)
     _reject_streaming(body)
-    last_user, prompt_tokens = _chat_messages(body, OPENAI_CHAT_ROLES)
-    limit = _optional_positive_int(body, "max_completion_tokens")
-    if limit is None:
-        limit = _optional_positive_int(body, "max_tokens")
+    conversation = _chat_messages(body, OPENAI_CHAT_ROLES)
+    options = openai_options(body)
 
     def answer(request_id: str) -> dict[str, Any]:
-        text = chat_text(model, last_user)
-        finish_reason = "stop"
-        if limit is not None and count_tokens(text) > limit:
-            text, finish_reason = truncate_to_tokens(text, limit), "length"
-        completion_tokens = count_tokens(text)
+        choices = chat_choices(model, conversation.first_user, conversation.last_user, options)
+        completion_tokens = sum(choice.completion_tokens for choice in choices)
+        prompt_tokens = conversation.prompt_tokens
         return {
             "id": f"chatcmpl-{request_id}",
             "object": "chat.completion",
@@ -198,11 +213,14 @@ def _openai_chat(body: Any, config: ServerConfig) -> Parsed:
             "model": model,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
+                    "index": index,
+                    "message": _openai_message(choice),
+                    "logprobs": (
+                        openai_logprobs(choice, options.top_logprobs) if options.logprobs else None
+                    ),
+                    "finish_reason": choice.finish_reason,
                 }
+                for index, choice in enumerate(choices)
             ],
             "usage": {
                 "prompt_tokens": prompt_tokens,
@@ -212,7 +230,24 @@ def _openai_chat(body: Any, config: ServerConfig) -> Parsed:
             "system_fingerprint": None,
         }
 
-    return Parsed((last_user,), prompt_tokens, find_trigger((last_user,)), answer)
+    last_user = conversation.last_user
+    return Parsed(
+        (last_user,), conversation.prompt_tokens, find_trigger((last_user,)), answer, model
+    )
+
+
+def _openai_message(choice: ChatChoice) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": choice.text, "refusal": None}
+    if choice.tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]},
+            }
+            for call in choice.tool_calls
+        ]
+    return message
 
 
 def _openai_completions(body: Any, config: ServerConfig) -> Parsed:
@@ -250,7 +285,7 @@ def _openai_completions(body: Any, config: ServerConfig) -> Parsed:
             },
         }
 
-    return Parsed(tuple(prompts), prompt_tokens, find_trigger(prompts), answer)
+    return Parsed(tuple(prompts), prompt_tokens, find_trigger(prompts), answer, model)
 
 
 def _openai_embeddings(body: Any, config: ServerConfig) -> Parsed:
@@ -282,7 +317,7 @@ def _openai_embeddings(body: Any, config: ServerConfig) -> Parsed:
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
 
-    return Parsed(tuple(inputs), prompt_tokens, find_trigger(inputs), answer)
+    return Parsed(tuple(inputs), prompt_tokens, find_trigger(inputs), answer, model)
 
 
 def _openai_models(body: Any, config: ServerConfig) -> Parsed:
@@ -298,28 +333,54 @@ def _openai_models(body: Any, config: ServerConfig) -> Parsed:
     return Parsed((), 0, None, answer)
 
 
+_COHERE_FINISH_REASONS: Final = {
+    "stop": "COMPLETE",
+    "length": "MAX_TOKENS",
+    "tool_calls": "TOOL_CALL",
+}
+
+
 def _cohere_chat(body: Any, config: ServerConfig) -> Parsed:
     body = _body_object(body)
     model = _model(body)
     _reject_streaming(body)
-    last_user, input_tokens = _chat_messages(body, COHERE_CHAT_ROLES)
-    limit = _optional_positive_int(body, "max_tokens")
+    conversation = _chat_messages(body, COHERE_CHAT_ROLES)
+    options = cohere_options(body)
 
     def answer(request_id: str) -> dict[str, Any]:
-        text = chat_text(model, last_user)
-        finish_reason = "COMPLETE"
-        if limit is not None and count_tokens(text) > limit:
-            text, finish_reason = truncate_to_tokens(text, limit), "MAX_TOKENS"
-        output_tokens = count_tokens(text)
-        tokens = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-        return {
+        (choice,) = chat_choices(model, conversation.first_user, conversation.last_user, options)
+        tokens = {
+            "input_tokens": conversation.prompt_tokens,
+            "output_tokens": choice.completion_tokens,
+        }
+        message: dict[str, Any] = {"role": "assistant"}
+        if choice.tool_calls:
+            names = ", ".join(call["name"] for call in choice.tool_calls)
+            message["tool_plan"] = f"I will call {names}."
+            message["tool_calls"] = [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+                for call in choice.tool_calls
+            ]
+        else:
+            message["content"] = [{"type": "text", "text": choice.text}]
+        payload: dict[str, Any] = {
             "id": f"chat-{request_id}",
-            "finish_reason": finish_reason,
-            "message": {"role": "assistant", "content": [{"type": "text", "text": text}]},
+            "finish_reason": _COHERE_FINISH_REASONS[choice.finish_reason],
+            "message": message,
             "usage": {"billed_units": dict(tokens), "tokens": tokens},
         }
+        if options.logprobs:
+            payload["logprobs"] = cohere_logprobs(choice)
+        return payload
 
-    return Parsed((last_user,), input_tokens, find_trigger((last_user,)), answer)
+    last_user = conversation.last_user
+    return Parsed(
+        (last_user,), conversation.prompt_tokens, find_trigger((last_user,)), answer, model
+    )
 
 
 def _cohere_embed(body: Any, config: ServerConfig) -> Parsed:
@@ -372,12 +433,12 @@ def _cohere_embed(body: Any, config: ServerConfig) -> Parsed:
             },
         }
 
-    return Parsed(tuple(texts), input_tokens, find_trigger(texts), answer)
+    return Parsed(tuple(texts), input_tokens, find_trigger(texts), answer, model)
 
 
 def _cohere_rerank(body: Any, config: ServerConfig) -> Parsed:
     body = _body_object(body)
-    _model(body)  # required by the real API, though the scores ignore it
+    model = _model(body)  # required by the real API, though the scores ignore it
     query = body.get("query")
     if not isinstance(query, str) or not query:
         raise bad_request("query must be a non-empty string", "query")
@@ -398,7 +459,7 @@ def _cohere_rerank(body: Any, config: ServerConfig) -> Parsed:
             "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
         }
 
-    return Parsed(tuple(documents), 0, trigger, answer)
+    return Parsed(tuple(documents), 0, trigger, answer, model)
 
 
 def _spoil_openai_usage(payload: dict[str, Any]) -> None:
@@ -417,6 +478,25 @@ def _spoil_cohere_rerank_usage(payload: dict[str, Any]) -> None:
     payload["meta"]["billed_units"] = {"search_units": BAD_COUNT}
 
 
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _openai_billed(payload: dict[str, Any]) -> tuple[int, int, int]:
+    usage = payload.get("usage") or {}
+    return _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), 0
+
+
+def _cohere_chat_billed(payload: dict[str, Any]) -> tuple[int, int, int]:
+    billed = (payload.get("usage") or {}).get("billed_units") or {}
+    return _count(billed.get("input_tokens")), _count(billed.get("output_tokens")), 0
+
+
+def _cohere_meta_billed(payload: dict[str, Any]) -> tuple[int, int, int]:
+    billed = (payload.get("meta") or {}).get("billed_units") or {}
+    return _count(billed.get("input_tokens")), 0, _count(billed.get("search_units"))
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """One API route: how to parse its requests, and where its answers report usage."""
@@ -427,14 +507,38 @@ class Endpoint:
     parse: Callable[[Any, ServerConfig], Parsed]
     # Replaces the usage of an answer by a malformed one ([[bad_usage]]).
     spoil_usage: Callable[[dict[str, Any]], None]
+    # (prompt tokens, completion tokens, searches) an answer bills, for stats["billed"].
+    billed: Callable[[dict[str, Any]], tuple[int, int, int]]
 
 
 ENDPOINTS: Final = (
-    Endpoint("/v1/chat/completions", "POST", "openai", _openai_chat, _spoil_openai_usage),
-    Endpoint("/v1/completions", "POST", "openai", _openai_completions, _spoil_openai_usage),
-    Endpoint("/v1/embeddings", "POST", "openai", _openai_embeddings, _spoil_openai_usage),
-    Endpoint("/v1/models", "GET", "openai", _openai_models, _spoil_openai_usage),
-    Endpoint("/v2/chat", "POST", "cohere", _cohere_chat, _spoil_cohere_chat_usage),
-    Endpoint("/v2/embed", "POST", "cohere", _cohere_embed, _spoil_cohere_embed_usage),
-    Endpoint("/v2/rerank", "POST", "cohere", _cohere_rerank, _spoil_cohere_rerank_usage),
+    Endpoint(
+        "/v1/chat/completions", "POST", "openai", _openai_chat, _spoil_openai_usage, _openai_billed
+    ),
+    Endpoint(
+        "/v1/completions",
+        "POST",
+        "openai",
+        _openai_completions,
+        _spoil_openai_usage,
+        _openai_billed,
+    ),
+    Endpoint(
+        "/v1/embeddings", "POST", "openai", _openai_embeddings, _spoil_openai_usage, _openai_billed
+    ),
+    Endpoint("/v1/models", "GET", "openai", _openai_models, _spoil_openai_usage, _openai_billed),
+    Endpoint(
+        "/v2/chat", "POST", "cohere", _cohere_chat, _spoil_cohere_chat_usage, _cohere_chat_billed
+    ),
+    Endpoint(
+        "/v2/embed", "POST", "cohere", _cohere_embed, _spoil_cohere_embed_usage, _cohere_meta_billed
+    ),
+    Endpoint(
+        "/v2/rerank",
+        "POST",
+        "cohere",
+        _cohere_rerank,
+        _spoil_cohere_rerank_usage,
+        _cohere_meta_billed,
+    ),
 )

@@ -7,7 +7,8 @@ these functions to compute the values they expect, and the formats are simple
 enough to be written as literals too:
 
 - ``count_tokens("hello world!")`` is ``ceil(len / 4)`` for non-empty text: 3.
-- ``chat_text("gpt-x", "hi")`` is ``"echo(gpt-x): hi"``.
+- ``chat_text("gpt-x", "hi")`` is ``"echo(gpt-x): hi"``; the second choice of a
+  request for several is ``chat_text("gpt-x", "hi", 1) == "echo(gpt-x)[1]: hi"``.
 - ``completion_text("gpt-x", "hi")`` is ``"complete(gpt-x): hi"``.
 - ``embedding(model, text, dim)`` is ``dim`` floats in [-1, 1], 6 decimals,
   derived from ``sha256(model + "\\0" + text)``; a longer vector starts with
@@ -73,8 +74,13 @@ def truncate_to_tokens(text: str, max_tokens: int) -> str:
     return text[: max(0, max_tokens) * CHARS_PER_TOKEN]
 
 
-def chat_text(model: str, content: str) -> str:
-    """Assistant reply to a chat whose last user message is ``content``."""
+def chat_text(model: str, content: str, choice: int = 0) -> str:
+    """Assistant reply to a chat whose last user message is ``content``.
+
+    Choice ``i`` > 0 of a request for several (``n``) is ``f"echo({model})[{i}]: {content}"``.
+    """
+    if choice:
+        return f"echo({model})[{choice}]: {content}"
     return f"echo({model}): {content}"
 
 

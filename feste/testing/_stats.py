@@ -83,6 +83,10 @@ class Stats:
       such as ``"503"`` and ``"bad_usage"`` / ``"deep_json"``;
     - ``status_counts``: every HTTP status sent, e.g. ``{"200": 5, "429": 15}``
       (a dropped connection sends none);
+    - ``billed``: per model, what the answers counted in ``items`` reported:
+      ``{"requests", "prompt_tokens", "completion_tokens", "search_units"}``
+      (Cohere's billed units), so a test or a benchmark can price a run
+      whatever client made it;
     - ``inputs``: per route, the item texts of each request counted in
       ``items``, in ARRIVAL order (the order in which the server received the
       requests, not the order it answered them; at most 10,000 per route). A
@@ -93,6 +97,7 @@ class Stats:
     """
 
     __slots__ = (
+        "billed_by_model",
         "by_api_key",
         "by_route",
         "faults",
@@ -120,6 +125,7 @@ class Stats:
         self.max_in_flight = in_flight
         self.faults: dict[str, int] = dict.fromkeys(FAULT_KEYS, 0)
         self.status_counts: dict[str, int] = {}
+        self.billed_by_model: dict[str, dict[str, int]] = {}
 
     def arrived(self, route: str, api_key_label: str) -> None:
         self.requests += 1
@@ -147,6 +153,16 @@ class Stats:
         if len(inputs) < MAX_RECORDED_INPUTS:
             inputs.append((sequence, texts))
 
+    def billed(self, model: str, prompt: int, completion: int, searches: int) -> None:
+        entry = self.billed_by_model.setdefault(
+            model,
+            {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "search_units": 0},
+        )
+        entry["requests"] += 1
+        entry["prompt_tokens"] += prompt
+        entry["completion_tokens"] += completion
+        entry["search_units"] += searches
+
     def snapshot(self, in_flight: int) -> dict[str, Any]:
         return {
             "requests": self.requests,
@@ -162,6 +178,7 @@ class Stats:
             "in_flight": in_flight,
             "faults": dict(self.faults),
             "status_counts": dict(self.status_counts),
+            "billed": {model: dict(entry) for model, entry in self.billed_by_model.items()},
             "inputs": {
                 route: [list(texts) for _, texts in sorted(entries, key=_sequence_of)]
                 for route, entries in self.input_texts.items()
