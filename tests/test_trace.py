@@ -12,6 +12,7 @@ from collections import defaultdict
 import pytest
 
 import feste
+from feste import feste_task
 from feste.backend import OpenAI
 from feste.errors import BadRequestError
 from feste.testing import chat_text, count_tokens
@@ -91,16 +92,35 @@ def test_one_span_per_request_with_its_details(llm_server, transport, tmp_path):
     check_layout(trace)
 
 
+@feste_task
+def ask_in_a_worker(base_url: str, prompt: str) -> str:
+    """A plain task that makes its own request (in a worker process under "processes")."""
+    with feste.context.set(eager=True):
+        return OpenAI(api_key=KEY, base_url=base_url).chat(prompt)
+
+
 def test_requests_made_in_worker_processes_are_traced(llm_server, tmp_path):
-    llm = OpenAI(api_key=KEY, base_url=llm_server.openai_base_url)
     path = tmp_path / "processes.json"
+    url = llm_server.openai_base_url
     feste.compute(
-        [llm.chat(f"q{i}") for i in range(4)], scheduler="processes", num_workers=2, trace=path
+        [ask_in_a_worker(url, f"q{i}") for i in range(4)],
+        scheduler="processes",
+        num_workers=2,
+        trace=path,
     )
     spans = requests_of(json.loads(path.read_text()))
     assert len(spans) == llm_server.stats()["requests"] == 4
     assert os.getpid() not in {span["pid"] for span in spans}
     check_layout(json.loads(path.read_text()))
+
+
+def test_the_processes_schedulers_own_calls_are_traced_here(llm_server, tmp_path):
+    llm = OpenAI(api_key=KEY, base_url=llm_server.openai_base_url)
+    path = tmp_path / "parent.json"
+    feste.compute([llm.chat(f"q{i}") for i in range(4)], scheduler="processes", trace=path)
+    spans = requests_of(json.loads(path.read_text()))
+    assert len(spans) == llm_server.stats()["requests"] == 4
+    assert {span["pid"] for span in spans} == {os.getpid()}
 
 
 def test_a_failed_run_still_writes_its_trace(llm_server, tmp_path):
