@@ -646,11 +646,10 @@ INTERRUPTED_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_ctrl_c_cancels_in_flight_requests(llm_server_factory):
-    server = llm_server_factory(mode="process")
+def interrupted_while_hanging(server, script: str) -> tuple[int, str, str]:
+    """Run ``script`` against ``server``, Ctrl-C it once 8 requests hang; its outcome."""
     process = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED_SCRIPT, server.openai_base_url],
+        [sys.executable, "-c", script, server.openai_base_url],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -662,7 +661,14 @@ def test_ctrl_c_cancels_in_flight_requests(llm_server_factory):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode != 0
+    return process.returncode, out, err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_cancels_in_flight_requests(llm_server_factory):
+    server = llm_server_factory(mode="process")
+    returncode, out, err = interrupted_while_hanging(server, INTERRUPTED_SCRIPT)
+    assert returncode != 0
     assert "KeyboardInterrupt" in err
     assert "finished" not in out
     assert wait_until(lambda: server.stats()["in_flight"] == 0)
@@ -690,20 +696,8 @@ INTERRUPTED_INSIDE_ASYNCIO_RUN = textwrap.dedent(
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_stops_a_synchronous_compute_inside_asyncio_run(llm_server_factory):
     server = llm_server_factory(mode="process")
-    process = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED_INSIDE_ASYNCIO_RUN, server.openai_base_url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert wait_until(lambda: server.stats()["in_flight"] == 8, timeout=60)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode != 0
+    returncode, out, err = interrupted_while_hanging(server, INTERRUPTED_INSIDE_ASYNCIO_RUN)
+    assert returncode != 0
     assert "KeyboardInterrupt" in err
     assert "finished" not in out
     # Only the first eight were ever sent; the in-flight ones were cancelled.

@@ -27,19 +27,17 @@ from typing import Any, ClassVar
 from dask.delayed import Delayed
 
 from feste.backend.base import NOT_ANSWERED, Backend
+from feste.backend.chat import StructuredChat
 from feste.backend.spec import MethodSpec, estimate_tokens
 from feste.backend.structured import (
     answer_record,
     check_chat_params,
     choice_record,
-    finish_chat,
-    finishes_chat,
-    repair_messages,
     split_chat_params,
 )
 from feste.backend.types import Parsed, Request, Response, Usage
 from feste.backend.validation import chat_messages, check_messages, check_text, check_texts
-from feste.errors import BadRequestError, ConfigurationError, StructuredOutputError
+from feste.errors import BadRequestError, ConfigurationError
 
 __all__ = ["Cohere"]
 
@@ -81,7 +79,7 @@ _EMBED_PARAMS = frozenset(
 _RERANK_PARAMS = frozenset({"model", "documents", "top_n", "max_tokens_per_doc", "priority"})
 
 
-class Cohere(Backend):
+class Cohere(StructuredChat, Backend):
     """Cohere v2: ``chat``, ``embed``, ``rerank``.
 
     ``Cohere(model="command-a-03-2025", temperature=0)``: keyword defaults apply to every
@@ -101,6 +99,7 @@ class Cohere(Backend):
     """
 
     provider: ClassVar[str] = "cohere"
+    chat_roles: ClassVar[frozenset[str]] = CHAT_ROLES
     api_key_env: ClassVar[str] = "CO_API_KEY"
     default_base_url: ClassVar[str] = "https://api.cohere.com"
     base_url_env: ClassVar[str] = "CO_API_URL"
@@ -374,22 +373,6 @@ class Cohere(Backend):
             model = params.get("model") or self.method_defaults["rerank"]["model"]
             return Usage(model, search_units=1)
         return super().estimated_usage(method, item, params, answer)
-
-    # -- values finished after the cache -------------------------------------------------
-
-    def finishes(self, method: str, params: Mapping[str, Any]) -> bool:
-        return method == "chat" and finishes_chat(params)
-
-    def finish(self, method: str, params: Mapping[str, Any], answer: Any) -> Any:
-        return finish_chat(self.provider, answer, params)
-
-    def repair_retries(self, method: str, params: Mapping[str, Any]) -> int:
-        return int(params.get("repair_retries") or 0)
-
-    def repair_item(self, method: str, item: Any, error: Exception) -> Any:
-        if not isinstance(error, StructuredOutputError):
-            raise error
-        return repair_messages(check_messages(self, method, item, CHAT_ROLES), error)
 
 
 def _logprobs(value: Any) -> list[dict[str, Any]] | None:

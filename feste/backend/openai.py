@@ -29,21 +29,19 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from feste.backend.base import Backend
+from feste.backend.chat import StructuredChat
 from feste.backend.spec import CallParams, MethodSpec, estimate_tokens
 from feste.backend.structured import (
     ResponseFormat,
     answer_record,
     check_chat_params,
     choice_record,
-    finish_chat,
-    finishes_chat,
-    repair_messages,
     split_chat_params,
     strict_schema,
 )
 from feste.backend.types import Parsed, Request, Response, Usage
 from feste.backend.validation import chat_messages, check_messages, check_text, check_texts
-from feste.errors import ConfigurationError, StructuredOutputError
+from feste.errors import ConfigurationError
 
 __all__ = ["ChatParams", "CompleteParams", "EmbedParams", "OpenAI"]
 
@@ -119,7 +117,7 @@ def _field_names(params_type: type[CallParams]) -> frozenset[str]:
     return frozenset(params_type.__dataclass_fields__)
 
 
-class OpenAI(Backend):
+class OpenAI(StructuredChat, Backend):
     """OpenAI (or an OpenAI-compatible server): ``chat``, ``complete``, ``embed``.
 
     ``OpenAI(model="gpt-4o-mini", temperature=0)``: keyword defaults apply to every
@@ -147,6 +145,7 @@ class OpenAI(Backend):
     """
 
     provider: ClassVar[str] = "openai"
+    chat_roles: ClassVar[frozenset[str]] = CHAT_ROLES
     api_key_env: ClassVar[str] = "OPENAI_API_KEY"
     default_base_url: ClassVar[str] = "https://api.openai.com/v1"
     base_url_env: ClassVar[str] = "OPENAI_BASE_URL"
@@ -356,22 +355,6 @@ class OpenAI(Backend):
             calls,
             _logprobs(entry.get("logprobs")),
         )
-
-    # -- values finished after the cache -------------------------------------------------
-
-    def finishes(self, method: str, params: Mapping[str, Any]) -> bool:
-        return method == "chat" and finishes_chat(params)
-
-    def finish(self, method: str, params: Mapping[str, Any], answer: Any) -> Any:
-        return finish_chat(self.provider, answer, params)
-
-    def repair_retries(self, method: str, params: Mapping[str, Any]) -> int:
-        return int(params.get("repair_retries") or 0)
-
-    def repair_item(self, method: str, item: Any, error: Exception) -> Any:
-        if not isinstance(error, StructuredOutputError):
-            raise error
-        return repair_messages(check_messages(self, method, item, CHAT_ROLES), error)
 
     def _indexed(
         self,

@@ -28,7 +28,7 @@ from feste import context
 from feste.backend.openai import OpenAI
 from feste.errors import BadRequestError, SchedulerError, TransientError
 from feste.schedulers import cluster as cluster_scheduler
-from feste.testing import TestServer, chat_text, embedding, wait_until
+from feste.testing import TestServer, chat_text, count_tokens, embedding, wait_until
 
 distributed = pytest.importorskip("distributed")
 
@@ -251,8 +251,15 @@ def test_record_usage_sees_requests_made_on_workers(client: Any, llm_server_fact
         feste.compute([llm.chat(prompt) for prompt in prompts], scheduler=client)
     assert usage.requests == 25 == server.stats()["requests"]
     assert {record.method for record in usage.records} == {"chat"}
-    assert usage.total.prompt_tokens > 0
-    assert usage.total.completion_tokens > 0
+    # The tokens and dollars of every request made on the workers, at list prices.
+    prompt_tokens = sum(count_tokens(prompt) for prompt in prompts)
+    completion_tokens = sum(count_tokens(chat_text(CHAT_MODEL, prompt)) for prompt in prompts)
+    assert (usage.total.prompt_tokens, usage.total.completion_tokens) == (
+        prompt_tokens,
+        completion_tokens,
+    )
+    expected = (prompt_tokens * 0.15 + completion_tokens * 0.60) / 1_000_000
+    assert usage.cost == pytest.approx(expected, abs=1e-12)
 
 
 # -- faults ---------------------------------------------------------------------------
