@@ -360,15 +360,16 @@ def tell_cached(
 ) -> None:
     """Tell the observer about calls the cache answered (here, or before the run by
     :mod:`feste._replay`), with what they would have cost."""
-    if not items:
-        return
+    observer = current_observer.get()
+    if not items or type(observer).calls_cached is RunObserver.calls_cached:
+        return  # nobody listens: skip estimating what the calls would have cost
     usage: Usage | None = None
     for item, answer in zip(items, answers):
         estimate = backend.estimated_usage(method, item, params, answer)
         usage = estimate if usage is None else usage + estimate
     assert usage is not None
     model = params.get("model")
-    current_observer.get().calls_cached(
+    observer.calls_cached(
         CachedCalls(
             backend.provider,
             method,
