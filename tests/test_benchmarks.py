@@ -172,6 +172,8 @@ def test_limit_and_staggered_workloads_account_for_every_request(tmp_path: Path)
     assert list(workloads) == ["pipeline", "random_429", "overload", "staggered"]
     for workload in workloads.values():
         for row in workload["rows"]:
+            if row["status"] == "skipped":  # a peer whose library is not installed
+                continue
             assert (row["status"], row["correct"]) == ("ok", True), (workload["name"], row)
 
     # random_429: the server draws one number per request in arrival order, whoever
@@ -213,7 +215,7 @@ def test_limit_and_staggered_workloads_account_for_every_request(tmp_path: Path)
     chains = rows["asyncio.gather of per-document chains (aiohttp)"]
     assert chains["server"]["by_route"]["/v1/embeddings"] == n
     for row in workloads["pipeline"]["rows"]:
-        if row.get("scale", 1.0) == 1.0:
+        if row["status"] == "ok" and row.get("scale", 1.0) == 1.0:
             assert row["milestones"]["first embedding request"] > 0, row["contender"]
 
 

@@ -457,6 +457,8 @@ class Engine:
         kind = self.kind
         nodes = self.nodes
         is_call = {key: kind[key] in (_CALL, _BATCH) for key in nodes}
+        if not any(is_call.values()):
+            return  # no backend call: nothing to rank
         below: dict[Hashable, int] = {}
         pending = {key: len(self.dependents[key]) for key in nodes}
         ready = [key for key, count in pending.items() if count == 0]
