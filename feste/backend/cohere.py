@@ -315,7 +315,7 @@ class Cohere(StructuredChat, Backend):
         message = body.get("message")
         if not isinstance(message, dict):
             raise self.malformed(request, "the answer has no message")
-        calls = self._tool_calls(request, message.get("tool_calls"))
+        calls = self.tool_calls_of(request, message.get("tool_calls"))
         text = self._chat_text(request, message, answered_by_tools=bool(calls))
         reason = body.get("finish_reason")
         finish_reason = (
@@ -349,22 +349,6 @@ class Cohere(StructuredChat, Backend):
                     raise self.malformed(request, "a text part of the answer has no text")
                 pieces.append(text)
         return "".join(pieces)
-
-    def _tool_calls(self, request: Request, calls: Any) -> list[dict[str, str]]:
-        found = []
-        for call in calls or ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise self.malformed(request, "a tool call has no function name")
-            arguments = function.get("arguments")
-            found.append(
-                {
-                    "id": str(call.get("id") or ""),
-                    "name": function["name"],
-                    "arguments": arguments if isinstance(arguments, str) else "",
-                }
-            )
-        return found
 
     def estimated_usage(
         self, method: str, item: Any, params: Mapping[str, Any], answer: Any = NOT_ANSWERED

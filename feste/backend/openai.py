@@ -336,19 +336,7 @@ class OpenAI(StructuredChat, Backend):
         if content is not None and not isinstance(content, str):
             raise self.malformed(request, "a message's content is not a string")
         finish_reason = entry.get("finish_reason")
-        calls = []
-        for call in message.get("tool_calls") or ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise self.malformed(request, "a tool call has no function name")
-            arguments = function.get("arguments")
-            calls.append(
-                {
-                    "id": str(call.get("id") or ""),
-                    "name": function["name"],
-                    "arguments": arguments if isinstance(arguments, str) else "",
-                }
-            )
+        calls = self.tool_calls_of(request, message.get("tool_calls"))
         return choice_record(
             content,
             finish_reason if isinstance(finish_reason, str) else None,
