@@ -95,11 +95,14 @@ async def post_json(
                 response.raise_for_status()
             retry_after = response.headers.get("Retry-After")
         attempt += 1
-        if retry_after is not None:
-            delay = float(retry_after)
-        else:
-            delay = random.uniform(0, 0.5 * 2 ** (attempt - 1))
-        await asyncio.sleep(delay)
+        await asyncio.sleep(_retry_delay(retry_after, attempt))
+
+
+def _retry_delay(retry_after: str | None, attempt: int) -> float:
+    """The server's Retry-After, else exponential backoff with full jitter."""
+    if retry_after is not None:
+        return float(retry_after)
+    return random.uniform(0, 0.5 * 2 ** (attempt - 1))
 
 
 async def post_json_freeing_slot(
@@ -121,11 +124,7 @@ async def post_json_freeing_slot(
                 response.raise_for_status()
             retry_after = response.headers.get("Retry-After")
         attempt += 1
-        if retry_after is not None:
-            delay = float(retry_after)
-        else:
-            delay = random.uniform(0, 0.5 * 2 ** (attempt - 1))
-        await asyncio.sleep(delay)
+        await asyncio.sleep(_retry_delay(retry_after, attempt))
 
 
 async def gather_limited(

@@ -23,12 +23,13 @@ from typing import Any
 
 import dask
 
-from benchmarks.harness import GRAPH_BUILT, SETUP_MARK, Contender, Job, Size, Workload
+from benchmarks.harness import SETUP_MARK, Contender, Job, Size, Workload
 from benchmarks.peers import CHAT_MODEL
 from benchmarks.workloads.fanout import (
     CONCURRENCY,
     check_chat,
     fanout_ideal,
+    feste_chat_calls,
     make_prompts,
     run_feste,
 )
@@ -56,18 +57,10 @@ def _client() -> Any:
 
 def run_feste_on_cluster(job: Job) -> list[str]:
     import feste
-    from feste.backend import OpenAI
 
     client = _client()
     job.mark(SETUP_MARK)
-    llm = OpenAI(
-        base_url=job.openai_base_url,
-        api_key=job.api_key,
-        model=CHAT_MODEL,
-        max_concurrency=job.settings["concurrency"],
-    )
-    answers = [llm.chat(prompt) for prompt in job.inputs]
-    job.mark(GRAPH_BUILT)
+    answers = feste_chat_calls(job)
     with feste.context.set(max_retries=job.settings["max_retries"]):
         (values,) = feste.compute(answers, scheduler=client)
     return list(values)

@@ -91,8 +91,9 @@ def fanout_ideal(n: int, server: Mapping[str, Any]) -> Ideal:
 # -- feste ------------------------------------------------------------------------------
 
 
-def run_feste(job: Job) -> list[str]:
-    import feste
+def feste_chat_calls(job: Job) -> list[Any]:
+    """The fan-out's lazy chat calls through feste; the graph is built when this returns
+    (also used by the workloads that reuse the fan-out's calls)."""
     from feste.backend import OpenAI
 
     llm = OpenAI(
@@ -103,6 +104,13 @@ def run_feste(job: Job) -> list[str]:
     )
     answers = [llm.chat(prompt) for prompt in job.inputs]
     job.mark(GRAPH_BUILT)
+    return answers
+
+
+def run_feste(job: Job) -> list[str]:
+    import feste
+
+    answers = feste_chat_calls(job)
     with feste.context.set(max_retries=job.settings["max_retries"]):
         (values,) = feste.compute(answers)
     return list(values)
@@ -111,17 +119,8 @@ def run_feste(job: Job) -> list[str]:
 def run_feste_default_settings(job: Job) -> list[str]:
     """The same calls with every retry and limit option left at feste's defaults."""
     import feste
-    from feste.backend import OpenAI
 
-    llm = OpenAI(
-        base_url=job.openai_base_url,
-        api_key=job.api_key,
-        model=CHAT_MODEL,
-        max_concurrency=job.settings["concurrency"],
-    )
-    answers = [llm.chat(prompt) for prompt in job.inputs]
-    job.mark(GRAPH_BUILT)
-    (values,) = feste.compute(answers)
+    (values,) = feste.compute(feste_chat_calls(job))
     return list(values)
 
 

@@ -25,9 +25,9 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from benchmarks.harness import GRAPH_BUILT, Contender, Ideal, Job, Size, Workload, ceil_div
+from benchmarks.harness import Contender, Ideal, Job, Size, Workload, ceil_div
 from benchmarks.peers import CHAT_MODEL, run_on_process_loop
-from benchmarks.workloads.fanout import check_chat
+from benchmarks.workloads.fanout import check_chat, feste_chat_calls
 
 __all__ = ["WORKLOAD"]
 
@@ -73,16 +73,8 @@ def _warm_cache(kind: str) -> str:
 
 def _feste(job: Job, cache: Any) -> list[str]:
     import feste
-    from feste.backend import OpenAI
 
-    llm = OpenAI(
-        base_url=job.openai_base_url,
-        api_key=job.api_key,
-        model=CHAT_MODEL,
-        max_concurrency=job.settings["concurrency"],
-    )
-    answers = [llm.chat(prompt) for prompt in job.inputs]
-    job.mark(GRAPH_BUILT)
+    answers = feste_chat_calls(job)
     with feste.context.set(max_retries=job.settings["max_retries"]):
         (values,) = feste.compute(answers, cache=cache)
     return list(values)
