@@ -11,7 +11,9 @@ Every scheduler reaches a provider through this module: the async engine awaits
    that hits both halves alike is about the request and fails every item). Failed
    items become :class:`ItemFailure` entries, every other item gets its value; any
    other error fails only the items of its own request.
-2. :func:`send` is the only function that calls a transport. Around each attempt it
+2. :func:`send` is the only function that calls a transport. First it reserves what
+   the request may cost in the computation's budget (``max_cost``; settled to the
+   reported usage after the answer, released on failure). Around each attempt it
    takes admission from the computation's, the backend's and the account's limiters
    (:mod:`feste.limits`), applies the timeouts, and retries: rate limits (429) by
    time, after the server's ``Retry-After`` (``rate_limit_timeout``), other transient
@@ -170,12 +172,17 @@ async def send(backend: Backend, request: Request) -> Parsed:
     timing = RequestTiming()
     # Reports are built only for an observer that reads them (the base one does not).
     reported = type(observer).request_ended is not RunObserver.request_ended
+    # First, before any way of sending: a request the budget (max_cost) cannot pay for
+    # is never sent (BudgetExceeded); failed attempts are not billed, so cost nothing.
+    reservation = await run_limits().reserve(backend, request)
     try:
         parsed = await _send_attempts(backend, request, timing)
     except BaseException as error:
+        reservation.release()
         if reported:
             observer.request_ended(request, timing.report(request, None, error))
         raise
+    reservation.settle(parsed.usage)
     if reported:
         observer.request_ended(request, timing.report(request, parsed.usage, None))
     if parsed.truncated:

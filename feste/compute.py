@@ -17,6 +17,16 @@ stops before running), ``FesteDelayed.compute()`` and ``dask.compute`` on feste 
 (:func:`run_dask_graph`, the collections' ``__dask_scheduler__``) all go through
 :func:`prepare` or :func:`run_graph_dict`. Lazy values themselves (:mod:`feste.task`)
 live one layer up and call into here, as dask's collections call their schedulers.
+
+With a budget (``max_cost``), every entry point estimates the run before it starts
+(:func:`check_budget`, on the graph left after the cache answered what it could): the
+requests the graph's calls would send, built as the sender builds them and priced by
+the rule the sender reserves with (:func:`feste.limits.request_cost_estimate`), so a
+run that passes the check is not stopped by its own reservations unless its guesses
+were low (inputs known only at run time count :data:`~feste.limits.ASSUMED_INPUT_TOKENS`
+each). Above the budget the run is refused with :class:`~feste.errors.BudgetExceeded`
+unless ``over_estimate="start"``; either way the sender enforces the budget per
+request (:mod:`feste.limits`).
 """
 
 from __future__ import annotations
@@ -31,16 +41,26 @@ from typing import Any
 from dask._task_spec import convert_legacy_graph
 from dask.base import is_dask_collection, tokenize
 from dask.delayed import Delayed
-from dask.utils import ensure_dict
+from dask.task_spec import GraphNode, Task, TaskRef
+from dask.utils import ensure_dict, funcname
 
 from feste import context
 from feste._replay import replay_cached_calls
+from feste._nodes import BackendCall, BatchCall
 from feste._runs import record_run
 from feste.backend.prices import price_table
-from feste.errors import SchedulerError
+from feste.backend.spec import chunk_items
+from feste.errors import BudgetExceeded, FesteError, SchedulerError
 from feste.graph import FesteGraph, GraphStats, batched_at_run_time, build_task
+from feste.limits import (
+    ASSUMED_INPUT_TOKENS,
+    ASSUMED_OUTPUT_TOKENS,
+    request_cost_estimate,
+    unpriced_error,
+)
 from feste.optimization import default_optimizer
-from feste.schedulers import get_scheduler
+from feste.schedulers import SCHEDULERS, get_scheduler
+from feste.schedulers.cluster import ClusterScheduler
 from feste.schedulers._engine import inline_function, run_graph
 from feste.schedulers._policy import option_keywords
 from feste.schedulers._stream import GraphStream
@@ -48,9 +68,12 @@ from feste.trace import record_trace
 
 __all__ = [
     "Prepared",
+    "RunEstimate",
     "as_completed",
+    "check_budget",
     "compute",
     "compute_async",
+    "estimate_run_cost",
     "explain",
     "prepare",
     "run_dask_graph",
@@ -98,9 +121,155 @@ def run_graph_dict(
     """Step 3: run an optimized graph dict on a scheduler and return the key values.
 
     Keywords go to the scheduler: feste's own take feste options (``errors=``,
-    ``max_concurrency=``...) for this computation and refuse anything else.
+    ``max_concurrency=``...) for this computation and refuse anything else. With a
+    budget (``max_cost``) the run is estimated first (:func:`check_budget`).
     """
-    return get_scheduler(scheduler)(graph, keys, **kwargs)
+    get = get_scheduler(scheduler)
+    check_budget(graph, get, kwargs)
+    return get(graph, keys, **kwargs)
+
+
+# -- the budget ------------------------------------------------------------------------
+
+_BUDGET_OPTIONS = ("max_cost", "over_estimate")
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    """What the backend calls of a graph may cost (:func:`estimate_run_cost`).
+
+    ``dollars`` sums the bound of every request; ``calls`` and ``requests`` count them;
+    ``unknown_inputs`` counts calls whose input comes from another call (estimated at
+    :data:`~feste.limits.ASSUMED_INPUT_TOKENS`), ``assumed_outputs`` requests without
+    ``max_tokens`` (:data:`~feste.limits.ASSUMED_OUTPUT_TOKENS` per answer);
+    ``unpriced`` names the ``(provider, model)`` pairs the price table lacks.
+    """
+
+    dollars: float
+    calls: int
+    requests: int
+    unknown_inputs: int
+    assumed_outputs: int
+    unpriced: tuple[tuple[str, str | None], ...]
+
+
+def _known(value: Any) -> bool:
+    return not isinstance(value, (TaskRef, GraphNode))
+
+
+def estimate_run_cost(graph: Mapping[Any, Any]) -> RunEstimate:
+    """An upper bound of what the backend calls of ``graph`` may cost, running nothing.
+
+    Each call node's requests are built as the sender builds them (a batched node is
+    cut into chunks by the same rule) and priced by
+    :func:`~feste.limits.request_cost_estimate`, the bound the sender reserves. An
+    input that comes from another call is assumed to be
+    :data:`~feste.limits.ASSUMED_INPUT_TOKENS` tokens long; a call whose request
+    cannot be built before the run (a parameter comes from another call) is priced by
+    ``Backend.estimated_usage``.
+    """
+    placeholder = "x" * (4 * ASSUMED_INPUT_TOKENS)
+    table = price_table()
+    dollars = 0.0
+    calls = requests = unknown = assumed = 0
+    unpriced: dict[tuple[str, str | None], None] = {}
+    for node in graph.values():
+        if not isinstance(node, Task) or not isinstance(node.func, (BackendCall, BatchCall)):
+            continue
+        func = node.func
+        backend, method = func.backend, func.method
+        if isinstance(func, BatchCall):
+            container = node.args[0] if node.args else ()
+            items = list(container.args) if isinstance(container, Task) else list(container)
+            chunks = chunk_items(backend.spec(method), [_assumed(i, placeholder) for i in items])
+        else:
+            items = [node.args[0]] if node.args else []
+            chunks = [[_assumed(item, placeholder) for item in items]]
+        params = {name: value for name, value in node.kwargs.items() if _known(value)}
+        calls += len(items)
+        unknown += sum(1 for item in items if not _known(item))
+        for chunk in chunks:
+            requests += 1
+            try:
+                request = backend.build_request(method, chunk, params)
+            except FesteError:
+                usage = None
+                for item in chunk:
+                    estimate = backend.estimated_usage(method, item, params)
+                    usage = estimate if usage is None else usage + estimate
+                model = None if usage is None else usage.model
+                cost = None if usage is None else table.cost(backend.provider, usage)
+            else:
+                priced = request_cost_estimate(backend, request)
+                model, cost = priced.model, priced.dollars
+                assumed += priced.assumed_output
+            if cost is None:
+                unpriced[(backend.provider, model)] = None
+            else:
+                dollars += cost
+    return RunEstimate(round(dollars, 12), calls, requests, unknown, assumed, tuple(unpriced))
+
+
+def _assumed(item: Any, placeholder: str) -> Any:
+    """``item``, or a text of the assumed size where it is known only at run time."""
+    return item if _known(item) else placeholder
+
+
+def _scheduler_name(get: Any) -> str:
+    if isinstance(get, ClusterScheduler):
+        return "the cluster scheduler (a distributed.Client)"
+    return f"the get function {funcname(get)!r}"
+
+
+def check_budget(graph: Mapping[Any, Any], get: Any, kwargs: Mapping[str, Any]) -> None:
+    """Before a run: refuse it when ``max_cost`` (a keyword in ``kwargs`` or the
+    context's) is below the estimated cost and ``over_estimate`` is ``"refuse"``, when a
+    model is not priced, or when the scheduler ``get`` cannot enforce a budget."""
+    options = {name: kwargs[name] for name in _BUDGET_OPTIONS if name in kwargs}
+    with context.set(**options):
+        budget = context.get("max_cost")
+        over_estimate = context.get("over_estimate")
+    if budget is None:
+        return
+    if not any(get is module.get for module in SCHEDULERS.values()):
+        raise SchedulerError(
+            f"max_cost is enforced by feste's own schedulers "
+            f"({', '.join(map(repr, sorted(SCHEDULERS)))}), not by {_scheduler_name(get)}, "
+            "whose parts would each keep their own budget: use one of those schedulers, "
+            "or leave max_cost unset"
+        )
+    estimate = estimate_run_cost(graph)
+    if estimate.unpriced:
+        provider, model = estimate.unpriced[0]
+        raise unpriced_error(provider, model)
+    if estimate.dollars <= budget or over_estimate == "start":
+        return
+    guesses = []
+    if estimate.unknown_inputs:
+        guesses.append(
+            f"{_plural(estimate.unknown_inputs, 'call')} whose input comes from another "
+            f"call counted at {ASSUMED_INPUT_TOKENS} input tokens each"
+        )
+    if estimate.assumed_outputs:
+        guesses.append(
+            f"{_plural(estimate.assumed_outputs, 'request')} without max_tokens counted at "
+            f"{ASSUMED_OUTPUT_TOKENS} output tokens per answer"
+        )
+    assumptions = f" ({'; '.join(guesses)})" if guesses else ""
+    raise BudgetExceeded(
+        f"estimated cost ${estimate.dollars:.6f} of {_plural(estimate.calls, 'call')} "
+        f"({_plural(estimate.requests, 'request')}) is above max_cost=${budget:.6f}"
+        f"{assumptions}; nothing was sent. Raise max_cost, set max_tokens for a tighter "
+        "estimate, or pass over_estimate='start' to run anyway (no request is sent once "
+        "the budget would be passed)",
+        estimate=estimate.dollars,
+        budget=budget,
+        unknown_inputs=estimate.unknown_inputs,
+    )
+
+
+def _plural(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def run_dask_graph(dsk: Any, keys: Any, **kwargs: Any) -> Any:
@@ -244,6 +413,7 @@ async def compute_async(
             graph = replay_cached_calls(prepared.graph)
             if _runs_on_engine(scheduler):
                 with context.set(**option_keywords(kwargs)):
+                    check_budget(graph, get_scheduler("async"), {})
                     return await run_graph(graph, prepared.keys)
             # to_thread copies this context, so run recording reaches the thread.
             return await asyncio.to_thread(
@@ -322,4 +492,6 @@ def as_completed(
         collected, _, _ = FesteGraph.collect(*collections, traverse=False)
         graph.update(collected.to_dict())
         graph = _optimized(graph, [[key] for key in outputs], optimize_graph)
+        with context.set(**checked):
+            check_budget(graph, get_scheduler("async"), {})
     return GraphStream(graph, outputs, ready, options=checked, preserve_order=preserve_order)

@@ -67,6 +67,22 @@ def _positive_number_or_none(value: Any) -> float | None:
     return float(value)
 
 
+def _dollars_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"expected a positive number of dollars (max_cost=5.0) or None for no budget, "
+            f"got {value!r}"
+        )
+    if not value > 0 or math.isinf(value) or math.isnan(value):
+        raise ValueError(
+            f"must be a positive finite number of dollars (max_cost=5.0), or None for no "
+            f"budget; got {value}"
+        )
+    return float(value)
+
+
 def _non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer >= 0, got {value!r}")
@@ -289,6 +305,23 @@ _OPTION_LIST = [
         "Prices used for dollar amounts (usage records, explain): a TOML file or a mapping "
         "laid out like feste/backend/prices.toml, merged over the built-in dated list prices.",
         _prices,
+    ),
+    Option(
+        "max_cost",
+        None,
+        "Dollars one computation may spend (at the prices option's table): a run estimated "
+        "above it is refused before anything is sent (see over_estimate), and no request is "
+        "sent once what was spent plus what requests in flight may cost would pass it; the "
+        "calls left fail with BudgetExceeded. None: no budget.",
+        _dollars_or_none,
+    ),
+    Option(
+        "over_estimate",
+        "refuse",
+        "What a computation with max_cost does when its estimated cost is above it: "
+        "'refuse' (raise BudgetExceeded before sending anything) or 'start' (run anyway; "
+        "requests stop being sent when the budget would be passed).",
+        _one_of("refuse", "start"),
     ),
     Option(
         "run",

@@ -21,6 +21,8 @@
         ├── StructuredOutputError   an answer that is not the JSON asked for (``raw`` holds it;
         │                           ``repair_retries=N`` re-asks with the validation error)
         ├── TruncatedOutputError    an answer cut at max_tokens, with ``on_truncation="raise"``
+        ├── BudgetExceeded       ``max_cost`` would be passed: the run refused before it started
+        │                        (``estimate``), or a call not sent (``budget``, ``spent``)
         └── RetryableError       worth trying again
             ├── RateLimitError   429, carries ``retry_after`` (seconds) from the server
             └── TransientError   5xx, connection reset or refused, timeout
@@ -46,6 +48,7 @@ __all__ = [
     "AuthenticationError",
     "BackendError",
     "BadRequestError",
+    "BudgetExceeded",
     "CacheError",
     "CancelledError",
     "ConfigurationError",
@@ -230,6 +233,34 @@ class TruncatedOutputError(BackendError):
     def __init__(self, message: str, *, text: str | None = None, **context: Any) -> None:
         super().__init__(message, **context)
         self.text = text
+
+
+class BudgetExceeded(BackendError):
+    """The ``max_cost`` budget (dollars) would be passed; nothing was sent for it.
+
+    Raised by ``feste.compute`` before a run whose estimated cost (``estimate``) is
+    above the budget (``budget``), unless ``over_estimate="start"``; and, during a run,
+    by each call not sent because what was spent (``spent``) plus what the call could
+    cost (``estimate``) would pass the budget (with ``errors="return"`` each becomes a
+    :class:`Failure`). ``unknown_inputs`` counts the calls of a refused run whose
+    inputs come from other calls, estimated at an assumed size. Never retried.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        estimate: float | None,
+        budget: float,
+        spent: float = 0.0,
+        unknown_inputs: int = 0,
+        **context: Any,
+    ) -> None:
+        super().__init__(message, **context)
+        self.estimate = estimate
+        self.budget = budget
+        self.spent = spent
+        self.unknown_inputs = unknown_inputs
 
 
 class TruncatedOutputWarning(UserWarning):

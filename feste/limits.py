@@ -49,6 +49,20 @@ takes each scope's limiter from a :class:`SharedLimits`, and those limiters admi
 through a :class:`Quota` as well: the share of a cluster-wide budget the process holds
 (:mod:`feste.schedulers._leases`).
 
+The budget (``max_cost``, dollars): :class:`RunLimits` holds one :class:`Budget` per
+computation. Before a request is sent (:meth:`RunLimits.reserve`, called by the
+sender before anything else) it reserves an upper bound of what the request may cost
+(:func:`request_cost_estimate`); the reservation is settled to the dollars of the usage
+the provider reports, or released when the request fails (providers do not bill
+429s and 5xx answers). A request is admitted only while what was spent plus what is
+reserved plus its own bound fits the budget; it waits while requests in flight might
+still leave it room, and fails with :class:`~feste.errors.BudgetExceeded` once what was
+spent alone leaves none. So the number of requests sent follows from the costs alone,
+whatever the concurrency. Reservations are made under a ``threading.Lock``, across
+event loops (the ``threads`` scheduler has one per thread). A budget is per process:
+the cluster scheduler, whose blocks each run their own computation, refuses it
+(``feste.compute`` checks before running).
+
 The circuit breaker: once a request of a computation fails authentication, the
 computation's other calls on that account fail at once with a copy of that error
 instead of being sent (:meth:`RunLimits.trip`).
@@ -74,13 +88,20 @@ from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
 from feste import context
-from feste.errors import AuthenticationError, ConfigurationError, OptionError
+from feste.backend.prices import price_table
+from feste.backend.types import Request, Usage
+from feste.errors import AuthenticationError, BudgetExceeded, ConfigurationError, OptionError
 
 __all__ = [
+    "ASSUMED_INPUT_TOKENS",
+    "ASSUMED_OUTPUT_TOKENS",
+    "Budget",
+    "CostEstimate",
     "Gates",
     "Limiter",
     "Limits",
     "Quota",
+    "Reservation",
     "RunLimits",
     "SharedLimits",
     "Ticket",
@@ -89,10 +110,12 @@ __all__ = [
     "all_limiters",
     "backend_limiter",
     "limiter_for",
+    "request_cost_estimate",
     "resolve_limits",
     "run_limits",
     "run_scope",
     "shared_limits",
+    "unpriced_error",
 ]
 
 # Each success (while the window is in use) raises the overload window by this much
@@ -752,6 +775,233 @@ class Gates(NamedTuple):
     account: Limiter
 
 
+# -- the budget (max_cost) -------------------------------------------------------------
+
+#: Output tokens reserved per answer of a generating call (chat, complete) that sets no
+#: ``max_tokens`` (or ``max_completion_tokens``): the reservation of such a call is then
+#: a guess, not a bound; an answer longer than this is still billed in full.
+ASSUMED_OUTPUT_TOKENS = 1000
+#: Input tokens assumed, in the estimate made before a run, for a call whose input is
+#: the output of another call (not known until that call answers).
+ASSUMED_INPUT_TOKENS = 1000
+# Rerank is billed per search: one query over up to this many documents.
+_DOCUMENTS_PER_SEARCH = 100
+
+
+class CostEstimate(NamedTuple):
+    """What one request may cost: ``dollars`` (None: its model is not priced), the
+    ``model`` priced, and whether its output was guessed (no ``max_tokens``)."""
+
+    dollars: float | None
+    model: str | None
+    assumed_output: bool
+
+
+def request_cost_estimate(backend: Any, request: Request) -> CostEstimate:
+    """An upper bound of the dollars ``request`` may be billed, at the price table.
+
+    Input: the request's own token estimate (for chat it counts ``max_tokens`` too, so
+    the bound errs high). Output, for a generating method: ``max_completion_tokens``
+    or ``max_tokens`` per answer (``n`` answers per item) when given, else
+    :data:`ASSUMED_OUTPUT_TOKENS`; none for embeddings. A method priced per search
+    (rerank) costs one search per query and 100 documents.
+    """
+    model = request.model
+    price = price_table().price(request.provider, model)
+    payload = request.payload
+    generates = backend.spec(request.method).generates
+    budget = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    assumed = generates and not budget
+    if price is None:
+        return CostEstimate(None, model, assumed)
+    if price.input is None and price.search is not None:
+        documents = payload.get("documents")
+        count = len(documents) if isinstance(documents, list) else 0
+        searches = max(1, -(-count // _DOCUMENTS_PER_SEARCH)) * request.items
+        return CostEstimate(price.cost(Usage(model, search_units=searches)), model, False)
+    output = 0
+    if generates:
+        answers = (payload.get("n") or 1) * request.items
+        output = (budget or ASSUMED_OUTPUT_TOKENS) * answers
+    usage = Usage(model, request.estimated_tokens, output)
+    return CostEstimate(price.cost(usage), model, assumed)
+
+
+def unpriced_error(provider: str, model: str | None) -> ConfigurationError:
+    """The error of a budget that cannot price ``provider``'s ``model``."""
+    shown = model if model is not None else "<model>"
+    return ConfigurationError(
+        f"max_cost needs the price of {provider} model {model!r}, which the price table "
+        f"does not have: give it with feste.context.set(prices={{{provider!r}: {{{shown!r}: "
+        "{'input': ..., 'output': ...}}}) in dollars per 1M tokens (or a TOML file in the "
+        "prices option), or leave max_cost unset",
+        backend=provider,
+        model=model,
+    )
+
+
+def _dollars(amount: float) -> str:
+    return f"${amount:.6f}"
+
+
+class Reservation:
+    """Dollars set aside for one request; :meth:`settle` or :meth:`release` it once."""
+
+    __slots__ = ("budget", "dollars", "ended", "provider")
+
+    def __init__(self, budget: Budget | None, dollars: float, provider: str) -> None:
+        self.budget = budget
+        self.dollars = dollars
+        self.provider = provider
+        self.ended = False
+
+    def settle(self, usage: Usage | None) -> None:
+        """The request was answered: it cost the dollars of ``usage`` (the reserved
+        amount when the provider reported no usage or its model is not priced)."""
+        if self.budget is None:
+            return
+        cost = None if usage is None else price_table().cost(self.provider, usage)
+        self.budget.end(self, self.dollars if cost is None else cost)
+
+    def release(self) -> None:
+        """The request failed or was not sent: it cost nothing."""
+        if self.budget is not None:
+            self.budget.end(self, 0.0)
+
+
+_NOT_RESERVED = Reservation(None, 0.0, "")
+
+
+class _BudgetWaiter:
+    __slots__ = ("dollars", "future", "granted", "loop")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], dollars: float
+    ) -> None:
+        self.loop = loop
+        self.future = future
+        self.dollars = dollars
+        # None while waiting; True: reserved for it; False: it can never fit.
+        self.granted: bool | None = None
+
+
+class Budget:
+    """Dollars one computation may spend (see the module docstring).
+
+    ``spent`` is what settled requests cost, ``reserved`` what requests in flight may
+    still cost; ``sent`` and ``refused`` count reservations made and refused.
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._spent = 0.0
+        self._reserved = 0.0
+        self._waiters: list[_BudgetWaiter] = []
+        self.sent = 0
+        self.refused = 0
+
+    @property
+    def spent(self) -> float:
+        with self._lock:
+            return round(self._spent, 12)
+
+    @property
+    def reserved(self) -> float:
+        with self._lock:
+            return round(self._reserved, 12)
+
+    def _fits(self, amount: float) -> bool:
+        # Rounded like the price table's amounts, so sums of costs compare exactly.
+        return round(amount, 12) <= self.limit
+
+    async def reserve(self, dollars: float, request: Request) -> Reservation:
+        """Set ``dollars`` aside for ``request``: at once when they fit, after requests
+        in flight settle when they may, or :class:`BudgetExceeded` when what was spent
+        already leaves no room."""
+        with self._lock:
+            if not self._fits(self._spent + dollars):
+                self.refused += 1
+                raise self._refusal(dollars, request)
+            if self._fits(self._spent + self._reserved + dollars):
+                self._reserved += dollars
+                self.sent += 1
+                return Reservation(self, dollars, request.provider)
+            loop = asyncio.get_running_loop()
+            waiter = _BudgetWaiter(loop, loop.create_future(), dollars)
+            self._waiters.append(waiter)
+        try:
+            await waiter.future
+        except BaseException:
+            with self._lock:
+                granted = waiter.granted
+                if granted is None:
+                    self._waiters.remove(waiter)
+            if granted:
+                self.end(Reservation(self, dollars, request.provider), 0.0)
+            raise
+        if not waiter.granted:
+            with self._lock:
+                error = self._refusal(dollars, request)
+            raise error
+        return Reservation(self, dollars, request.provider)
+
+    def end(self, reservation: Reservation, charged: float) -> None:
+        """``reservation``'s request is over and cost ``charged`` dollars."""
+        with self._lock:
+            if reservation.ended:
+                return
+            reservation.ended = True
+            self._reserved = max(0.0, self._reserved - reservation.dollars)
+            self._spent += charged
+            woken: list[_BudgetWaiter] = []
+            waiting: list[_BudgetWaiter] = []
+            for waiter in self._waiters:
+                if not self._fits(self._spent + waiter.dollars):
+                    waiter.granted = False
+                    self.refused += 1
+                    woken.append(waiter)
+                elif self._fits(self._spent + self._reserved + waiter.dollars):
+                    waiter.granted = True
+                    self._reserved += waiter.dollars
+                    self.sent += 1
+                    woken.append(waiter)
+                else:
+                    waiting.append(waiter)
+            self._waiters = waiting
+        for waiter in woken:
+            _wake(waiter.loop, waiter.future)
+
+    def _refusal(self, dollars: float, request: Request) -> BudgetExceeded:
+        spent = round(self._spent, 12)
+        return BudgetExceeded(
+            f"not sent: it may cost up to {_dollars(dollars)} and {_dollars(spent)} of "
+            f"max_cost={_dollars(self.limit)} is spent; raise max_cost to run the calls "
+            "left (with a cache on, a new run with a larger budget pays only for them)",
+            estimate=dollars,
+            budget=self.limit,
+            spent=spent,
+            backend=request.provider,
+            method=request.method,
+            model=request.model,
+        )
+
+
+def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    """Resolve ``future`` on its own loop, from whichever thread this is."""
+    try:
+        current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        current = None
+    if loop is current:
+        _resolve(future)
+        return
+    try:
+        loop.call_soon_threadsafe(_resolve, future)
+    except RuntimeError:
+        pass  # its loop is closed: nobody waits on it any more
+
+
 class RunLimits:
     """The limits of one computation: the context's limits captured when it started,
     each backend's scopes resolved once, and the authentication circuit breaker."""
@@ -766,6 +1016,18 @@ class RunLimits:
         self._compute_limiters: dict[tuple[Any, ...], Limiter] = {}
         self._tripped: dict[int, BaseException] = {}
         self._lock = threading.Lock()
+        max_cost = context.get("max_cost")
+        self.budget = None if max_cost is None else Budget(max_cost)
+
+    async def reserve(self, backend: Any, request: Request) -> Reservation:
+        """Set aside what ``request`` may cost in this computation's budget (a no-op
+        without ``max_cost``); raises :class:`BudgetExceeded` when it cannot fit."""
+        if self.budget is None:
+            return _NOT_RESERVED
+        estimate = request_cost_estimate(backend, request)
+        if estimate.dollars is None:
+            raise unpriced_error(request.provider, estimate.model)
+        return await self.budget.reserve(estimate.dollars, request)
 
     def gates(self, backend: Any) -> Gates:
         """The limiters ``backend``'s requests pass in this computation."""

@@ -36,6 +36,8 @@ EXPECTED_OPTIONS = {
     "cache": None,
     "on_truncation": "warn",
     "prices": None,
+    "max_cost": None,
+    "over_estimate": "refuse",
     "run": None,
 }
 
