@@ -8,7 +8,7 @@ requests in flight within each provider's limits).
 
 from feste import context
 from feste.compute import as_completed, compute, compute_async, explain
-from feste.errors import Failure, FesteError
+from feste.errors import BudgetExceeded, Failure, FesteError
 from feste.graph import FesteGraph
 from feste.prompt import FesteEnvironment, LanguageMismatch, Prompt
 from feste.task import FesteBase, FesteDelayed, feste_task
@@ -17,6 +17,7 @@ from feste.usage import record_usage
 __version__ = "0.2.0.dev0"
 
 __all__ = [
+    "BudgetExceeded",
     "Failure",
     "FesteBase",
     "FesteDelayed",

@@ -235,8 +235,8 @@ def check_budget(graph: Mapping[Any, Any], get: Any, kwargs: Mapping[str, Any]) 
         raise SchedulerError(
             f"max_cost is enforced by feste's own schedulers "
             f"({', '.join(map(repr, sorted(SCHEDULERS)))}), not by {_scheduler_name(get)}, "
-            "whose parts would each keep their own budget: use one of those schedulers, "
-            "or leave max_cost unset"
+            "which cannot keep one budget for the whole computation: use one of those "
+            "schedulers, or leave max_cost unset"
         )
     estimate = estimate_run_cost(graph)
     if estimate.unpriced:

@@ -15,6 +15,7 @@ import feste
 # What ``from feste import *`` gives. Changing it is an API change: update this list
 # on purpose, together with the docs.
 EXPORTED = {
+    "BudgetExceeded",
     "Failure",
     "FesteBase",
     "FesteDelayed",
