@@ -45,8 +45,8 @@ from dask.task_spec import GraphNode, Task, TaskRef
 from dask.utils import ensure_dict, funcname
 
 from feste import context
-from feste._replay import replay_cached_calls
 from feste._nodes import BackendCall, BatchCall
+from feste._replay import replay_cached_calls
 from feste._runs import record_run
 from feste.backend.prices import price_table
 from feste.backend.spec import chunk_items
@@ -60,10 +60,10 @@ from feste.limits import (
 )
 from feste.optimization import default_optimizer
 from feste.schedulers import SCHEDULERS, get_scheduler
-from feste.schedulers.cluster import ClusterScheduler
 from feste.schedulers._engine import inline_function, run_graph
 from feste.schedulers._policy import option_keywords
 from feste.schedulers._stream import GraphStream
+from feste.schedulers.cluster import ClusterScheduler
 from feste.trace import record_trace
 
 __all__ = [

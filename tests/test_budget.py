@@ -22,7 +22,7 @@ import pytest
 
 import feste
 from feste import Failure, context
-from feste.backend import OpenAI
+from feste.backend import Cohere, OpenAI
 from feste.backend.prices import builtin_prices
 from feste.errors import BudgetExceeded, ConfigurationError, OptionError, SchedulerError
 from feste.limits import ASSUMED_INPUT_TOKENS, ASSUMED_OUTPUT_TOKENS
@@ -340,3 +340,37 @@ def test_a_refusal_keeps_its_numbers_through_pickling(llm_server: Any) -> None:
     )
     assert str(copy) == str(raised.value)
     assert isinstance(copy, feste.FesteError)
+
+
+def test_embeddings_and_reranks_are_priced_by_what_they_are_billed(llm_server: Any) -> None:
+    texts = [f"text number {index}" for index in range(10)]
+    cohere = Cohere(base_url=llm_server.cohere_base_url, api_key="k")
+    embed_price = builtin_prices().price("cohere", "embed-v4.0")
+    search_price = builtin_prices().price("cohere", "rerank-v3.5")
+    assert embed_price is not None and search_price is not None
+    assert embed_price.input is not None and search_price.search is not None
+    # Embeddings: their input tokens, no output. Reranks: one search per 100 documents.
+    embed_cost = sum(count_tokens(text) for text in texts) * embed_price.input / 1e6
+    documents = [f"document {index}" for index in range(150)]
+    rerank_cost = 2 * search_price.search
+    vectors = [cohere.embed(text) for text in texts]
+    ranking = cohere.rerank("which document?", documents)
+    with pytest.raises(BudgetExceeded) as raised:
+        feste.compute(vectors, ranking, max_cost=(embed_cost + rerank_cost) * 0.99)
+    assert raised.value.estimate == pytest.approx(embed_cost + rerank_cost, abs=1e-12)
+    assert "of 11 calls (2 requests)" in str(raised.value)
+    # Started anyway under a budget below the batched embedding's cost: its one request
+    # is not sent and each of its items fails, and the rerank costs more still.
+    (failed, refused) = feste.compute(
+        vectors, ranking, max_cost=embed_cost * 0.9, over_estimate="start", errors="return"
+    )
+    assert [type(value.exception) for value in failed] == [BudgetExceeded] * 10
+    assert isinstance(refused.exception, BudgetExceeded)
+    assert llm_server.stats()["requests"] == 0
+    # A budget that fits the embeddings only.
+    (embedded, refused) = feste.compute(
+        vectors, ranking, max_cost=embed_cost * 1.01, over_estimate="start", errors="return"
+    )
+    assert len(embedded) == 10 and not any(isinstance(value, Failure) for value in embedded)
+    assert isinstance(refused.exception, BudgetExceeded)
+    assert llm_server.stats()["by_route"] == {"/v2/embed": 1}
