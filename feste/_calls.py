@@ -29,8 +29,9 @@ Every scheduler reaches a provider through this module: the async engine awaits
    raises or passes, as the ``on_truncation`` option says.
 4. With a result cache on (:mod:`feste.cache`), :func:`run_call` and :func:`run_batch`
    look every call up before sending (the items of a batch one by one, in one bulk
-   query): hits never reach :func:`send`, so they take no limiter admission; the
-   misses are sent and their values stored (committed) before they are handed on.
+   query): hits never reach :func:`send`, so they take no limiter admission and
+   reserve nothing from the budget; the misses are sent and their values stored
+   (committed) before they are handed on.
 5. A call whose backend *finishes* its value after the cache (``Backend.finishes``:
    structured outputs, whole answers) carries the parsed answer through the cache and
    is finished in :func:`run_call`; an answer that does not validate is re-asked up

@@ -1004,7 +1004,8 @@ def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None
 
 class RunLimits:
     """The limits of one computation: the context's limits captured when it started,
-    each backend's scopes resolved once, and the authentication circuit breaker."""
+    each backend's scopes resolved once, the authentication circuit breaker, and the
+    budget (``max_cost``: :attr:`budget`, None without one)."""
 
     def __init__(self) -> None:
         self.limits = Limits(*(context.get(name) for name in Limits._fields))

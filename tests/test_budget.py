@@ -253,7 +253,7 @@ def test_no_request_is_sent_past_the_budget(scheduler: str, llm_server: Any) -> 
 def test_concurrent_requests_never_reserve_past_the_budget(scheduler: str, llm_server: Any) -> None:
     # With max_tokens=4 a request reserves little, so several are in flight at once;
     # the answers are cut at 4 tokens, so each is charged exactly its 4 output tokens.
-    llm_server.configure(latency=0.02)
+    llm_server.configure(latency=0.1)
     reserved, charged = reservation(PROMPTS[0], 4), charge(PROMPTS[0], 4)
     budget = budget_for(8, reserved, charged)
     assert budget > 4 * reserved  # room for several at once
@@ -374,3 +374,19 @@ def test_embeddings_and_reranks_are_priced_by_what_they_are_billed(llm_server: A
     assert len(embedded) == 10 and not any(isinstance(value, Failure) for value in embedded)
     assert isinstance(refused.exception, BudgetExceeded)
     assert llm_server.stats()["by_route"] == {"/v2/embed": 1}
+
+
+def test_in_eager_mode_the_budget_bounds_each_call_alone(llm_server: Any) -> None:
+    llm = openai(llm_server)
+    reserved = reservation(PROMPTS[0])
+    with (
+        context.set(eager=True, max_cost=reserved * 0.99),
+        pytest.raises(BudgetExceeded, match="not sent: it may cost up to"),
+    ):
+        llm.chat(PROMPTS[0])
+    assert llm_server.stats()["requests"] == 0
+    # Each eager call is a computation of its own: every one fits a budget of one call.
+    with context.set(eager=True, max_cost=reserved * 1.01):
+        values = [llm.chat(prompt) for prompt in PROMPTS[:3]]
+    assert values == [chat_text(MODEL, prompt) for prompt in PROMPTS[:3]]
+    assert llm_server.stats()["requests"] == 3
