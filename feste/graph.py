@@ -14,7 +14,7 @@ import io
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -39,7 +39,7 @@ from feste.backend.types import Usage
 from feste.errors import GraphError
 from feste.optimization import default_optimizer
 
-__all__ = ["FesteGraph", "GraphStats", "batched_at_run_time", "build_task"]
+__all__ = ["FesteGraph", "GraphStats", "batched_at_run_time", "build_task", "merged_graph"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,40 @@ def build_task(
     node_args = [_node_argument(argument, collections) for argument in args]
     node_kwargs = {name: _node_argument(value, collections) for name, value in kwargs.items()}
     return Task(key, func, *node_args, **node_kwargs), collections
+
+
+def merged_graph(collections: Iterable[Any]) -> dict[Any, Any]:
+    """The one graph of ``collections`` and of everything they depend on.
+
+    A feste value answers ``__feste_node__()`` with ``(key, node, inputs)``: its own
+    node and the lazy values its node refers to, so the graph is put together here in
+    one walk that visits each key once (dependencies before their dependents), linear
+    in the nodes. Merging a graph per node, as ``HighLevelGraph`` does, copies every
+    upstream layer at each step: quadratic in the length of a chain. Other Dask
+    collections (and feste values that already hold a graph, such as persisted ones)
+    contribute their whole graph.
+    """
+    graph: dict[Any, Any] = {}
+    # (value, expanded): a value is expanded once its inputs have been pushed above it.
+    stack: list[tuple[Any, bool]] = [(collection, False) for collection in collections]
+    stack.reverse()
+    while stack:
+        value, expanded = stack.pop()
+        describe = getattr(type(value), "__feste_node__", None)
+        parts = describe(value) if describe is not None else None
+        if parts is None:
+            graph.update(ensure_dict(value.__dask_graph__()))
+            continue
+        key, node, inputs = parts
+        if key in graph:
+            continue
+        if expanded:
+            graph[key] = node
+            continue
+        stack.append((value, True))
+        for dependency in reversed(inputs):
+            stack.append((dependency, False))
+    return graph
 
 
 def _node_label(node: Any) -> str:
@@ -375,10 +409,7 @@ class FesteGraph(MutableMapping[Any, Any]):
             results = list(results)
             return tuple(_fill(template, results) for template in templates)
 
-        merged: dict[Any, Any] = {}
-        for collection in collections:
-            merged.update(ensure_dict(collection.__dask_graph__()))
-        return cls(merged), collections, repack
+        return cls(merged_graph(collections)), collections, repack
 
     # -- mapping ----------------------------------------------------------------------
 

@@ -29,12 +29,12 @@ import os
 import sys
 import types
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
 from dask.base import is_dask_collection, tokenize
 from dask.delayed import Delayed, unpack_collections
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.task_spec import Task, TaskRef
 from dask.utils import funcname
 
@@ -43,7 +43,7 @@ from feste._nodes import BackendCall
 from feste.backend.base import Backend, install_call_builder
 from feste.cache._session import PureTask
 from feste.compute import compute, run_dask_graph
-from feste.graph import build_task
+from feste.graph import build_task, merged_graph
 
 __all__ = [
     "FesteBase",
@@ -71,10 +71,31 @@ class FesteDelayed(Delayed):
     since the truth of a value that has not been computed is unknown.
     """
 
-    __slots__ = ()
+    # ``_node``: this value's own graph node; ``_inputs``: the lazy values it refers to.
+    # The graph (``.dask``) is put together from them only when asked for.
+    __slots__ = ("_inputs", "_node")
 
     # dask.compute(feste_value) lands in feste's run path: optimizer, then scheduler.
     __dask_scheduler__ = staticmethod(run_dask_graph)
+
+    @property
+    def dask(self) -> HighLevelGraph:
+        """The graph of this value: a ``HighLevelGraph`` of one layer, named by the key.
+
+        Built when read (from this node and those it refers to), so building a chain
+        of calls stays linear; a value made from a whole graph (``persist``) keeps it.
+        """
+        if self._dask is not None:
+            return self._dask  # type: ignore[no-any-return]
+        layer = MaterializedLayer(_DeferredGraph(self))
+        return HighLevelGraph({self._layer: layer}, {self._layer: set()})
+
+    def __feste_node__(self) -> tuple[Any, Any, tuple[Any, ...]] | None:
+        """``(key, node, inputs)`` for :func:`feste.graph.merged_graph`; None when this
+        value holds a whole graph instead."""
+        if self._dask is not None:
+            return None
+        return self._key, self._node, self._inputs
 
     def compute(self, **kwargs: Any) -> Any:
         """Compute this value with ``feste.compute`` and return it."""
@@ -133,6 +154,53 @@ class FesteDelayed(Delayed):
     _get_unary_operator = _get_binary_operator
 
 
+class _DeferredGraph(Mapping[Any, Any]):
+    """The graph of one lazy value as a mapping, put together on first use.
+
+    ``is_dask_collection`` asks every object for its graph only to see that it has
+    one: that question must not walk the whole graph.
+    """
+
+    __slots__ = ("_graph", "_value")
+
+    def __init__(self, value: FesteDelayed) -> None:
+        self._value = value
+        self._graph: dict[Any, Any] | None = None
+
+    def _materialized(self) -> dict[Any, Any]:
+        if self._graph is None:
+            self._graph = merged_graph([self._value])
+        return self._graph
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._materialized()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._materialized()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._materialized())
+
+    def __len__(self) -> int:
+        return len(self._materialized())
+
+
+_set_slot = object.__setattr__
+
+
+def _node_value(key: Any, node: Any, inputs: tuple[Any, ...], length: int | None) -> FesteDelayed:
+    """A lazy value for ``node``, which refers to the values ``inputs``."""
+    value = FesteDelayed.__new__(FesteDelayed)
+    # Set directly: FesteDelayed, like Delayed, refuses attribute assignment.
+    _set_slot(value, "_key", key)
+    _set_slot(value, "_dask", None)
+    _set_slot(value, "_length", length)
+    _set_slot(value, "_layer", key)
+    _set_slot(value, "_node", node)
+    _set_slot(value, "_inputs", inputs)
+    return value
+
+
 def _apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return func(*args, **kwargs)
 
@@ -153,14 +221,9 @@ class FesteAttribute(FesteDelayed):
         self._obj = obj
         self._attr = attr
 
-    @property
-    def dask(self) -> HighLevelGraph:
+    def __feste_node__(self) -> tuple[Any, Any, tuple[Any, ...]]:
         node = Task(self._key, getattr, TaskRef(self._obj.key), self._attr)
-        # Typed loosely: dask's DaskCollection protocol rejects a staticmethod scheduler.
-        dependencies: list[Any] = [self._obj]
-        return HighLevelGraph.from_collections(
-            self._key, {self._key: node}, dependencies=dependencies
-        )
+        return self._key, node, (self._obj,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # x.method(...) calls the method in one node instead of fetching it first.
@@ -280,8 +343,7 @@ def _call_lazily(
         key = f"{prefix}-{token}"
 
     node, collections = build_task(key, func, args, kwargs)
-    graph = HighLevelGraph.from_collections(key, {key: node}, dependencies=collections)
-    return FesteDelayed(key, graph, length=nout)
+    return _node_value(key, node, tuple(collections) if collections else (), nout)
 
 
 def eager_or_lazy(
