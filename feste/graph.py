@@ -121,6 +121,8 @@ def _count(number: int, noun: str) -> str:
 
 
 _CONTAINERS: dict[type, Any] = {list: List, tuple: Tuple, set: Set}
+# Exact types that are node arguments as they are (most arguments are text).
+_LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
 
 
 def _node_argument(value: Any, collections: list[Any]) -> Any:
@@ -130,10 +132,12 @@ def _node_argument(value: Any, collections: list[Any]) -> Any:
     inside them are dependencies; plain values pass through unchanged. (dask's own
     ``unpack_collections`` culls a graph per lazy element, quadratic for wide lists.)
     """
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
     if isinstance(value, Delayed):
         collections.append(value)
         return TaskRef(value.key)
-    kind = type(value)
     container = _CONTAINERS.get(kind)
     if container is not None:
         items = [_node_argument(item, collections) for item in value]
@@ -161,6 +165,11 @@ def build_task(
     references to their keys; the caller merges the returned collections' graphs.
     """
     collections: list[Any] = []
+    for argument in (*args, *kwargs.values()):
+        if type(argument) not in _LEAVES:
+            break
+    else:  # only plain values (most backend calls): nothing to look into
+        return Task(key, func, *args, **kwargs), collections
     node_args = [_node_argument(argument, collections) for argument in args]
     node_kwargs = {name: _node_argument(value, collections) for name, value in kwargs.items()}
     return Task(key, func, *node_args, **node_kwargs), collections

@@ -280,40 +280,123 @@ def _compute_if_lazy(
     return tuple(computed_args), computed_kwargs
 
 
-_PLAIN_SCALARS = (str, int, float, bool, type(None))
+# Exact types whose repr() is their value, the same in every process. Subclasses are
+# not among them: a subclass may define its own repr.
+_PLAIN_SCALARS = frozenset({str, int, float, bool, type(None)})
+# How deep the quick token looks into nested lists, tuples and dicts.
+_MAX_DEPTH = 4
 
 
-def _plain_repr(value: Any, depth: int = 0) -> str | None:
-    """A deterministic text for scalars, lazy values and small lists of them, else None."""
-    if isinstance(value, _PLAIN_SCALARS):
-        return f"{type(value).__name__}:{value!r}"
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    """True for plain scalars and lists, tuples and str-keyed dicts of them: values
+    whose ``repr()`` is a deterministic, unambiguous text of the value."""
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
+        return True
+    if depth >= _MAX_DEPTH:
+        return False
+    if kind is list or kind is tuple:
+        for item in value:
+            if not _is_plain(item, depth + 1):
+                return False
+        return True
+    if kind is dict:
+        for name, item in value.items():
+            if type(name) is not str or not _is_plain(item, depth + 1):
+                return False
+        return True
+    return False
+
+
+def _token_text(value: Any, depth: int = 0) -> str | None:
+    """A deterministic text for ``value``, or None when it needs dask's tokenize.
+
+    Plain values are their ``repr()`` (computed in C); lazy values are their key; an
+    object that names its own token (``__dask_tokenize__``: backends, prompts) is that
+    token when it is plain. Every part is self-delimiting, so different values give
+    different texts.
+    """
+    if _is_plain(value, depth):
+        return repr(value)
     if isinstance(value, Delayed):
         return f"lazy:{value.key!r}"
-    if depth < 3 and type(value) in (list, tuple, dict):
-        items = value.items() if type(value) is dict else enumerate(value)
+    kind = type(value)
+    if depth >= _MAX_DEPTH:
+        return None
+    if kind is list or kind is tuple:
         parts = []
-        for name, item in items:
-            text = _plain_repr(item, depth + 1)
+        for item in value:
+            text = _token_text(item, depth + 1)
             if text is None:
                 return None
-            parts.append(f"{name!r}={text}")
-        return f"{type(value).__name__}[{','.join(parts)}]"
-    return None
-
-
-def _quick_token(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    """A token for calls on plain arguments (most LLM calls: strings, numbers, lists of
-    messages), several times cheaper than dask's generic normalization. None when an
-    argument needs that normalization."""
-    tokenize_source = getattr(source, "__dask_tokenize__", None)
-    if tokenize_source is None or isinstance(source, type):
+            parts.append(text)
+        joined = ", ".join(parts)
+        return f"[{joined}]" if kind is list else f"({joined},)"
+    if kind is dict:
+        entries = []
+        for name, item in value.items():
+            text = _token_text(item, depth + 1)
+            if type(name) is not str or text is None:
+                return None
+            entries.append(f"{name!r}: {text}")
+        return "{" + ", ".join(entries) + "}"
+    if isinstance(value, type):
         return None
-    head = _plain_repr(tokenize_source())
-    if head is None:
+    tokenizer = getattr(value, "__dask_tokenize__", None)
+    if tokenizer is None:
         return None
-    text = _plain_repr([list(args), dict(sorted(kwargs.items()))])
+    text = _token_text(tokenizer(), depth + 1)
     if text is None:
         return None
+    return f"tok:{kind.__module__}.{kind.__qualname__}:{text}"
+
+
+def _function_text(func: Any) -> str | None:
+    """``"fn:module.name"`` for a function importable by that name (pickle, hence
+    dask's tokenize, identify such a function by its name too), else None."""
+    if type(func) is not types.FunctionType:
+        return None
+    module_name, qualname = func.__module__, func.__qualname__
+    if "<" in qualname or module_name == "__main__":  # lambdas, local functions, scripts
+        return None
+    found: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if found is not func:
+        return None
+    return f"fn:{module_name}.{qualname}"
+
+
+def _quick_token(
+    source: Any, args: tuple[Any, ...], kwargs: dict[str, Any], head: str | None = None
+) -> str | None:
+    """A token for calls on plain arguments (most LLM calls: strings, numbers, lists of
+    messages, earlier lazy values), many times cheaper than dask's generic
+    normalization. None when the source or an argument needs that normalization.
+    ``head``: the source's text, when the caller has it already."""
+    if head is None and type(source) is types.FunctionType:
+        head = _function_text(source)
+    if head is None:
+        head = _token_text(source)
+        if head is None:
+            return None
+    if len(args) == 1 and type(args[0]) is str:
+        text: str | None = repr(args)  # the common case, what _token_text would say
+    else:
+        text = _token_text(args)
+        if text is None:
+            return None
+    if kwargs:
+        named_items = sorted(kwargs.items())
+        for _, value in named_items:
+            if type(value) not in _PLAIN_SCALARS:
+                named = _token_text(named_items)
+                if named is None:
+                    return None
+                break
+        else:
+            named = repr(named_items)  # plain parameters: what _token_text would say
+        text = f"{text}|{named}"
     return hashlib.sha1(f"{head}|{text}".encode()).hexdigest()[:32]
 
 
@@ -375,6 +458,11 @@ def eager_or_lazy(
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+# "file.py:12 in func" per (code, line): calls made in a loop share one string.
+_call_sites: dict[tuple[types.CodeType, int], str] = {}
+_MAX_CALL_SITES = 4096
+
+
 def _user_call_site() -> str | None:
     """``"file.py:12 in func"`` of the innermost frame outside feste and outside a
     backend's own methods (a user-defined backend's ``embed``), for error messages."""
@@ -392,15 +480,68 @@ def _user_call_site() -> str | None:
     if frame is None:
         return None
     code = frame.f_code
-    return f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+    where = (code, frame.f_lineno)
+    site = _call_sites.get(where)
+    if site is None:
+        if len(_call_sites) >= _MAX_CALL_SITES:
+            _call_sites.clear()
+        site = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+        _call_sites[where] = site
+    return site
+
+
+# The token text of a BackendCall (backend identity, credential fingerprint, method),
+# per those three: every call of one backend method shares it.
+_call_heads: dict[tuple[str, str | None, str], str] = {}
+_MAX_CALL_HEADS = 1024
+
+
+def _call_head(call: BackendCall) -> str | None:
+    backend = call.backend
+    memo_key = (backend.identity(), backend.credential_fingerprint(), call.method)
+    head = _call_heads.get(memo_key)
+    if head is None:
+        head = _token_text(call)
+        if head is None:
+            return None
+        if len(_call_heads) >= _MAX_CALL_HEADS:
+            _call_heads.clear()
+        _call_heads[memo_key] = head
+    return head
+
+
+_MAX_CALL_FUNCTIONS = 1024
+
+
+def _call_function(backend: Backend, method: str, pure: bool, site: str | None) -> BackendCall:
+    """The node function of a call, shared by the calls one line of code makes: a
+    BackendCall never changes, and a graph of many calls then holds one per line.
+    Kept on the backend itself (never pickled), so it lives and dies with it."""
+    functions = backend.__dict__.get("_call_functions")
+    if functions is None or len(functions) >= _MAX_CALL_FUNCTIONS:
+        functions = backend.__dict__["_call_functions"] = {}
+    call = functions.get((method, pure, site))
+    if call is None:
+        call = functions[(method, pure, site)] = BackendCall(backend, method, pure, site)
+    return call  # type: ignore[no-any-return]
 
 
 def _backend_call(
     backend: Backend, method: str, item: Any, params: dict[str, Any], pure: bool
 ) -> Any:
     """How a backend method call becomes a node (installed as the backends' builder)."""
-    call = BackendCall(backend, method, pure=pure, call_site=_user_call_site())
-    return eager_or_lazy(call, (item,), params, name=f"{backend.provider}-{method}", pure=pure)
+    call = _call_function(backend, method, pure, _user_call_site())
+    name = f"{backend.provider}-{method}"
+    if is_eager():
+        return eager_or_lazy(call, (item,), params, name=name, pure=pure)
+    args = (item,)
+    if pure:
+        token = _quick_token(call, args, params, head=_call_head(call))
+        key = f"{name}-{token or tokenize(call, args, params)}"
+    else:
+        key = f"{name}-{uuid.uuid4().hex}"  # random: every impure call is its own node
+    node, collections = build_task(key, call, args, params)
+    return _node_value(key, node, tuple(collections) if collections else (), None)
 
 
 install_call_builder(_backend_call)
@@ -426,6 +567,11 @@ class FesteTaskFunction:
         self.pure = pure
         self.nout = nout
         functools.update_wrapper(self, func)
+        # Worked out at the first pure call and kept, as dask.delayed keeps its
+        # function's token: tokenizing a function (pickling a closure) costs far more
+        # than the rest of a call.
+        self._cached_token: str | None = None
+        self._cached_pure_task: PureTask | None = None
 
     def __repr__(self) -> str:
         return f"feste_task({funcname(self.func)})"
@@ -438,12 +584,17 @@ class FesteTaskFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         pure = kwargs.pop("pure", self.pure)
         key = kwargs.pop("dask_key_name", None)
+        if is_eager():
+            args, kwargs = _compute_if_lazy(args, kwargs)
+            return self.func(*args, **kwargs)
         func: Callable[..., Any] = self.func
-        if pure and not is_eager() and not inspect.iscoroutinefunction(func):
+        token_source: Any = func
+        if pure:
+            token_source = self._function_token()
             # Pure tasks may be answered by the result cache (when one is on); the
             # node's key is still that of the function itself.
-            func = PureTask(func)
-        return eager_or_lazy(
+            func = self._pure_task()
+        return _call_lazily(
             func,
             args,
             kwargs,
@@ -451,8 +602,23 @@ class FesteTaskFunction:
             pure=pure,
             nout=self.nout,
             key=key,
-            token_source=self.func,
+            token_source=token_source,
         )
+
+    def _function_token(self) -> str:
+        """What identifies the wrapped function in the keys of pure calls."""
+        if self._cached_token is None:
+            self._cached_token = _function_text(self.func) or f"fn:{tokenize(self.func)}"
+        return self._cached_token
+
+    def _pure_task(self) -> Callable[..., Any]:
+        """The node function of pure calls: the cache-aware wrapper (not for coroutine
+        functions, which the engine awaits itself)."""
+        if inspect.iscoroutinefunction(self.func):
+            return self.func
+        if self._cached_pure_task is None:
+            self._cached_pure_task = PureTask(self.func)
+        return self._cached_pure_task
 
     def __dask_tokenize__(self) -> Any:
         return ("feste_task", tokenize(self.func), self.name, self.nout)

@@ -271,6 +271,8 @@ class Backend(abc.ABC):
         state["_transports"] = {}
         # Salted for this process only: another process computes its own.
         state.pop("_fingerprint", None)
+        # Node functions shared by calls (feste.task): rebuilt where they are needed.
+        state.pop("_call_functions", None)
         if state.get("_client") is not None:
             # Official client objects hold sockets and locks; they cannot travel.
             state["_client"] = None
