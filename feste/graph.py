@@ -39,7 +39,14 @@ from feste.backend.types import Usage
 from feste.errors import GraphError
 from feste.optimization import default_optimizer
 
-__all__ = ["FesteGraph", "GraphStats", "batched_at_run_time", "build_task", "merged_graph"]
+__all__ = [
+    "FesteGraph",
+    "GraphStats",
+    "batched_at_run_time",
+    "build_task",
+    "is_plain",
+    "merged_graph",
+]
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,34 @@ def _count(number: int, noun: str) -> str:
 _CONTAINERS: dict[type, Any] = {list: List, tuple: Tuple, set: Set}
 # Exact types that are node arguments as they are (most arguments are text).
 _LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
+# Exact types whose repr() is their value, the same in every process (a subclass may
+# define its own repr).
+_PLAIN_SCALARS = frozenset({str, int, float, bool, type(None)})
+# How deep is_plain looks into nested lists, tuples and dicts.
+_PLAIN_DEPTH = 4
+
+
+def is_plain(value: Any, depth: int = 0) -> bool:
+    """True for plain scalars (str, int, float, bool, None; exact types) and lists,
+    tuples and dicts of them, a few levels deep: most arguments of LLM calls (a text,
+    a list of messages). Such a value holds no lazy value, so it is a node argument as
+    it is, and its ``repr()`` is a deterministic, unambiguous text of it."""
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
+        return True
+    if depth >= _PLAIN_DEPTH:
+        return False
+    if kind is list or kind is tuple:
+        for item in value:
+            if not is_plain(item, depth + 1):
+                return False
+        return True
+    if kind is dict:
+        for name, item in value.items():
+            if type(name) not in _PLAIN_SCALARS or not is_plain(item, depth + 1):
+                return False
+        return True
+    return False
 
 
 def _node_argument(value: Any, collections: list[Any]) -> Any:
@@ -166,7 +201,7 @@ def build_task(
     """
     collections: list[Any] = []
     for argument in (*args, *kwargs.values()):
-        if type(argument) not in _LEAVES:
+        if type(argument) not in _LEAVES and not is_plain(argument):
             break
     else:  # only plain values (most backend calls): nothing to look into
         return Task(key, func, *args, **kwargs), collections

@@ -43,7 +43,7 @@ from feste._nodes import BackendCall
 from feste.backend.base import Backend, install_call_builder
 from feste.cache._session import PureTask
 from feste.compute import compute, run_dask_graph
-from feste.graph import build_task, merged_graph
+from feste.graph import build_task, is_plain, merged_graph
 
 __all__ = [
     "FesteBase",
@@ -280,32 +280,9 @@ def _compute_if_lazy(
     return tuple(computed_args), computed_kwargs
 
 
-# Exact types whose repr() is their value, the same in every process. Subclasses are
-# not among them: a subclass may define its own repr.
-_PLAIN_SCALARS = frozenset({str, int, float, bool, type(None)})
-# How deep the quick token looks into nested lists, tuples and dicts.
-_MAX_DEPTH = 4
-
-
-def _is_plain(value: Any, depth: int = 0) -> bool:
-    """True for plain scalars and lists, tuples and str-keyed dicts of them: values
-    whose ``repr()`` is a deterministic, unambiguous text of the value."""
-    kind = type(value)
-    if kind in _PLAIN_SCALARS:
-        return True
-    if depth >= _MAX_DEPTH:
-        return False
-    if kind is list or kind is tuple:
-        for item in value:
-            if not _is_plain(item, depth + 1):
-                return False
-        return True
-    if kind is dict:
-        for name, item in value.items():
-            if type(name) is not str or not _is_plain(item, depth + 1):
-                return False
-        return True
-    return False
+# How deep the quick token looks into nested lists, tuples and dicts that hold lazy
+# values or tokenizable objects.
+_TOKEN_DEPTH = 4
 
 
 def _token_text(value: Any, depth: int = 0) -> str | None:
@@ -316,12 +293,12 @@ def _token_text(value: Any, depth: int = 0) -> str | None:
     token when it is plain. Every part is self-delimiting, so different values give
     different texts.
     """
-    if _is_plain(value, depth):
+    if is_plain(value, depth):
         return repr(value)
     if isinstance(value, Delayed):
         return f"lazy:{value.key!r}"
     kind = type(value)
-    if depth >= _MAX_DEPTH:
+    if depth >= _TOKEN_DEPTH:
         return None
     if kind is list or kind is tuple:
         parts = []
@@ -389,7 +366,7 @@ def _quick_token(
     if kwargs:
         named_items = sorted(kwargs.items())
         for _, value in named_items:
-            if type(value) not in _PLAIN_SCALARS:
+            if not is_plain(value, 1):
                 named = _token_text(named_items)
                 if named is None:
                     return None
@@ -535,11 +512,18 @@ def _backend_call(
     if is_eager():
         return eager_or_lazy(call, (item,), params, name=name, pure=pure)
     args = (item,)
-    if pure:
+    plain = is_plain(item) and all(is_plain(value, 1) for value in params.values())
+    if not pure:
+        key = f"{name}-{uuid.uuid4().hex}"  # random: every impure call is its own node
+    elif plain and (head := _call_head(call)) is not None:
+        # What _quick_token says for plain arguments, without looking at them again.
+        text = f"{head}|{args!r}|{sorted(params.items())!r}" if params else f"{head}|{args!r}"
+        key = f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:32]}"
+    else:
         token = _quick_token(call, args, params, head=_call_head(call))
         key = f"{name}-{token or tokenize(call, args, params)}"
-    else:
-        key = f"{name}-{uuid.uuid4().hex}"  # random: every impure call is its own node
+    if plain:  # no lazy value inside: the node is the call as it is
+        return _node_value(key, Task(key, call, item, **params), (), None)
     node, collections = build_task(key, call, args, params)
     return _node_value(key, node, tuple(collections) if collections else (), None)
 
