@@ -328,11 +328,19 @@ def _token_text(value: Any, depth: int = 0) -> str | None:
     return f"tok:{kind.__module__}.{kind.__qualname__}:{text}"
 
 
+# Functions found importable by _function_text, and their text (they live in their
+# modules anyway, so keeping them here keeps nothing alive).
+_importable: dict[Any, str] = {}
+
+
 def _function_text(func: Any) -> str | None:
     """``"fn:module.name"`` for a function importable by that name (pickle, hence
     dask's tokenize, identify such a function by its name too), else None."""
     if type(func) is not types.FunctionType:
         return None
+    known = _importable.get(func)
+    if known is not None:
+        return known
     module_name, qualname = func.__module__, func.__qualname__
     if "<" in qualname or module_name == "__main__":  # lambdas, local functions, scripts
         return None
@@ -341,7 +349,8 @@ def _function_text(func: Any) -> str | None:
         found = getattr(found, part, None)
     if found is not func:
         return None
-    return f"fn:{module_name}.{qualname}"
+    text = _importable[func] = f"fn:{module_name}.{qualname}"
+    return text
 
 
 def _quick_token(
