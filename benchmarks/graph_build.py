@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory of {calls:,} embed calls: tracemalloc peak {traced_peak / 2**20:.0f} MiB{rss}")
 
     for length in (arguments.chain // 4, arguments.chain):
-        tasks = best_cpu_seconds(lambda: task_chain(length), runs)
-        chat = best_cpu_seconds(lambda: chat_chain(length), runs)
+        tasks = best_cpu_seconds(lambda length=length: task_chain(length), runs)
+        chat = best_cpu_seconds(lambda length=length: chat_chain(length), runs)
         print(f"chain of {length:,}: feste_task {tasks:.3f} s, chat {chat:.3f} s")
 
     values = embeds(arguments.batch)

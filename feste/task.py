@@ -74,6 +74,8 @@ class FesteDelayed(Delayed):
     # ``_node``: this value's own graph node; ``_inputs``: the lazy values it refers to.
     # The graph (``.dask``) is put together from them only when asked for.
     __slots__ = ("_inputs", "_node")
+    _inputs: tuple[Any, ...]
+    _node: Any
 
     # dask.compute(feste_value) lands in feste's run path: optimizer, then scheduler.
     __dask_scheduler__ = staticmethod(run_dask_graph)
@@ -86,7 +88,7 @@ class FesteDelayed(Delayed):
         of calls stays linear; a value made from a whole graph (``persist``) keeps it.
         """
         if self._dask is not None:
-            return self._dask  # type: ignore[no-any-return]
+            return self._dask
         layer = MaterializedLayer(_DeferredGraph(self))
         return HighLevelGraph({self._layer: layer}, {self._layer: set()})
 
@@ -509,7 +511,7 @@ def _call_function(backend: Backend, method: str, pure: bool, site: str | None) 
     call = functions.get((method, pure, site))
     if call is None:
         call = functions[(method, pure, site)] = BackendCall(backend, method, pure, site)
-    return call  # type: ignore[no-any-return]
+    return call
 
 
 def _backend_call(

@@ -344,8 +344,8 @@ class Backend(abc.ABC):
     def check_params(self, method: str, params: Mapping[str, Any]) -> None:
         """Refuse parameter names the method does not know, listing the valid ones."""
         spec = self.spec(method)
-        names = params.keys()
-        if names <= spec.params and not (self.refused_params and names & self.refused_params):
+        given = params.keys()
+        if given <= spec.params and not (self.refused_params and given & self.refused_params):
             return  # every call checks its parameters: the usual answer comes first
         for name in params:
             reason = self.refused_params.get(name)
