@@ -4,19 +4,26 @@ Design
 ------
 * ``feste_task(fn)`` wraps a function (or a method, through the descriptor protocol).
   Calling the wrapper checks the *current* context: in eager mode it runs ``fn`` at once
-  and returns a plain value; otherwise it adds one ``dask.task_spec.Task`` node to a new
-  graph layer and returns a :class:`FesteDelayed` pointing at it. The check happens at
-  call time, so an object created outside ``context.set(eager=True)`` still runs eagerly
-  inside it.
+  and returns a plain value; otherwise it makes one ``dask.task_spec.Task`` node and
+  returns a :class:`FesteDelayed` holding it. The check happens at call time, so an
+  object created outside ``context.set(eager=True)`` still runs eagerly inside it.
 * :class:`FesteDelayed` is a subclass of ``dask.delayed.Delayed``: a real Dask collection
   that ``dask.compute`` and ``dask.delayed`` accept, whose operators, attribute access and
   indexing build further feste nodes, and whose ``compute()`` goes through
   ``feste.compute`` (optimizer, then feste's schedulers). Instances are immutable.
-* Keys are ``"<name>-<token>"``. For pure calls the token is ``dask.tokenize`` of the
-  function and its arguments, so identical calls share one node; impure calls (the
-  default for plain functions, as in dask) get a random token. Objects embedded in
-  a graph decide their own token through ``__dask_tokenize__`` (backends leave their
-  API key out of it).
+* A value holds only its own node and the lazy values the node refers to. Its graph
+  (``.dask``, ``__dask_graph__()``: a ``HighLevelGraph`` of one layer named by the key)
+  is put together when asked for, in one walk (:func:`feste.graph.merged_graph`);
+  merging graphs at every call, as ``dask.delayed`` does, is quadratic in the length
+  of a chain of calls. Building a graph is linear in its calls and in its depth.
+* Keys are ``"<name>-<token>"``. For pure calls the token is a hash of what identifies
+  the function and of its arguments, so identical calls share one node; impure calls
+  (the default for plain functions, as in dask) get a random token. Plain arguments
+  (strings, numbers, lists and dicts of them: most LLM calls) and lazy values are
+  described by their ``repr()`` and keys, cheaply; anything else by ``dask.tokenize``.
+  Objects embedded in a graph decide their own token through ``__dask_tokenize__``
+  (backends leave their API key out of it). A wrapped function's token is worked out
+  once, as ``dask.delayed`` does.
 """
 
 from __future__ import annotations
