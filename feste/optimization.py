@@ -74,17 +74,17 @@ Rewrite
     ``Task(key, take_item, TaskRef(batch_key), index)``, so downstream nodes and outputs
     see the same values under the same keys. A failed item comes back as an
     ``ItemFailure``, and ``take_item`` raises its error under the member's own key.
-    ``batch_key`` is ``f"{provider}-{method}-batch-{tokenize(sorted member keys)}"``,
+    ``batch_key`` is ``f"{provider}-{method}-batch-{hash of the sorted member keys}"``,
     deterministic for the same graph. A group, or a chunk, serving a single key keeps
     its original node (a batch of one saves nothing).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dask.base import tokenize
 from dask.core import flatten
 from dask.task_spec import GraphNode, List, Task, TaskRef
 
@@ -182,6 +182,11 @@ def _item_identity(item: Any) -> Any:
     return ("literal", type(item), item)
 
 
+def _keys_digest(keys: Iterable[Any]) -> str:
+    """A deterministic hash of a set of graph keys (the name of their batch)."""
+    return hashlib.sha1("\0".join(sorted(map(str, keys))).encode()).hexdigest()[:32]
+
+
 # A group not worked out yet (None is a group: not batchable).
 _UNKNOWN: Any = object()
 
@@ -273,7 +278,9 @@ class BatchOptimization(Optimization):
             item = node.args[0]
             # An impure call (pure=False, e.g. sampling twice) asks for its own answer.
             if node.func.pure:
-                identity = _item_identity(item)
+                # A str (most items) stands for itself: it never equals another
+                # identity, which are tuples.
+                identity = item if type(item) is str else _item_identity(item)
             else:
                 identity = None
                 all_pure = False
@@ -309,7 +316,7 @@ class BatchOptimization(Optimization):
             if len(keys_and_offsets) < 2:
                 continue  # one key: its original node is already one request
             batch_call = BatchCall(call.backend, call.method, distinct, chunk_sites)
-            batch_key = prefix + tokenize(sorted(str(key) for key, _ in keys_and_offsets))
+            batch_key = prefix + _keys_digest(key for key, _ in keys_and_offsets)
             graph[batch_key] = Task(batch_key, batch_call, List(chunk), **params)
             batch_ref = TaskRef(batch_key)  # one reference, shared by the item picks
             for key, offset in keys_and_offsets:
