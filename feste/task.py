@@ -36,6 +36,7 @@ import os
 import sys
 import types
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
@@ -511,13 +512,19 @@ _MAX_CALL_FUNCTIONS = 1024
 def _call_function(backend: Backend, method: str, pure: bool, site: str | None) -> BackendCall:
     """The node function of a call, shared by the calls one line of code makes: a
     BackendCall never changes, and a graph of many calls then holds one per line.
-    Kept on the backend itself (never pickled), so it lives and dies with it."""
+
+    Found through weak references kept on the backend itself (never pickled): a strong
+    one would make a cycle (the call refers to its backend), and a backend nobody uses
+    any more must be freed at once, closing its connections.
+    """
     functions = backend.__dict__.get("_call_functions")
     if functions is None or len(functions) >= _MAX_CALL_FUNCTIONS:
         functions = backend.__dict__["_call_functions"] = {}
-    call = functions.get((method, pure, site))
+    reference = functions.get((method, pure, site))
+    call = reference() if reference is not None else None
     if call is None:
-        call = functions[(method, pure, site)] = BackendCall(backend, method, pure, site)
+        call = BackendCall(backend, method, pure, site)
+        functions[(method, pure, site)] = weakref.ref(call)
     return call
 
 
