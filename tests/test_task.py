@@ -6,6 +6,8 @@ test_compute.py and test_schedulers.py.
 
 from __future__ import annotations
 
+import multiprocessing
+
 import dask
 import pytest
 from dask.base import is_dask_collection, tokenize
@@ -581,3 +583,17 @@ def test_local_functions_with_other_captured_values_have_other_keys():
 def test_one_module_function_wrapped_twice_gives_one_key():
     assert feste_task(_value, pure=True)(3).key == feste_task(_value, pure=True)(3).key
     assert feste_task(_value, pure=True)(3).key != feste_task(_square, pure=True)(3).key
+
+
+def _impure_key():
+    return add(1, 1).key
+
+
+def test_impure_keys_stay_unique_in_a_forked_child():
+    keys = {add(1, 1).key for _ in range(100)}
+    assert len(keys) == 100
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        here = _impure_key()  # both sides continue from the same point after the fork
+        there = pool.apply(_impure_key)
+    assert here != there
+    assert here not in keys and there not in keys
