@@ -100,6 +100,14 @@ class FesteDelayed(Delayed):
         layer = MaterializedLayer(_DeferredGraph(self))
         return HighLevelGraph({self._layer: layer}, {self._layer: set()})
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with its whole graph, flat: pickling the values each one refers to
+        # would recurse once per call of a chain.
+        graph = merged_graph([self])
+        layers = {self._layer: MaterializedLayer(graph)}
+        whole = HighLevelGraph(layers, {self._layer: set()})
+        return (FesteDelayed, (self._key, whole, self._length, self._layer))
+
     def __feste_node__(self) -> tuple[Any, Any, tuple[Any, ...]] | None:
         """``(key, node, inputs)`` for :func:`feste.graph.merged_graph`; None when this
         value holds a whole graph instead."""

@@ -7,7 +7,9 @@ test_compute.py and test_schedulers.py.
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 
+import cloudpickle
 import dask
 import pytest
 from dask.base import is_dask_collection, tokenize
@@ -597,3 +599,21 @@ def test_impure_keys_stay_unique_in_a_forked_child():
         there = pool.apply(_impure_key)
     assert here != there
     assert here not in keys and there not in keys
+
+
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps])
+def test_a_long_chain_pickles_with_its_graph(dumps):
+    # The call form: pickle finds the plain function under its module name.
+    lazy_increment = feste_task(_increment, pure=True)
+    value = 0
+    for _ in range(3000):
+        value = lazy_increment(value)
+    restored = pickle.loads(dumps(value))
+    assert isinstance(restored, FesteDelayed)
+    assert restored.key == value.key
+    assert dict(restored.__dask_graph__()).keys() == dict(value.__dask_graph__()).keys()
+    assert sync(restored, lazy_increment(restored)) == (3000, 3001)
+
+
+def _increment(value):
+    return value + 1
