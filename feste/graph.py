@@ -517,10 +517,37 @@ class FesteGraph(MutableMapping[Any, Any]):
         return dict(dask_order(self._graph))
 
     def depth(self) -> int:
+        """The number of nodes on the longest chain of dependencies."""
+        # One sweep over the nodes in dependency order (Kahn's algorithm), linear in
+        # nodes plus edges.
+        graph = self._graph
+        dependents: dict[Any, list[Any]] = {}
+        waiting: dict[Any, int] = {}
+        ready: list[Any] = []
+        for key, node in graph.items():
+            count = 0
+            for dependency in getattr(node, "dependencies", ()):
+                if dependency not in graph:
+                    self.get_all_dependencies()  # raises the error naming it
+                dependents.setdefault(dependency, []).append(key)
+                count += 1
+            if count:
+                waiting[key] = count
+            else:
+                ready.append(key)
         levels: dict[Any, int] = {}
-        deps = self.get_all_dependencies()
-        for key in self.topological_order():
-            levels[key] = 1 + max((levels[d] for d in deps[key]), default=0)
+        below: dict[Any, int] = {}  # the deepest chain under a node seen so far
+        while ready:
+            key = ready.pop()
+            level = levels[key] = below.get(key, 0) + 1
+            for dependent in dependents.get(key, ()):
+                if below.get(dependent, 0) < level:
+                    below[dependent] = level
+                waiting[dependent] -= 1
+                if not waiting[dependent]:
+                    ready.append(dependent)
+        if len(levels) != len(graph):
+            self.topological_order()  # raises the error naming the cycle
         return max(levels.values(), default=0)
 
     def backend_calls(self) -> tuple[dict[str, int], dict[str, int]]:
