@@ -606,7 +606,7 @@ class FesteTaskFunction:
         # Worked out at the first pure call and kept, as dask.delayed keeps its
         # function's token: tokenizing a function (pickling a closure) costs far more
         # than the rest of a call.
-        self._cached_token: str | None = None
+        self._cached_token: tuple[Any, str] | None = None  # (function, its token)
         self._cached_pure_task: PureTask | None = None
 
     def __repr__(self) -> str:
@@ -643,16 +643,18 @@ class FesteTaskFunction:
 
     def _function_token(self) -> str:
         """What identifies the wrapped function in the keys of pure calls."""
-        if self._cached_token is None:
-            self._cached_token = _function_text(self.func) or f"fn:{tokenize(self.func)}"
-        return self._cached_token
+        cached = self._cached_token
+        if cached is None or cached[0] is not self.func:  # func is a public attribute
+            token = _function_text(self.func) or f"fn:{tokenize(self.func)}"
+            cached = self._cached_token = (self.func, token)
+        return cached[1]
 
     def _pure_task(self) -> Callable[..., Any]:
         """The node function of pure calls: the cache-aware wrapper (not for coroutine
         functions, which the engine awaits itself)."""
         if inspect.iscoroutinefunction(self.func):
             return self.func
-        if self._cached_pure_task is None:
+        if self._cached_pure_task is None or self._cached_pure_task.func is not self.func:
             self._cached_pure_task = PureTask(self.func)
         return self._cached_pure_task
 
