@@ -54,7 +54,9 @@ def call_now(
 class BackendCall:
     """The function of a graph node that calls ``backend.method(item, **params)``."""
 
-    __slots__ = ("backend", "call_site", "method", "pure")
+    # Weakly referable: feste.task shares one BackendCall between the calls of one line
+    # through a weak reference kept on the backend (a strong one would be a cycle).
+    __slots__ = ("__weakref__", "backend", "call_site", "method", "pure")
 
     def __init__(
         self, backend: Backend, method: str, pure: bool = True, call_site: str | None = None

@@ -31,9 +31,12 @@ from feste._nodes import BackendCall, BatchCall
 from feste.cache._codec import decode
 from feste.cache._open import active_store
 from feste.cache._session import current_tally
-from feste.cache.keys import call_key
+from feste.cache.keys import call_head, item_key
 
 __all__ = ["replay_cached_calls"]
+
+# A value not decoded yet (None is a value).
+_NOT_DECODED: Any = object()
 
 
 def _literal(arg: Any) -> Any:
@@ -41,6 +44,39 @@ def _literal(arg: Any) -> Any:
     if isinstance(arg, GraphNode):
         return arg({})
     return arg
+
+
+# Per call of a graph: (whether the backend finishes its value after the cache, the
+# head of its cache keys), remembered per backend, method and parameters.
+_CallFacts = tuple[bool, str]
+
+
+def _call_facts(func: Any, params: dict[str, Any], memo: dict[Any, _CallFacts]) -> _CallFacts:
+    """What the cache needs to know of a call that is the same for every call of one
+    backend, method and parameters (a graph's calls repeat a few of them)."""
+    try:
+        memo_key: Any = (
+            id(func.backend),
+            func.method,
+            tuple(params.items()),
+            tuple(map(type, params.values())),
+        )
+        facts = memo.get(memo_key)
+    except TypeError:  # a parameter value that cannot be hashed
+        memo_key, facts = None, None
+    if facts is None:
+        finishes = bool(func.backend.finishes(func.method, params))
+        facts = (finishes, "" if finishes else call_head(func.backend, func.method, params))
+        if memo_key is not None:
+            memo[memo_key] = facts
+    return facts
+
+
+def _literal_params(kwargs: dict[str, Any]) -> dict[str, Any]:
+    for value in kwargs.values():
+        if isinstance(value, GraphNode):
+            return {name: _literal(value) for name, value in kwargs.items()}
+    return kwargs  # the usual case: parameters are plain values
 
 
 def replay_cached_calls(graph: Mapping[Any, Any]) -> Mapping[Any, Any]:
@@ -53,6 +89,7 @@ def replay_cached_calls(graph: Mapping[Any, Any]) -> Mapping[Any, Any]:
         return graph
     # graph key -> (whole batch?, cache key per item)
     planned: dict[Any, tuple[bool, list[str]]] = {}
+    facts_memo: dict[Any, _CallFacts] = {}
     calls: dict[Any, tuple[Any, list[Any], dict[str, Any]]] = {}  # graph key -> call
     for key, node in graph.items():
         if type(node) is not Task or node.dependencies or len(node.args) != 1:
@@ -65,11 +102,11 @@ def replay_cached_calls(graph: Mapping[Any, Any]) -> Mapping[Any, Any]:
             items = list(_literal(node.args[0]))
         else:
             continue
-        params = {name: _literal(value) for name, value in node.kwargs.items()}
-        if func.backend.finishes(func.method, params):
+        params = _literal_params(node.kwargs)
+        finishes, head = _call_facts(func, params, facts_memo)
+        if finishes:
             continue
-        cache_keys = [call_key(func.backend, func.method, item, params) for item in items]
-        planned[key] = (kind is BatchCall, cache_keys)
+        planned[key] = (kind is BatchCall, [item_key(head, item) for item in items])
         calls[key] = (func, items, params)
     if not planned:
         return graph
@@ -81,17 +118,20 @@ def replay_cached_calls(graph: Mapping[Any, Any]) -> Mapping[Any, Any]:
     answered = 0
     decoded: dict[str, Any] = {}
     for key, (whole, cache_keys) in planned.items():
-        if not all(cache_key in found for cache_key in cache_keys):
-            continue
         values = []
         for cache_key in cache_keys:
-            if cache_key not in decoded:
-                decoded[cache_key] = decode(found[cache_key])
-            values.append(decoded[cache_key])
-        replayed[key] = DataNode(key, values if whole else values[0])
-        answered += len(cache_keys)
-        func, items, params = calls[key]
-        tell_cached(func.backend, func.method, items, values, params)
+            value = decoded.get(cache_key, _NOT_DECODED)
+            if value is _NOT_DECODED:
+                text = found.get(cache_key)
+                if text is None:
+                    break  # not stored: the call runs (and a batch with it)
+                value = decoded[cache_key] = decode(text)
+            values.append(value)
+        else:
+            replayed[key] = DataNode(key, values if whole else values[0])
+            answered += len(cache_keys)
+            func, items, params = calls[key]
+            tell_cached(func.backend, func.method, items, values, params)
     tally = current_tally.get()
     if tally is not None:
         tally.add(hits=answered)

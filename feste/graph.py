@@ -14,7 +14,7 @@ import io
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -39,7 +39,14 @@ from feste.backend.types import Usage
 from feste.errors import GraphError
 from feste.optimization import default_optimizer
 
-__all__ = ["FesteGraph", "GraphStats", "batched_at_run_time", "build_task"]
+__all__ = [
+    "FesteGraph",
+    "GraphStats",
+    "batched_at_run_time",
+    "build_task",
+    "is_plain",
+    "merged_graph",
+]
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,37 @@ def _count(number: int, noun: str) -> str:
 
 
 _CONTAINERS: dict[type, Any] = {list: List, tuple: Tuple, set: Set}
+# Exact types that are node arguments as they are (most arguments are text).
+_LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
+# Exact types whose repr() is their value, the same in every process (a subclass may
+# define its own repr).
+_PLAIN_SCALARS = frozenset({str, int, float, bool, type(None)})
+# How deep is_plain looks into nested lists, tuples and dicts.
+_PLAIN_DEPTH = 4
+
+
+def is_plain(value: Any, depth: int = 0) -> bool:
+    """True for plain scalars (str, int, float, bool, None; exact types) and lists,
+    tuples and dicts of them, a few levels deep: most arguments of LLM calls (a text,
+    a list of messages). Such a value holds no lazy value, so it is a node argument as
+    it is, and its ``repr()`` is a deterministic, unambiguous text of it."""
+    kind = type(value)
+    if kind in _PLAIN_SCALARS:
+        return True
+    if depth >= _PLAIN_DEPTH:
+        return False
+    if kind is list or kind is tuple:
+        # Loops, not all(...): this runs for every argument of every call.
+        for item in value:  # noqa: SIM110
+            if not is_plain(item, depth + 1):
+                return False
+        return True
+    if kind is dict:
+        for name, item in value.items():
+            if type(name) not in _PLAIN_SCALARS or not is_plain(item, depth + 1):
+                return False
+        return True
+    return False
 
 
 def _node_argument(value: Any, collections: list[Any]) -> Any:
@@ -130,10 +168,12 @@ def _node_argument(value: Any, collections: list[Any]) -> Any:
     inside them are dependencies; plain values pass through unchanged. (dask's own
     ``unpack_collections`` culls a graph per lazy element, quadratic for wide lists.)
     """
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
     if isinstance(value, Delayed):
         collections.append(value)
         return TaskRef(value.key)
-    kind = type(value)
     container = _CONTAINERS.get(kind)
     if container is not None:
         items = [_node_argument(item, collections) for item in value]
@@ -161,9 +201,48 @@ def build_task(
     references to their keys; the caller merges the returned collections' graphs.
     """
     collections: list[Any] = []
+    for argument in (*args, *kwargs.values()):
+        if type(argument) not in _LEAVES and not is_plain(argument):
+            break
+    else:  # only plain values (most backend calls): nothing to look into
+        return Task(key, func, *args, **kwargs), collections
     node_args = [_node_argument(argument, collections) for argument in args]
     node_kwargs = {name: _node_argument(value, collections) for name, value in kwargs.items()}
     return Task(key, func, *node_args, **node_kwargs), collections
+
+
+def merged_graph(collections: Iterable[Any]) -> dict[Any, Any]:
+    """The one graph of ``collections`` and of everything they depend on.
+
+    A feste value answers ``__feste_node__()`` with ``(key, node, inputs)``: its own
+    node and the lazy values its node refers to, so the graph is put together here in
+    one walk that visits each key once (dependencies before their dependents), linear
+    in the nodes. Merging a graph per node, as ``HighLevelGraph`` does, copies every
+    upstream layer at each step: quadratic in the length of a chain. Other Dask
+    collections (and feste values that already hold a graph, such as persisted ones)
+    contribute their whole graph.
+    """
+    graph: dict[Any, Any] = {}
+    # (value, expanded): a value is expanded once its inputs have been pushed above it.
+    stack: list[tuple[Any, bool]] = [(collection, False) for collection in collections]
+    stack.reverse()
+    while stack:
+        value, expanded = stack.pop()
+        describe = getattr(type(value), "__feste_node__", None)
+        parts = describe(value) if describe is not None else None
+        if parts is None:
+            graph.update(ensure_dict(value.__dask_graph__()))
+            continue
+        key, node, inputs = parts
+        if key in graph:
+            continue
+        if expanded:
+            graph[key] = node
+            continue
+        stack.append((value, True))
+        for dependency in reversed(inputs):
+            stack.append((dependency, False))
+    return graph
 
 
 def _node_label(node: Any) -> str:
@@ -375,10 +454,7 @@ class FesteGraph(MutableMapping[Any, Any]):
             results = list(results)
             return tuple(_fill(template, results) for template in templates)
 
-        merged: dict[Any, Any] = {}
-        for collection in collections:
-            merged.update(ensure_dict(collection.__dask_graph__()))
-        return cls(merged), collections, repack
+        return cls(merged_graph(collections)), collections, repack
 
     # -- mapping ----------------------------------------------------------------------
 
@@ -441,10 +517,37 @@ class FesteGraph(MutableMapping[Any, Any]):
         return dict(dask_order(self._graph))
 
     def depth(self) -> int:
+        """The number of nodes on the longest chain of dependencies."""
+        # One sweep over the nodes in dependency order (Kahn's algorithm), linear in
+        # nodes plus edges.
+        graph = self._graph
+        dependents: dict[Any, list[Any]] = {}
+        waiting: dict[Any, int] = {}
+        ready: list[Any] = []
+        for key, node in graph.items():
+            count = 0
+            for dependency in getattr(node, "dependencies", ()):
+                if dependency not in graph:
+                    self.get_all_dependencies()  # raises the error naming it
+                dependents.setdefault(dependency, []).append(key)
+                count += 1
+            if count:
+                waiting[key] = count
+            else:
+                ready.append(key)
         levels: dict[Any, int] = {}
-        deps = self.get_all_dependencies()
-        for key in self.topological_order():
-            levels[key] = 1 + max((levels[d] for d in deps[key]), default=0)
+        below: dict[Any, int] = {}  # the deepest chain under a node seen so far
+        while ready:
+            key = ready.pop()
+            level = levels[key] = below.get(key, 0) + 1
+            for dependent in dependents.get(key, ()):
+                if below.get(dependent, 0) < level:
+                    below[dependent] = level
+                waiting[dependent] -= 1
+                if not waiting[dependent]:
+                    ready.append(dependent)
+        if len(levels) != len(graph):
+            self.topological_order()  # raises the error naming the cycle
         return max(levels.values(), default=0)
 
     def backend_calls(self) -> tuple[dict[str, int], dict[str, int]]:

@@ -74,17 +74,17 @@ Rewrite
     ``Task(key, take_item, TaskRef(batch_key), index)``, so downstream nodes and outputs
     see the same values under the same keys. A failed item comes back as an
     ``ItemFailure``, and ``take_item`` raises its error under the member's own key.
-    ``batch_key`` is ``f"{provider}-{method}-batch-{tokenize(sorted member keys)}"``,
+    ``batch_key`` is ``f"{provider}-{method}-batch-{hash of the sorted member keys}"``,
     deterministic for the same graph. A group, or a chunk, serving a single key keeps
     its original node (a batch of one saves nothing).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from dask.base import tokenize
 from dask.core import flatten
 from dask.task_spec import GraphNode, List, Task, TaskRef
 
@@ -182,14 +182,13 @@ def _item_identity(item: Any) -> Any:
     return ("literal", type(item), item)
 
 
-def _frozen_params(params: Mapping[str, Any]) -> tuple[Any, ...] | None:
-    """A hashable form of ``params`` to memoize group keys, or None."""
-    frozen = tuple(sorted((name, type(value), value) for name, value in params.items()))
-    try:
-        hash(frozen)
-    except TypeError:
-        return None
-    return frozen
+def _keys_digest(keys: Iterable[Any]) -> str:
+    """A deterministic hash of a set of graph keys (the name of their batch)."""
+    return hashlib.sha1("\0".join(sorted(map(str, keys))).encode()).hexdigest()[:32]
+
+
+# A group not worked out yet (None is a group: not batchable).
+_UNKNOWN: Any = object()
 
 
 class BatchOptimization(Optimization):
@@ -214,20 +213,30 @@ class BatchOptimization(Optimization):
         """group -> level-1 member keys in graph order; empty if nothing to fuse."""
         candidates: list[tuple[Any, Any]] = []
         group_cache: dict[Any, Any] = {}
+        # Only candidates that wait for other nodes need the call levels: a call with
+        # no dependencies is level 1 by definition.
+        any_dependent = False
         for key, node in graph.items():
-            if not isinstance(node, Task) or type(node.func) is not BackendCall:
+            if not isinstance(node, Task):
                 continue
-            if len(node.args) != 1:
+            func = node.func
+            if type(func) is not BackendCall or len(node.args) != 1:
                 continue
-            group = self._group_of(node.func, node.kwargs, group_cache)
+            group = self._group_of(func, node.kwargs, group_cache)
             if group is not None:
                 candidates.append((key, group))
+                if node.dependencies:
+                    any_dependent = True
         if len(candidates) < 2:
             return {}
+        groups: dict[Any, list[Any]] = {}
+        if not any_dependent:
+            for key, group in candidates:
+                groups.setdefault(group, []).append(key)
+            return groups
         levels = call_levels(graph)
         if levels is None:
             return {}
-        groups: dict[Any, list[Any]] = {}
         for key, group in candidates:
             if levels[key] == 1:
                 groups.setdefault(group, []).append(key)
@@ -236,31 +245,45 @@ class BatchOptimization(Optimization):
     @staticmethod
     def _group_of(call: BackendCall, params: Mapping[str, Any], cache: dict[Any, Any]) -> Any:
         # batch_group tokenizes the backend and the parameters; on a large graph most
-        # calls repeat a few (backend, method, params), so remember each answer.
-        frozen = _frozen_params(params)
-        cache_key = (id(call.backend), call.method, frozen)
-        if frozen is not None and cache_key in cache:
-            return cache[cache_key]
-        group = call.batch_group(params)
-        if frozen is not None:
-            cache[cache_key] = group
+        # calls repeat a few (backend, method, params), so remember each answer. The
+        # types are part of the memo key: 1, 1.0 and True are equal but not the same
+        # parameter.
+        try:
+            cache_key: Any = (
+                id(call.backend),
+                call.method,
+                tuple(params.items()),
+                tuple(map(type, params.values())),
+            )
+            group = cache.get(cache_key, _UNKNOWN)
+        except TypeError:  # a parameter value that cannot be hashed
+            return call.batch_group(params)
+        if group is _UNKNOWN:
+            group = cache[cache_key] = call.batch_group(params)
         return group
 
     @staticmethod
     def _fuse(graph: dict[Any, Any], members: list[Any]) -> None:
         """Replace ``members`` (one group, all of level 1) by batch nodes and item picks."""
-        first = graph[members[0]]
+        nodes = [graph[key] for key in members]
+        first = nodes[0]
         call: BackendCall = first.func
         params = first.kwargs
 
         unique_items: list[Any] = []
         position_of: dict[Any, int] = {}
         item_index_of_member: list[int] = []
-        for key in members:
-            member_call = graph[key].func
-            item = graph[key].args[0]
+        all_pure = True
+        for node in nodes:
+            item = node.args[0]
             # An impure call (pure=False, e.g. sampling twice) asks for its own answer.
-            identity = _item_identity(item) if member_call.pure else None
+            if node.func.pure:
+                # A str (most items) stands for itself: it never equals another
+                # identity, which are tuples.
+                identity = item if type(item) is str else _item_identity(item)
+            else:
+                identity = None
+                all_pure = False
             index = position_of.get(identity) if identity is not None else None
             if index is None:
                 index = len(unique_items)
@@ -280,11 +303,11 @@ class BatchOptimization(Optimization):
             chunk_number, offset = chunk_of_item[index]
             served[chunk_number].append((key, offset))
 
-        distinct = not all(graph[key].func.pure for key in members)
+        distinct = not all_pure
         # The call site of each unique item: that of the first member asking for it.
         site_of_item: list[str | None] = [None] * len(unique_items)
-        for key, index in reversed(list(zip(members, item_index_of_member))):
-            site_of_item[index] = graph[key].func.call_site
+        for node, index in zip(reversed(nodes), reversed(item_index_of_member)):
+            site_of_item[index] = node.func.call_site
         prefix = f"{call.backend.provider}-{call.method}-batch-"
         first_item = 0
         for chunk, keys_and_offsets in zip(chunks, served):
@@ -293,10 +316,11 @@ class BatchOptimization(Optimization):
             if len(keys_and_offsets) < 2:
                 continue  # one key: its original node is already one request
             batch_call = BatchCall(call.backend, call.method, distinct, chunk_sites)
-            batch_key = prefix + tokenize(sorted(str(key) for key, _ in keys_and_offsets))
+            batch_key = prefix + _keys_digest(key for key, _ in keys_and_offsets)
             graph[batch_key] = Task(batch_key, batch_call, List(chunk), **params)
+            batch_ref = TaskRef(batch_key)  # one reference, shared by the item picks
             for key, offset in keys_and_offsets:
-                graph[key] = Task(key, take_item, TaskRef(batch_key), offset)
+                graph[key] = Task(key, take_item, batch_ref, offset)
 
 
 def default_optimizer() -> Optimizer:

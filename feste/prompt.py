@@ -338,6 +338,7 @@ class Prompt(FesteBase):
         self._sandboxed = sandboxed
         self._filename = filename
         self._fingerprint: str | None = None
+        self._token: Any = None
         self._compiled = self._compile()
 
     def _compile(self) -> _Compiled:
@@ -481,6 +482,13 @@ class Prompt(FesteBase):
     def _token_state(self) -> Any:
         return (self._source, self._language.part3, self._sandboxed, self._environment_token())
 
+    def __dask_tokenize__(self) -> Any:
+        # Worked out once: a prompt does not change, and every call of it (thousands,
+        # in a loop) puts this token into its node's key.
+        if self._token is None:
+            self._token = super().__dask_tokenize__()
+        return self._token
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Prompt):
             return NotImplemented
@@ -560,4 +568,5 @@ class Prompt(FesteBase):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_token", None)  # pickled before tokens were kept
         self._compiled = self._compile()

@@ -4,19 +4,26 @@ Design
 ------
 * ``feste_task(fn)`` wraps a function (or a method, through the descriptor protocol).
   Calling the wrapper checks the *current* context: in eager mode it runs ``fn`` at once
-  and returns a plain value; otherwise it adds one ``dask.task_spec.Task`` node to a new
-  graph layer and returns a :class:`FesteDelayed` pointing at it. The check happens at
-  call time, so an object created outside ``context.set(eager=True)`` still runs eagerly
-  inside it.
+  and returns a plain value; otherwise it makes one ``dask.task_spec.Task`` node and
+  returns a :class:`FesteDelayed` holding it. The check happens at call time, so an
+  object created outside ``context.set(eager=True)`` still runs eagerly inside it.
 * :class:`FesteDelayed` is a subclass of ``dask.delayed.Delayed``: a real Dask collection
   that ``dask.compute`` and ``dask.delayed`` accept, whose operators, attribute access and
   indexing build further feste nodes, and whose ``compute()`` goes through
   ``feste.compute`` (optimizer, then feste's schedulers). Instances are immutable.
-* Keys are ``"<name>-<token>"``. For pure calls the token is ``dask.tokenize`` of the
-  function and its arguments, so identical calls share one node; impure calls (the
-  default for plain functions, as in dask) get a random token. Objects embedded in
-  a graph decide their own token through ``__dask_tokenize__`` (backends leave their
-  API key out of it).
+* A value holds only its own node and the lazy values the node refers to. Its graph
+  (``.dask``, ``__dask_graph__()``: a ``HighLevelGraph`` of one layer named by the key)
+  is put together when asked for, in one walk (:func:`feste.graph.merged_graph`);
+  merging graphs at every call, as ``dask.delayed`` does, is quadratic in the length
+  of a chain of calls. Building a graph is linear in its calls and in its depth.
+* Keys are ``"<name>-<token>"``. For pure calls the token is a hash of what identifies
+  the function and of its arguments, so identical calls share one node; impure calls
+  (the default for plain functions, as in dask) get a random token. Plain arguments
+  (strings, numbers, lists and dicts of them: most LLM calls) and lazy values are
+  described by their ``repr()`` and keys, cheaply; anything else by ``dask.tokenize``.
+  Objects embedded in a graph decide their own token through ``__dask_tokenize__``
+  (backends leave their API key out of it). A wrapped function's token is worked out
+  once, as ``dask.delayed`` does.
 """
 
 from __future__ import annotations
@@ -24,17 +31,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import itertools
 import operator
 import os
 import sys
 import types
-import uuid
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
 from dask.base import is_dask_collection, tokenize
 from dask.delayed import Delayed, unpack_collections
-from dask.highlevelgraph import HighLevelGraph
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.task_spec import Task, TaskRef
 from dask.utils import funcname
 
@@ -43,7 +51,7 @@ from feste._nodes import BackendCall
 from feste.backend.base import Backend, install_call_builder
 from feste.cache._session import PureTask
 from feste.compute import compute, run_dask_graph
-from feste.graph import build_task
+from feste.graph import build_task, is_plain, merged_graph
 
 __all__ = [
     "FesteBase",
@@ -71,10 +79,41 @@ class FesteDelayed(Delayed):
     since the truth of a value that has not been computed is unknown.
     """
 
-    __slots__ = ()
+    # ``_node``: this value's own graph node; ``_inputs``: the lazy values it refers to.
+    # The graph (``.dask``) is put together from them only when asked for.
+    __slots__ = ("_inputs", "_node")
+    _inputs: tuple[Any, ...]
+    _node: Any
 
     # dask.compute(feste_value) lands in feste's run path: optimizer, then scheduler.
     __dask_scheduler__ = staticmethod(run_dask_graph)
+
+    @property
+    def dask(self) -> HighLevelGraph:
+        """The graph of this value: a ``HighLevelGraph`` of one layer, named by the key.
+
+        Built when read (from this node and those it refers to), so building a chain
+        of calls stays linear; a value made from a whole graph (``persist``) keeps it.
+        """
+        if self._dask is not None:
+            return self._dask
+        layer = MaterializedLayer(_DeferredGraph(self))
+        return HighLevelGraph({self._layer: layer}, {self._layer: set()})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled with its whole graph, flat: pickling the values each one refers to
+        # would recurse once per call of a chain.
+        graph = merged_graph([self])
+        layers = {self._layer: MaterializedLayer(graph)}
+        whole = HighLevelGraph(layers, {self._layer: set()})
+        return (FesteDelayed, (self._key, whole, self._length, self._layer))
+
+    def __feste_node__(self) -> tuple[Any, Any, tuple[Any, ...]] | None:
+        """``(key, node, inputs)`` for :func:`feste.graph.merged_graph`; None when this
+        value holds a whole graph instead."""
+        if self._dask is not None:
+            return None
+        return self._key, self._node, self._inputs
 
     def compute(self, **kwargs: Any) -> Any:
         """Compute this value with ``feste.compute`` and return it."""
@@ -133,6 +172,53 @@ class FesteDelayed(Delayed):
     _get_unary_operator = _get_binary_operator
 
 
+class _DeferredGraph(Mapping[Any, Any]):
+    """The graph of one lazy value as a mapping, put together on first use.
+
+    ``is_dask_collection`` asks every object for its graph only to see that it has
+    one: that question must not walk the whole graph.
+    """
+
+    __slots__ = ("_graph", "_value")
+
+    def __init__(self, value: FesteDelayed) -> None:
+        self._value = value
+        self._graph: dict[Any, Any] | None = None
+
+    def _materialized(self) -> dict[Any, Any]:
+        if self._graph is None:
+            self._graph = merged_graph([self._value])
+        return self._graph
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._materialized()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._materialized()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._materialized())
+
+    def __len__(self) -> int:
+        return len(self._materialized())
+
+
+_set_slot = object.__setattr__
+
+
+def _node_value(key: Any, node: Any, inputs: tuple[Any, ...], length: int | None) -> FesteDelayed:
+    """A lazy value for ``node``, which refers to the values ``inputs``."""
+    value = FesteDelayed.__new__(FesteDelayed)
+    # Set directly: FesteDelayed, like Delayed, refuses attribute assignment.
+    _set_slot(value, "_key", key)
+    _set_slot(value, "_dask", None)
+    _set_slot(value, "_length", length)
+    _set_slot(value, "_layer", key)
+    _set_slot(value, "_node", node)
+    _set_slot(value, "_inputs", inputs)
+    return value
+
+
 def _apply(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return func(*args, **kwargs)
 
@@ -153,14 +239,9 @@ class FesteAttribute(FesteDelayed):
         self._obj = obj
         self._attr = attr
 
-    @property
-    def dask(self) -> HighLevelGraph:
+    def __feste_node__(self) -> tuple[Any, Any, tuple[Any, ...]]:
         node = Task(self._key, getattr, TaskRef(self._obj.key), self._attr)
-        # Typed loosely: dask's DaskCollection protocol rejects a staticmethod scheduler.
-        dependencies: list[Any] = [self._obj]
-        return HighLevelGraph.from_collections(
-            self._key, {self._key: node}, dependencies=dependencies
-        )
+        return self._key, node, (self._obj,)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # x.method(...) calls the method in one node instead of fetching it first.
@@ -217,41 +298,129 @@ def _compute_if_lazy(
     return tuple(computed_args), computed_kwargs
 
 
-_PLAIN_SCALARS = (str, int, float, bool, type(None))
+# How deep the quick token looks into nested lists, tuples and dicts that hold lazy
+# values or tokenizable objects.
+_TOKEN_DEPTH = 4
 
 
-def _plain_repr(value: Any, depth: int = 0) -> str | None:
-    """A deterministic text for scalars, lazy values and small lists of them, else None."""
-    if isinstance(value, _PLAIN_SCALARS):
-        return f"{type(value).__name__}:{value!r}"
+def _token_text(value: Any, depth: int = 0) -> str | None:
+    """A deterministic text for ``value``, or None when it needs dask's tokenize.
+
+    Plain values are their ``repr()`` (computed in C); lazy values are their key; an
+    object that names its own token (``__dask_tokenize__``: backends, prompts) is that
+    token when it is plain. Every part is self-delimiting, so different values give
+    different texts.
+    """
+    if is_plain(value, depth):
+        return repr(value)
     if isinstance(value, Delayed):
         return f"lazy:{value.key!r}"
-    if depth < 3 and type(value) in (list, tuple, dict):
-        items = value.items() if type(value) is dict else enumerate(value)
+    kind = type(value)
+    if depth >= _TOKEN_DEPTH:
+        return None
+    if kind is list or kind is tuple:
         parts = []
-        for name, item in items:
-            text = _plain_repr(item, depth + 1)
+        for item in value:
+            text = _token_text(item, depth + 1)
             if text is None:
                 return None
-            parts.append(f"{name!r}={text}")
-        return f"{type(value).__name__}[{','.join(parts)}]"
-    return None
-
-
-def _quick_token(source: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    """A token for calls on plain arguments (most LLM calls: strings, numbers, lists of
-    messages), several times cheaper than dask's generic normalization. None when an
-    argument needs that normalization."""
-    tokenize_source = getattr(source, "__dask_tokenize__", None)
-    if tokenize_source is None or isinstance(source, type):
+            parts.append(text)
+        joined = ", ".join(parts)
+        return f"[{joined}]" if kind is list else f"({joined},)"
+    if kind is dict:
+        entries = []
+        for name, item in value.items():
+            text = _token_text(item, depth + 1)
+            if type(name) is not str or text is None:
+                return None
+            entries.append(f"{name!r}: {text}")
+        return "{" + ", ".join(entries) + "}"
+    if isinstance(value, type):
         return None
-    head = _plain_repr(tokenize_source())
-    if head is None:
+    tokenizer = getattr(value, "__dask_tokenize__", None)
+    if tokenizer is None:
         return None
-    text = _plain_repr([list(args), dict(sorted(kwargs.items()))])
+    text = _token_text(tokenizer(), depth + 1)
     if text is None:
         return None
+    return f"tok:{kind.__module__}.{kind.__qualname__}:{text}"
+
+
+# Functions found importable by _function_text, and their text (they live in their
+# modules anyway, so keeping them here keeps nothing alive).
+_importable: dict[Any, str] = {}
+
+
+def _function_text(func: Any) -> str | None:
+    """``"fn:module.name"`` for a function importable by that name (pickle, hence
+    dask's tokenize, identify such a function by its name too), else None."""
+    if type(func) is not types.FunctionType:
+        return None
+    known = _importable.get(func)
+    if known is not None:
+        return known
+    module_name, qualname = func.__module__, func.__qualname__
+    if "<" in qualname or module_name == "__main__":  # lambdas, local functions, scripts
+        return None
+    found: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if found is not func:
+        return None
+    text = _importable[func] = f"fn:{module_name}.{qualname}"
+    return text
+
+
+def _quick_token(
+    source: Any, args: tuple[Any, ...], kwargs: dict[str, Any], head: str | None = None
+) -> str | None:
+    """A token for calls on plain arguments (most LLM calls: strings, numbers, lists of
+    messages, earlier lazy values), many times cheaper than dask's generic
+    normalization. None when the source or an argument needs that normalization.
+    ``head``: the source's text, when the caller has it already."""
+    if head is None and type(source) is types.FunctionType:
+        head = _function_text(source)
+    if head is None:
+        head = _token_text(source)
+        if head is None:
+            return None
+    if len(args) == 1 and type(args[0]) is str:
+        text: str | None = repr(args)  # the common case, what _token_text would say
+    else:
+        text = _token_text(args)
+        if text is None:
+            return None
+    if kwargs:
+        named_items = sorted(kwargs.items())
+        for _, value in named_items:
+            if not is_plain(value, 1):
+                named = _token_text(named_items)
+                if named is None:
+                    return None
+                break
+        else:
+            named = repr(named_items)  # plain parameters: what _token_text would say
+        text = f"{text}|{named}"
     return hashlib.sha1(f"{head}|{text}".encode()).hexdigest()[:32]
+
+
+# Tokens of impure calls: unique, not derived from the call. A random prefix per
+# process (drawn again in a forked child) and a counter: as unique as a random UUID,
+# without a system call for each.
+_impure_prefix = os.urandom(8).hex()
+_impure_counter = itertools.count()
+
+
+def _impure_token() -> str:
+    return f"{_impure_prefix}{next(_impure_counter):016x}"
+
+
+def _new_impure_prefix() -> None:
+    global _impure_prefix
+    _impure_prefix = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_impure_prefix)
 
 
 def _call_lazily(
@@ -276,12 +445,11 @@ def _call_lazily(
             source = token_source if token_source is not None else func
             token = _quick_token(source, args, kwargs) or tokenize(source, args, kwargs)
         else:
-            token = uuid.uuid4().hex  # random: every impure call is its own node
+            token = _impure_token()  # every impure call is its own node
         key = f"{prefix}-{token}"
 
     node, collections = build_task(key, func, args, kwargs)
-    graph = HighLevelGraph.from_collections(key, {key: node}, dependencies=collections)
-    return FesteDelayed(key, graph, length=nout)
+    return _node_value(key, node, tuple(collections) if collections else (), nout)
 
 
 def eager_or_lazy(
@@ -313,6 +481,11 @@ def eager_or_lazy(
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+# "file.py:12 in func" per (code, line): calls made in a loop share one string.
+_call_sites: dict[tuple[types.CodeType, int], str] = {}
+_MAX_CALL_SITES = 4096
+
+
 def _user_call_site() -> str | None:
     """``"file.py:12 in func"`` of the innermost frame outside feste and outside a
     backend's own methods (a user-defined backend's ``embed``), for error messages."""
@@ -330,15 +503,81 @@ def _user_call_site() -> str | None:
     if frame is None:
         return None
     code = frame.f_code
-    return f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+    where = (code, frame.f_lineno)
+    site = _call_sites.get(where)
+    if site is None:
+        if len(_call_sites) >= _MAX_CALL_SITES:
+            _call_sites.clear()
+        site = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+        _call_sites[where] = site
+    return site
+
+
+# The token text of a BackendCall (backend identity, credential fingerprint, method),
+# per those three: every call of one backend method shares it.
+_call_heads: dict[tuple[str, str | None, str], str] = {}
+_MAX_CALL_HEADS = 1024
+
+
+def _call_head(call: BackendCall) -> str | None:
+    backend = call.backend
+    memo_key = (backend.identity(), backend.credential_fingerprint(), call.method)
+    head = _call_heads.get(memo_key)
+    if head is None:
+        head = _token_text(call)
+        if head is None:
+            return None
+        if len(_call_heads) >= _MAX_CALL_HEADS:
+            _call_heads.clear()
+        _call_heads[memo_key] = head
+    return head
+
+
+_MAX_CALL_FUNCTIONS = 1024
+
+
+def _call_function(backend: Backend, method: str, pure: bool, site: str | None) -> BackendCall:
+    """The node function of a call, shared by the calls one line of code makes: a
+    BackendCall never changes, and a graph of many calls then holds one per line.
+
+    Found through weak references kept on the backend itself (never pickled): a strong
+    one would make a cycle (the call refers to its backend), and a backend nobody uses
+    any more must be freed at once, closing its connections.
+    """
+    functions = backend.__dict__.get("_call_functions")
+    if functions is None or len(functions) >= _MAX_CALL_FUNCTIONS:
+        functions = backend.__dict__["_call_functions"] = {}
+    reference = functions.get((method, pure, site))
+    call = reference() if reference is not None else None
+    if call is None:
+        call = BackendCall(backend, method, pure, site)
+        functions[(method, pure, site)] = weakref.ref(call)
+    return call
 
 
 def _backend_call(
     backend: Backend, method: str, item: Any, params: dict[str, Any], pure: bool
 ) -> Any:
     """How a backend method call becomes a node (installed as the backends' builder)."""
-    call = BackendCall(backend, method, pure=pure, call_site=_user_call_site())
-    return eager_or_lazy(call, (item,), params, name=f"{backend.provider}-{method}", pure=pure)
+    call = _call_function(backend, method, pure, _user_call_site())
+    name = f"{backend.provider}-{method}"
+    if is_eager():
+        return eager_or_lazy(call, (item,), params, name=name, pure=pure)
+    args = (item,)
+    plain = is_plain(item) and all(is_plain(value, 1) for value in params.values())
+    if not pure:
+        key = f"{name}-{_impure_token()}"  # every impure call is its own node
+    elif plain and (head := _call_head(call)) is not None:
+        # What _quick_token says for plain arguments, without looking at them again.
+        text = f"{head}|{args!r}|{sorted(params.items())!r}" if params else f"{head}|{args!r}"
+        key = f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:32]}"
+    else:
+        token = _quick_token(call, args, params, head=_call_head(call))
+        key = f"{name}-{token or tokenize(call, args, params)}"
+    if plain:  # no lazy value inside: the node is the call as it is
+        return _node_value(key, Task(key, call, item, **params), (), None)
+    node, collections = build_task(key, call, args, params)
+    return _node_value(key, node, tuple(collections) if collections else (), None)
 
 
 install_call_builder(_backend_call)
@@ -364,6 +603,11 @@ class FesteTaskFunction:
         self.pure = pure
         self.nout = nout
         functools.update_wrapper(self, func)
+        # Worked out at the first pure call and kept, as dask.delayed keeps its
+        # function's token: tokenizing a function (pickling a closure) costs far more
+        # than the rest of a call.
+        self._cached_token: tuple[Any, str] | None = None  # (function, its token)
+        self._cached_pure_task: PureTask | None = None
 
     def __repr__(self) -> str:
         return f"feste_task({funcname(self.func)})"
@@ -376,12 +620,17 @@ class FesteTaskFunction:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         pure = kwargs.pop("pure", self.pure)
         key = kwargs.pop("dask_key_name", None)
+        if is_eager():
+            args, kwargs = _compute_if_lazy(args, kwargs)
+            return self.func(*args, **kwargs)
         func: Callable[..., Any] = self.func
-        if pure and not is_eager() and not inspect.iscoroutinefunction(func):
+        token_source: Any = func
+        if pure:
+            token_source = self._function_token()
             # Pure tasks may be answered by the result cache (when one is on); the
             # node's key is still that of the function itself.
-            func = PureTask(func)
-        return eager_or_lazy(
+            func = self._pure_task()
+        return _call_lazily(
             func,
             args,
             kwargs,
@@ -389,8 +638,25 @@ class FesteTaskFunction:
             pure=pure,
             nout=self.nout,
             key=key,
-            token_source=self.func,
+            token_source=token_source,
         )
+
+    def _function_token(self) -> str:
+        """What identifies the wrapped function in the keys of pure calls."""
+        cached = self._cached_token
+        if cached is None or cached[0] is not self.func:  # func is a public attribute
+            token = _function_text(self.func) or f"fn:{tokenize(self.func)}"
+            cached = self._cached_token = (self.func, token)
+        return cached[1]
+
+    def _pure_task(self) -> Callable[..., Any]:
+        """The node function of pure calls: the cache-aware wrapper (not for coroutine
+        functions, which the engine awaits itself)."""
+        if inspect.iscoroutinefunction(self.func):
+            return self.func
+        if self._cached_pure_task is None or self._cached_pure_task.func is not self.func:
+            self._cached_pure_task = PureTask(self.func)
+        return self._cached_pure_task
 
     def __dask_tokenize__(self) -> Any:
         return ("feste_task", tokenize(self.func), self.name, self.nout)

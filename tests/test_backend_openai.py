@@ -6,6 +6,8 @@ openai client) and checks exact values and the requests the server saw.
 
 from __future__ import annotations
 
+import pickle
+
 import openai
 import pytest
 
@@ -171,6 +173,40 @@ def test_typed_params_keywords_and_defaults_build_the_same_node():
     node = dict(keywords.dask)[keywords.key]
     assert node.kwargs == {"model": "gpt-4o-mini", "temperature": 0.5, "max_tokens": 7}
     assert node.args == ([{"role": "user", "content": "hi"}],)
+
+
+def test_calls_of_one_line_share_their_node_function_and_backends_pickle_the_same():
+    llm = OpenAI(api_key=KEY)
+    llm.identity()  # remembered by the first call, and pickled with it
+    before = pickle.dumps(llm)
+    values = []
+    for index in range(3):
+        values.append(llm.embed(f"text {index}"))
+    other_line = llm.embed("text 0", dimensions=3)
+    functions = [dict(value.dask)[value.key].func for value in values]
+    assert functions[0] is functions[1] is functions[2]
+    assert functions[0].call_site.endswith(
+        "in test_calls_of_one_line_share_their_node_function_and_backends_pickle_the_same"
+    )
+    other = dict(other_line.dask)[other_line.key].func
+    assert other is not functions[0]
+    assert other.call_site != functions[0].call_site
+    # The shared node functions stay out of the backend's pickle.
+    assert pickle.dumps(llm) == before
+    assert len({value.key for value in values}) == 3
+    assert llm.embed("text 0").key == values[0].key  # the call site is not identity
+
+
+def test_a_chain_of_chat_calls_is_one_graph_of_dependent_calls():
+    llm = OpenAI(api_key=KEY)
+    value = llm.chat("start")
+    for _ in range(200):
+        value = llm.chat(value, temperature=0)
+    graph = dict(value.dask)
+    assert len(graph) == 201
+    top = graph[value.key]
+    assert len(top.dependencies) == 1
+    assert top.kwargs == {"model": "gpt-4o-mini", "temperature": 0}
 
 
 def test_precedence_of_parameters():

@@ -6,6 +6,7 @@ one per test, see ``postgres_url`` in conftest).
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -31,6 +32,7 @@ from feste.cache import (
     task_key,
 )
 from feste.cache._codec import decode, encode
+from feste.cache.keys import canonical
 from feste.cache.postgres import redact_url
 from feste.errors import CacheError, OptionError
 
@@ -272,6 +274,27 @@ def double(x: int) -> int:
 
 def triple(x: int) -> int:
     return 3 * x
+
+
+def test_keys_stored_by_earlier_versions_still_hit() -> None:
+    # Keys are persistent: these were written by feste before keys were computed from
+    # one head per backend, method and parameters. A change here must bump KEY_VERSION.
+    backend = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="sk-a")
+    text = 'h\u00e9llo "w\u00f6rld"\n'
+    embed = call_key(backend, "embed", text, {"model": "text-embedding-3-small"})
+    assert embed == "1d6356db1d9bfd9110f820c422f52fb8225e13813d99ff27521b0e17ef4f089c"
+    messages = [{"role": "user", "content": "hi"}]
+    chat = call_key(backend, "chat", messages, {"model": "m", "temperature": 0.5})
+    assert chat == "cb4c50c2939dce8512731d55807449a4f29a9fa57cf85c083fef302dd3bd7101"
+
+
+@pytest.mark.parametrize(
+    "item",
+    ["plain", 'quo"te\\ \n\t \u2028 \x00 \u00e9 \U0001f600', "", ["a", 1, 2.5, None, True]],
+)
+def test_a_key_encodes_items_as_canonical_json(item: Any) -> None:
+    expected = json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert canonical(item) == expected
 
 
 def test_task_keys_cover_code_and_arguments() -> None:

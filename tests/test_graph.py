@@ -205,6 +205,21 @@ def test_stats_of_a_longer_chain_and_of_an_empty_graph():
     assert FesteGraph().stats() == GraphStats(nodes=0, depth=0)
 
 
+def test_depth_of_a_deep_chain_beside_short_branches_and_of_broken_graphs():
+    value = inc(0)
+    for _ in range(2999):
+        value = inc(value)
+    side = inc(inc(0))
+    graph, _, _ = FesteGraph.collect(value, side, inc(value))
+    assert graph.depth() == 3001
+    self_loop = FesteGraph({"x": Task("x", _identity, TaskRef("x"))})
+    with pytest.raises(GraphError, match=r"the graph has a cycle through"):
+        self_loop.depth()
+    missing = FesteGraph({"x": Task("x", _identity, TaskRef("gone"))})
+    with pytest.raises(GraphError, match=r"task 'x' depends on 'gone', which is not in the graph"):
+        missing.depth()
+
+
 def test_stats_text_lists_backend_methods():
     stats = GraphStats(
         nodes=3, depth=2, calls={"openai.chat": 4, "cohere.embed": 2}, requests={"openai.chat": 1}

@@ -220,6 +220,45 @@ def test_different_parameters_and_backends_are_batched_apart() -> None:
     assert batch_ij.func.backend is other_key
 
 
+def test_parameters_equal_in_value_but_not_in_type_are_batched_apart() -> None:
+    backend = FakeBackend()
+    values = [
+        backend.embed("a", model="m", dims=1),
+        backend.embed("b", model="m", dims=1),
+        backend.embed("c", model="m", dims=1.0),
+        backend.embed("d", model="m", dims=1.0),
+        backend.embed("e", dims=True, model="m"),
+        backend.embed("f", dims=True, model="m"),
+    ]
+    graph = optimized(values)
+    groups = sorted(
+        (batch_items(b), [(name, type(value)) for name, value in sorted(b.kwargs.items())])
+        for b in batch_nodes(graph)
+    )
+    assert groups == [
+        (["a", "b"], [("dims", int), ("model", str)]),
+        (["c", "d"], [("dims", float), ("model", str)]),
+        (["e", "f"], [("dims", bool), ("model", str)]),
+    ]
+
+
+def test_calls_without_dependencies_and_calls_waiting_on_others_in_one_graph() -> None:
+    backend = FakeBackend()
+    independent = [backend.embed(f"text {index}", model="m") for index in range(3)]
+    answer = backend.chat("question", model="m")
+    rendered = shout("x")
+    after_answer = backend.embed(answer, model="m")
+    after_local_step = backend.embed(rendered, model="m")
+    graph = optimized(independent, after_answer, after_local_step)
+    (batch,) = batch_nodes(graph)
+    # The embed of a local step's output joins the batch; the embed of an answer waits.
+    items = batch_items(batch)
+    assert items[:3] == ["text 0", "text 1", "text 2"]
+    assert isinstance(items[3], TaskRef) and items[3].key == rendered.key
+    assert graph[after_answer.key] is after_answer.dask[after_answer.key]
+    assert graph[after_local_step.key].func is take_item
+
+
 def test_group_of_one_and_chat_stay_as_they_are() -> None:
     backend = FakeBackend()
     values = [backend.embed("alone", model="m"), backend.chat("x"), backend.chat("y")]

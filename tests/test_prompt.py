@@ -396,3 +396,24 @@ def test_pickle_round_trip_renders_the_same(module, prompt: Prompt) -> None:  # 
     assert restored(name="ann").key == prompt(name="ann").key
     with context.set(eager=True):
         assert restored(name="ann") == prompt(name="ann")
+
+
+def test_a_prompt_pickled_before_tokens_were_kept_still_tokenizes() -> None:
+    prompt = Prompt("Hi {{ name }}")
+    key = prompt(name="ann").key
+    state = prompt.__getstate__()
+    del state["_token"]  # the state of a prompt pickled by an earlier feste
+    restored = Prompt.__new__(Prompt)
+    restored.__setstate__(state)
+    assert tokenize(restored) == tokenize(prompt)
+    assert restored(name="ann").key == key
+
+
+def test_prompt_calls_in_a_loop_share_the_prompt_token_and_differ_by_variables() -> None:
+    prompt = Prompt("Summarize {{ text }} in {{ words }} words")
+    keys = [prompt(text=f"doc {index}", words=20).key for index in range(3)]
+    assert len(set(keys)) == 3
+    assert prompt(text="doc 0", words=20).key == keys[0]
+    assert prompt(text="doc 0", words=20.0).key != keys[0]
+    same_template = Prompt("Summarize {{ text }} in {{ words }} words")
+    assert same_template(text="doc 0", words=20).key == keys[0]

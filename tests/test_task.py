@@ -6,6 +6,10 @@ test_compute.py and test_schedulers.py.
 
 from __future__ import annotations
 
+import multiprocessing
+import pickle
+
+import cloudpickle
 import dask
 import pytest
 from dask.base import is_dask_collection, tokenize
@@ -476,3 +480,140 @@ def test_eager_mode_scoped_by_nesting():
         with context.set(eager=False):
             assert isinstance(add(1, 2), FesteDelayed)
         assert add(1, 2) == 3
+
+
+# -- graphs built from each value's own node ---------------------------------------------
+
+
+@feste_task(pure=True)
+def inc(value):
+    return value + 1
+
+
+def test_a_long_chain_holds_each_node_once_dependencies_first():
+    value = 0
+    for _ in range(3000):
+        value = inc(value)
+    graph = dict(value.__dask_graph__())
+    assert len(graph) == 3000
+    position = {key: index for index, key in enumerate(graph)}
+    for key, node in graph.items():
+        for dependency in node.dependencies:
+            assert position[dependency] < position[key]
+    (dependency,) = graph[value.key].dependencies
+    assert graph[dependency].dependencies != frozenset()
+    assert sync(value) == (3000,)
+    assert dask.compute(value, scheduler="sync") == (3000,)
+
+
+def test_a_shared_input_is_one_node_of_the_merged_graph():
+    shared = add(1, 2)
+    left = add(shared, 10)
+    right = add(shared, 20)
+    both = add(left, right)
+    graph = dict(both.__dask_graph__())
+    assert set(graph) == {shared.key, left.key, right.key, both.key}
+    assert list(graph) in (
+        [shared.key, left.key, right.key, both.key],
+        [shared.key, right.key, left.key, both.key],
+    )
+    assert sync(both) == (36,)
+    assert [name for name, _ in CALLS].count("add") == 4
+
+
+def test_dask_delayed_takes_a_feste_chain_as_input():
+    value = 1
+    for _ in range(50):
+        value = inc(value)
+    doubled = dask.delayed(lambda v: 2 * v)(value)
+    assert dask.compute(doubled, scheduler="sync") == (102,)
+    assert value.key in dict(doubled.__dask_graph__())
+
+
+def test_an_attribute_of_a_chain_value_carries_the_chain():
+    text = feste_task(lambda: "abc")()
+    upper = text.upper
+    graph = dict(upper.__dask_graph__())
+    assert set(graph) == {text.key, upper.key}
+    assert sync(upper)[0]() == "ABC"
+
+
+# -- keys of pure calls ----------------------------------------------------------------------
+
+
+def test_pure_keys_tell_apart_values_that_compare_equal():
+    arguments = [1, 1.0, True, "1", [1], (1,), {"a": 1}, {"a": 1.0}, None, [None]]
+    keys = [pure_add(argument, 0).key for argument in arguments]
+    assert len(set(keys)) == len(arguments)
+    assert [pure_add(argument, 0).key for argument in arguments] == keys
+
+
+def test_pure_keys_of_lazy_and_tokenizable_arguments():
+    first, second = add(1, 1), add(1, 1)  # impure: two different nodes
+    assert pure_add(first, 1).key == pure_add(first, 1).key
+    assert pure_add(first, 1).key != pure_add(second, 1).key
+    assert pure_add([first, "x"], 1).key == pure_add([first, "x"], 1).key
+    assert pure_add(Greeter("Hi"), 1).key == pure_add(Greeter("Hi"), 1).key
+    assert pure_add(Greeter("Hi"), 1).key != pure_add(Greeter("Yo"), 1).key
+
+
+class _Text(str):
+    pass
+
+
+def test_pure_keys_of_a_str_subclass_are_its_own():
+    assert pure_add(_Text("a"), "b").key == pure_add(_Text("a"), "b").key
+    assert pure_add(_Text("a"), "b").key != pure_add("a", "b").key
+    assert sync(pure_add(_Text("a"), "b")) == ("ab",)
+
+
+def _adder(amount):
+    def add_amount(value):
+        return value + amount
+
+    return add_amount
+
+
+def test_local_functions_with_other_captured_values_have_other_keys():
+    plus_one = feste_task(_adder(1), pure=True)
+    plus_two = feste_task(_adder(2), pure=True)
+    assert plus_one(10).key != plus_two(10).key
+    assert plus_one(10).key == plus_one(10).key
+    assert sync(plus_one(10), plus_two(10)) == (11, 12)
+
+
+def test_one_module_function_wrapped_twice_gives_one_key():
+    assert feste_task(_value, pure=True)(3).key == feste_task(_value, pure=True)(3).key
+    assert feste_task(_value, pure=True)(3).key != feste_task(_square, pure=True)(3).key
+
+
+def _impure_key():
+    return add(1, 1).key
+
+
+def test_impure_keys_stay_unique_in_a_forked_child():
+    keys = {add(1, 1).key for _ in range(100)}
+    assert len(keys) == 100
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        here = _impure_key()  # both sides continue from the same point after the fork
+        there = pool.apply(_impure_key)
+    assert here != there
+    assert here not in keys and there not in keys
+
+
+@pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps])
+def test_a_long_chain_pickles_with_its_graph(dumps):
+    # The call form: pickle finds the plain function under its module name.
+    lazy_increment = feste_task(_increment, pure=True)
+    value = 0
+    for _ in range(3000):
+        value = lazy_increment(value)
+    restored = pickle.loads(dumps(value))
+    assert isinstance(restored, FesteDelayed)
+    assert restored.key == value.key
+    assert dict(restored.__dask_graph__()).keys() == dict(value.__dask_graph__()).keys()
+    assert sync(restored, lazy_increment(restored)) == (3000, 3001)
+
+
+def _increment(value):
+    return value + 1

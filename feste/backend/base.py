@@ -271,6 +271,8 @@ class Backend(abc.ABC):
         state["_transports"] = {}
         # Salted for this process only: another process computes its own.
         state.pop("_fingerprint", None)
+        # Node functions shared by calls (feste.task): rebuilt where they are needed.
+        state.pop("_call_functions", None)
         if state.get("_client") is not None:
             # Official client objects hold sockets and locks; they cannot travel.
             state["_client"] = None
@@ -342,6 +344,9 @@ class Backend(abc.ABC):
     def check_params(self, method: str, params: Mapping[str, Any]) -> None:
         """Refuse parameter names the method does not know, listing the valid ones."""
         spec = self.spec(method)
+        given = params.keys()
+        if given <= spec.params and not (self.refused_params and given & self.refused_params):
+            return  # every call checks its parameters: the usual answer comes first
         for name in params:
             reason = self.refused_params.get(name)
             if reason is not None:
@@ -437,14 +442,14 @@ class Backend(abc.ABC):
         """
         spec = self.spec(method)
         self.check_params(method, keywords)
-        merged = dict(self.method_defaults.get(method, {}))
+        merged = dict(self.method_defaults.get(method, ()))
         for name, value in self._defaults.items():
             if name in spec.params:
                 merged[name] = value
         if typed is not None:
             merged.update(self._typed_params(method, typed))
         for name, value in keywords.items():
-            if value is not None:
+            if value is not None:  # None leaves the lower-precedence value in place
                 merged[name] = value
         return {name: value for name, value in merged.items() if value is not None}
 

@@ -33,7 +33,15 @@ from dask.base import tokenize
 
 from feste.backend.base import Backend
 
-__all__ = ["KEY_VERSION", "call_key", "canonical", "function_identity", "task_key"]
+__all__ = [
+    "KEY_VERSION",
+    "call_head",
+    "call_key",
+    "canonical",
+    "function_identity",
+    "item_key",
+    "task_key",
+]
 
 #: Part of every key: a change in what keys describe starts a fresh address space.
 KEY_VERSION = 1
@@ -46,12 +54,20 @@ def _fallback(value: Any) -> Any:
     return {"$token": tokenize(value)}
 
 
+# One encoder for every key: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_fallback
+)
+# What the encoder writes for a str (most items are one), without its Python layers.
+_encode_text = json.encoder.encode_basestring
+
+
 def canonical(value: Any) -> str:
     """Canonical JSON for ``value`` (sorted keys; non-JSON parts by their Dask token)."""
+    if type(value) is str:
+        return _encode_text(value)
     try:
-        return json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_fallback
-        )
+        return _ENCODER.encode(value)
     except (TypeError, ValueError):
         # Dict keys of mixed types cannot be sorted: describe the whole value by token.
         return json.dumps({"$token": tokenize(value)})
@@ -101,7 +117,18 @@ def call_key(
     scope: Any = None,
 ) -> str:
     """The key of ``backend.method(item, **params)``; ``scope`` confines it to one run."""
-    text = f"{_call_head(backend, method, params)}\nitem:{canonical(item)}"
+    return item_key(call_head(backend, method, params), item, scope=scope)
+
+
+def call_head(backend: Backend, method: str, params: Mapping[str, Any]) -> str:
+    """The part of :func:`call_key` shared by the calls of one backend, method and
+    parameters, for :func:`item_key` (a caller with many calls works it out once)."""
+    return _call_head(backend, method, params)
+
+
+def item_key(head: str, item: Any, *, scope: Any = None) -> str:
+    """:func:`call_key` of ``item`` for the calls whose :func:`call_head` is ``head``."""
+    text = f"{head}\nitem:{canonical(item)}"
     if scope is not None:
         text += f"\nscope:{canonical(scope)}"
     return hashlib.sha256(text.encode()).hexdigest()

@@ -236,6 +236,24 @@ def test_calls_known_before_the_run_are_answered_without_running(
     assert requests(server) == 5
 
 
+def test_a_partly_warm_graph_answers_the_stored_calls_and_sends_the_rest(
+    server: TestServer, tmp_path: Path
+) -> None:
+    cache = str(tmp_path / "cache.db")
+    llm = openai(server)
+    feste.compute([llm.chat(f"p{i}") for i in range(0, 6, 2)], cache=cache)  # p0, p2, p4
+    assert requests(server) == 3
+    ran: list[Any] = []
+
+    calls = [llm.chat(f"p{i}") for i in range(6)]
+    (values,) = feste.compute(calls, cache=cache, on_task_done=lambda key, value: ran.append(key))
+
+    assert list(values) == [chat_text(MODEL, f"p{i}") for i in range(6)]
+    assert sorted(ran) == sorted(calls[i].key for i in (1, 3, 5))
+    assert requests(server) == 6
+    assert sorted(sent_prompts(server)[3:]) == ["p1", "p3", "p5"]
+
+
 def test_a_warm_run_looks_up_in_bulk(server: TestServer, tmp_path: Path) -> None:
     class CountingStore(SQLiteStore):
         lookups = 0
