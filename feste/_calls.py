@@ -43,7 +43,6 @@ import copy
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from feste import context
@@ -61,7 +60,7 @@ from feste.errors import (
     StructuredOutputError,
     TransientError,
 )
-from feste.limits import admit, release_all, run_limits
+from feste.limits import admit, admit_free, release_all, run_limits
 
 __all__ = [
     "CachedCalls",
@@ -126,27 +125,25 @@ async def transport_for(backend: Backend) -> BaseTransport:
     return transport
 
 
-@dataclass(frozen=True)
 class _RetryPolicy:
     """The retry settings of the current context, read once per request."""
 
-    max_retries: int
-    backoff: float
-    attempt_timeout: float
-    max_retry_after: float
-    rate_limit_timeout: float
-    call_timeout: float | None
+    __slots__ = (
+        "attempt_timeout",
+        "backoff",
+        "call_timeout",
+        "max_retries",
+        "max_retry_after",
+        "rate_limit_timeout",
+    )
 
-    @classmethod
-    def current(cls, backend: Backend) -> _RetryPolicy:
-        return cls(
-            max_retries=context.get("max_retries"),
-            backoff=context.get("retry_backoff"),
-            attempt_timeout=context.get("task_timeout") or backend.timeout,
-            max_retry_after=context.get("max_retry_after"),
-            rate_limit_timeout=context.get("rate_limit_timeout"),
-            call_timeout=context.get("call_timeout"),
-        )
+    def __init__(self, backend: Backend) -> None:
+        self.max_retries: int = context.get("max_retries")
+        self.backoff: float = context.get("retry_backoff")
+        self.attempt_timeout: float = context.get("task_timeout") or backend.timeout
+        self.max_retry_after: float = context.get("max_retry_after")
+        self.rate_limit_timeout: float = context.get("rate_limit_timeout")
+        self.call_timeout: float | None = context.get("call_timeout")
 
 
 def _deadline_error(request: Request, policy: _RetryPolicy, waiting: str) -> TransientError:
@@ -208,22 +205,30 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
     scope = run_limits()
     priority = call_priority.get()
     gates = scope.gates(backend)
-    policy = _RetryPolicy.current(backend)
+    policy = _RetryPolicy(backend)
     observer = current_observer.get()
     loop = asyncio.get_running_loop()
     deadline = None if policy.call_timeout is None else loop.time() + policy.call_timeout
+    limiters = gates.limiters
+    tokens = request.estimated_tokens
     attempt = 0
     unexplained_failures = 0
     first_rate_limit: float | None = None
     while True:
         attempt += 1
-        try:
-            async with asyncio.timeout_at(deadline):
-                held = await admit(gates.limiters, request.estimated_tokens, priority)
-        except TimeoutError:
-            error = _deadline_error(request, policy, "waiting for admission")
-            observer.request_failed(request, error, attempt)
-            raise error from None
+        # Admissions free now are taken without awaiting; the rest are waited for.
+        held = admit_free(limiters, tokens)
+        if len(held) < len(limiters):
+            try:
+                if deadline is None:
+                    held = await admit(limiters, tokens, priority, held)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        held = await admit(limiters, tokens, priority, held)
+            except TimeoutError:
+                error = _deadline_error(request, policy, "waiting for admission")
+                observer.request_failed(request, error, attempt)
+                raise error from None
         timing.admitted(attempt)
         # Checked once admitted: the breaker may have tripped while this call waited.
         tripped = scope.tripped(gates.account)
@@ -234,7 +239,9 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
         account_ticket = held[-1][1]
         try:
             observer.request_started(request)
-            transport = await transport_for(backend)
+            transport = backend._transports.get(loop)
+            if transport is None or not transport.ready:
+                transport = await transport_for(backend)
             started = time.monotonic()
             timeout = policy.attempt_timeout
             cut_by_deadline = deadline is not None and deadline - loop.time() < timeout
@@ -300,7 +307,7 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
             observer.request_failed(request, error, attempt)
             raise
         for limiter, ticket in held:
-            limiter.succeeded(request.estimated_tokens, parsed.usage, ticket, response.headers)
+            limiter.succeeded(tokens, parsed.usage, ticket, response.headers)
         release_all(held)
         observer.request_finished(request, parsed.usage, time.monotonic() - started)
         return parsed

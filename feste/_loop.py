@@ -51,7 +51,7 @@ from feste.errors import ConfigurationError
 try:  # optional: the "fast" extra
     import uvloop
 except ImportError:  # pragma: no cover - exercised where uvloop is not installed
-    uvloop = None
+    uvloop = None  # type: ignore[assignment]
 
 __all__ = [
     "aclose_on_loop",

@@ -86,6 +86,7 @@ __all__ = [
     "Ticket",
     "account_limiter",
     "admit",
+    "admit_free",
     "all_limiters",
     "backend_limiter",
     "limiter_for",
@@ -315,6 +316,16 @@ class Limiter:
             yield ticket
         finally:
             self.release(ticket)
+
+    def try_acquire(self, tokens: int = 0) -> Ticket | None:
+        """Admission now if nobody waits and nothing blocks it, else None (no waiting).
+
+        The first step of :meth:`acquire`, without a coroutine: the sender's fast path.
+        """
+        with self._lock:
+            if not self._waiting and self._blocked_for(tokens, time.monotonic()) == 0.0:
+                return self._take(tokens)
+        return None
 
     async def acquire(self, tokens: int = 0, priority: float = 0) -> Ticket:
         """Wait for admission of one request of about ``tokens`` tokens.
@@ -864,13 +875,31 @@ def run_limits() -> RunLimits:
     return scope if scope is not None else RunLimits()
 
 
-async def admit(
-    limiters: tuple[Limiter, ...], tokens: int, priority: float = 0
-) -> list[tuple[Limiter, Ticket]]:
-    """Acquire every limiter in order; on failure or cancellation release what was held."""
+def admit_free(limiters: tuple[Limiter, ...], tokens: int) -> list[tuple[Limiter, Ticket]]:
+    """Admission from the leading ``limiters`` that admit at once, in order, stopping
+    at the first that would make the request wait; :func:`admit` takes the rest."""
     held: list[tuple[Limiter, Ticket]] = []
+    for limiter in limiters:
+        ticket = limiter.try_acquire(tokens)
+        if ticket is None:
+            break
+        held.append((limiter, ticket))
+    return held
+
+
+async def admit(
+    limiters: tuple[Limiter, ...],
+    tokens: int,
+    priority: float = 0,
+    held: list[tuple[Limiter, Ticket]] | None = None,
+) -> list[tuple[Limiter, Ticket]]:
+    """Acquire every limiter in order; on failure or cancellation release what was held.
+
+    ``held``: the admissions of the first limiters, already taken (:func:`admit_free`).
+    """
+    held = [] if held is None else held
     try:
-        for limiter in limiters:
+        for limiter in limiters[len(held) :]:
             held.append((limiter, await limiter.acquire(tokens, priority)))
     except BaseException:
         release_all(held)

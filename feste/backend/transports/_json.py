@@ -32,7 +32,7 @@ from typing import Any
 try:  # optional: the "fast" extra
     import orjson
 except ImportError:  # pragma: no cover - exercised where orjson is not installed
-    orjson = None
+    orjson = None  # type: ignore[assignment]
 
 __all__ = ["CODEC", "JSONCodec", "OrjsonCodec", "available_codecs"]
 

@@ -31,6 +31,7 @@ from feste.errors import BackendError, BadRequestError
 
 __all__ = ["HTTPTransport"]
 
+
 class HTTPTransport(BaseTransport):
     """aiohttp: one session per backend per loop, auth added at send time."""
 
@@ -50,6 +51,10 @@ class HTTPTransport(BaseTransport):
 
     def __repr__(self) -> str:
         return f"<HTTPTransport {self.provider} {self._base_url}>"
+
+    @property
+    def ready(self) -> bool:
+        return self._pool is not None
 
     async def prepare(self) -> None:
         if self._pool is not None:
