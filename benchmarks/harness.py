@@ -20,7 +20,8 @@ SSL contexts, compiled templates), so one-time start-up costs are never part of 
 makespan; the clients, pools and connections of the timed run are its own.
 
 Per run the child measures the makespan (wall clock around ``run``, building the
-graph included), the peak resident memory (the kernel's high-water mark, reset at
+graph included), the CPU time of its own process (``cpu_s``: what a client costs,
+steadier than the makespan when other work shares the machine), the peak resident memory (the kernel's high-water mark, reset at
 the start of the run; plus sampled worker processes for contenders that start
 them), and checks every output. The parent reads the servers' statistics (requests,
 statuses, peak concurrency) between runs. A row reports the median run.
@@ -296,6 +297,7 @@ def _child_main(
         meter = MemoryMeter(include_children=contender.spawns_processes)
         profiler = cProfile.Profile() if profile_to is not None else None
         meter.start()
+        cpu_started = time.process_time()
         job.started = time.perf_counter()
         if profiler is not None:
             profiler.enable()
@@ -303,6 +305,7 @@ def _child_main(
         if profiler is not None:
             profiler.disable()
         seconds = time.perf_counter() - job.started
+        cpu_seconds = time.process_time() - cpu_started
         baseline, peak = meter.stop()
         if profiler is not None and profile_to is not None:
             profiler.dump_stats(profile_to)
@@ -310,6 +313,7 @@ def _child_main(
         outcome = {
             "status": "ok" if problem is None else "wrong",
             "seconds": seconds,
+            "cpu_s": cpu_seconds,
             "baseline_rss_mib": round(baseline, 1),
             "peak_rss_mib": round(peak, 1),
             "memory_method": meter.method,
@@ -544,6 +548,9 @@ def _measure_contender(
         makespan_s=makespan,
         measured_s=median["seconds"],
         runs_s=[run["seconds"] for run in runs],
+        # CPU seconds of the client process (its threads included, its worker processes
+        # not) in the median run: steadier than the makespan on a loaded machine.
+        cpu_s=median["cpu_s"],
         scale=scale,
         inputs_run=run_size,
         requests=median["server"]["requests"],
@@ -567,7 +574,7 @@ def _measure_contender(
     log(
         f"  {contender.name:<34} {makespan:8.3f} s"
         f"  ({len(runs)} run{'s' if len(runs) > 1 else ''}, {row['requests']} requests,"
-        f" peak {row['peak_rss_mib']:.0f} MiB)"
+        f" peak {row['peak_rss_mib']:.0f} MiB, {row['cpu_s']:.3f} s CPU)"
     )
     if "profile" in median:
         row["profile"] = {"file": median["profile"], "top": top_functions(median["profile"])}
