@@ -21,10 +21,11 @@ makespan; the clients, pools and connections of the timed run are its own.
 
 Per run the child measures the makespan (wall clock around ``run``, building the
 graph included), the CPU time of its own process (``cpu_s``: what a client costs,
-steadier than the makespan when other work shares the machine), the peak resident memory (the kernel's high-water mark, reset at
-the start of the run; plus sampled worker processes for contenders that start
-them), and checks every output. The parent reads the servers' statistics (requests,
-statuses, peak concurrency) between runs. A row reports the median run.
+steadier than the makespan when other work shares the machine), the peak resident
+memory (the kernel's high-water mark, reset at the start of the run; plus sampled
+worker processes for contenders that start them), and checks every output. The
+parent reads the servers' statistics (requests, statuses, peak concurrency) between
+runs. A row reports the median run.
 
 With ``profile_dir`` set (``python -m benchmarks --profile``), the child runs the timed
 run under ``cProfile`` and writes one ``.pstats`` file per contender run there; the

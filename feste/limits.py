@@ -189,9 +189,6 @@ class _Waiter:
         # Granted, or given up by its caller: skipped when it reaches the heap's top.
         self.done = False
 
-    def __lt__(self, other: _Waiter) -> bool:
-        return self.order < other.order
-
 
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
@@ -246,9 +243,10 @@ class Limiter:
         # Limits shared with other processes: admissions also need the quota's consent.
         self._quota = quota
         self._lock = threading.Lock()
-        # A heap of waiters and how many of them still wait (the heap may hold some that
-        # gave up: they are dropped when they reach its top).
-        self._waiters: list[_Waiter] = []
+        # A heap of (-priority, arrival number, waiter) and how many of them still wait
+        # (the heap may hold some that gave up: they are dropped when they reach its top).
+        # Arrival numbers are unique, so the heap compares plain numbers, never waiters.
+        self._waiters: list[tuple[float, int, _Waiter]] = []
         self._waiting = 0
         self._arrivals = itertools.count()
         self._waiting_loops: collections.Counter[asyncio.AbstractEventLoop] = collections.Counter()
@@ -339,7 +337,7 @@ class Limiter:
             loop = asyncio.get_running_loop()
             order = (-priority, next(self._arrivals))
             waiter = _Waiter(loop, loop.create_future(), tokens, order)
-            heapq.heappush(self._waiters, waiter)
+            heapq.heappush(self._waiters, (order[0], order[1], waiter))
             self._waiting += 1
             self._waiting_loops[loop] += 1
             grants, delay = self._grant_locked(time.monotonic())
@@ -537,7 +535,7 @@ class Limiter:
         time-based block."""
         granted: list[_Waiter] = []
         while self._waiters:
-            waiter = self._waiters[0]
+            waiter = self._waiters[0][2]
             if waiter.done:
                 heapq.heappop(self._waiters)
                 continue

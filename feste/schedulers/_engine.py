@@ -185,6 +185,21 @@ def _classify(node: Any, memo: dict[Any, int]) -> int:
     raise GraphError(f"cannot run graph node {node!r}: expected a dask.task_spec node")
 
 
+def _item_pick(node: Any) -> tuple[Hashable, int] | None:
+    """``(batch key, index)`` when ``node`` is ``take_item(<batch>, <index>)``, else None.
+
+    The engine runs such picks (one per call of a planned batch) with a direct call of
+    :func:`take_item`, without building the node's argument dict."""
+    if type(node) is not Task or node.func is not take_item or node.kwargs:
+        return None
+    if len(node.args) != 2:
+        return None
+    source, index = node.args
+    if type(source) is not TaskRef or type(index) is not int:
+        return None
+    return source.key, index
+
+
 def _argument(arg: Any, values: Mapping[Hashable, Any]) -> Any:
     """The value of one argument of a node (a literal, a reference or a nested node)."""
     if isinstance(arg, TaskRef):
@@ -363,6 +378,8 @@ class Engine:
         self.running = 0
 
         self._inline: list[Hashable] = []
+        # Inline item picks, run as take_item(values[batch], index) (see _item_pick).
+        self._picks: dict[Hashable, tuple[Hashable, int]] = {}
         self._python: list[tuple[int, Hashable]] = []
         self._lanes: dict[int, _Lane] = {}
         self._groups: dict[Hashable, _Group] = {}
@@ -552,6 +569,9 @@ class Engine:
         kind = self.kind[key]
         if kind == _INLINE:
             self._inline.append(key)
+            pick = _item_pick(self.nodes[key])
+            if pick is not None:
+                self._picks[key] = pick
         elif kind == _PYTHON:
             heapq.heappush(self._python, (self.priority[key], key))
         elif kind in (_CALL, _BATCH):
@@ -575,11 +595,18 @@ class Engine:
         self._pumping = True
         try:
             inline = self._inline
+            picks = self._picks
             while inline:
                 key = inline.pop()
                 node = self.nodes[key]
                 try:
-                    value = node(self._inputs(key)) if self.kind[key] != _DATA else node.value
+                    pick = picks.pop(key, None)
+                    if pick is not None:
+                        value = take_item(self.values[pick[0]], pick[1])
+                    elif self.kind[key] != _DATA:
+                        value = node(self._inputs(key))
+                    else:
+                        value = node.value
                 except Exception as exc:
                     self._fail(key, exc)
                 else:
