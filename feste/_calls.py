@@ -65,9 +65,11 @@ from feste.limits import admit, admit_free, release_all, run_limits
 __all__ = [
     "CachedCalls",
     "RequestReport",
+    "RetryWaits",
     "RunObserver",
     "call_priority",
     "current_observer",
+    "retry_waits",
     "run_batch",
     "run_call",
     "send",
@@ -110,6 +112,24 @@ call_priority: contextvars.ContextVar[float] = contextvars.ContextVar(
 current_observer: contextvars.ContextVar[RunObserver] = contextvars.ContextVar(
     "feste_observer",
     default=RunObserver(),  # noqa: B039 (the base observer is stateless)
+)
+
+
+class RetryWaits:
+    """Told when a call of this context starts (+1) and stops (-1) waiting to retry.
+
+    A waiting call holds no admission: the async engine counts these waits per backend
+    to start other calls in the meantime (``schedulers._engine``)."""
+
+    __slots__ = ()
+
+    def retry_waiting(self, change: int) -> None:
+        pass
+
+
+#: Who counts the retry waits of the calls made in this context (None: nobody).
+retry_waits: contextvars.ContextVar[RetryWaits | None] = contextvars.ContextVar(
+    "feste_retry_waits", default=None
 )
 
 
@@ -294,7 +314,15 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
                 raise
             observer.request_retried(request, error, attempt)
             timing.retrying()
-            await asyncio.sleep(delay)
+            waits = retry_waits.get()
+            if waits is None:
+                await asyncio.sleep(delay)
+                continue
+            waits.retry_waiting(1)
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                waits.retry_waiting(-1)
             continue
         except BackendError as error:
             release_all(held)

@@ -228,3 +228,35 @@ def test_run_sync_keeps_one_loop_per_kind_per_thread(kind):
         second = run_sync(current())
     assert first is second
     assert not first.is_closed()
+
+
+# -- lanes: a call waiting to retry lets the next one start --------------------------
+
+
+@feste_task
+def follow_up(answer):
+    return f"follow up on {len(answer)} characters"
+
+
+def test_calls_go_out_while_another_waits_to_retry(llm_server):
+    # One request at a time. The call on the longest chain goes first and is told to
+    # wait 0.4 s (a 429 with Retry-After): it holds no admission while it waits, so the
+    # four independent calls are sent in the meantime, and its retry comes after them.
+    llm = OpenAI(
+        base_url=llm_server.openai_base_url, api_key=KEY, model="gpt-4o-mini", max_concurrency=1
+    )
+    first = llm.chat("first [[retry_after:0.4]]")
+    second = llm.chat(follow_up(first))
+    others = [llm.chat(f"other {index}") for index in range(4)]
+    (answers,) = feste.compute([first, second, *others])
+
+    assert answers[0] == chat_text("gpt-4o-mini", "first [[retry_after:0.4]]")
+    stats = llm_server.stats()
+    sent = [texts[0] for texts in stats["inputs"]["/v1/chat/completions"]]
+    assert sorted(sent[:4]) == [f"other {index}" for index in range(4)]
+    assert sent[4:] == [
+        "first [[retry_after:0.4]]",
+        f"follow up on {len(answers[0])} characters",
+    ]
+    assert stats["requests"] == 7  # the 429 included
+    assert stats["max_in_flight"] == 1
