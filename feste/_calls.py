@@ -19,7 +19,9 @@ Every scheduler reaches a provider through this module: the async engine awaits
    up to ``max_retries``. Authentication and bad-request errors are never retried; an
    authentication failure trips the computation's breaker for its account. The
    client libraries' own retries are switched off by the transports, so this is the
-   only retry policy.
+   only retry policy. Admissions free at once are taken without awaiting (the common
+   case), and the waits between attempts are told to the context's :class:`RetryWaits`
+   (the async engine starts other calls meanwhile).
 3. Each request, retry and usage report is told to the current :class:`RunObserver`
    (progress bars, usage records, run history, traces): at its end a request's
    timings come as one :class:`RequestReport`, and calls the cache answered as
