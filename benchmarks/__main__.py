@@ -3,16 +3,22 @@
     python -m benchmarks                  # full run -> benchmarks/results/latest.*
     python -m benchmarks --quick          # smoke run: every workload, small sizes, 1 run
     python -m benchmarks --only fanout --repeat 5 --out /tmp/bench
+    python -m benchmarks --only fanout --contender feste --contender aiohttp
+    python -m benchmarks --only fanout --profile   # cProfile each run, print top functions
     python -m benchmarks --list           # the workloads and their contenders
     python -m benchmarks --render benchmarks/results/latest.json  # redo .md and .png
 
-A quick run or a run of some workloads only writes to ``benchmarks/results/scratch/``
-unless ``--out`` says otherwise, so it never replaces the full run's results.
+A quick run, a run of some workloads or contenders only, or a profiled run writes to
+``benchmarks/results/scratch/`` unless ``--out`` says otherwise, so it never replaces
+the full run's results. ``--profile`` writes one cProfile file per contender run to
+``OUT/profiles/`` (open with ``python -m pstats`` or snakeviz) and prints the median
+run's top functions by own time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -40,6 +46,17 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--repeat", type=int, default=None, help="runs per row, median reported (default 3)"
+    )
+    parser.add_argument(
+        "--contender",
+        action="append",
+        metavar="TEXT",
+        help="run only the contenders whose name contains TEXT (repeat the option for more)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile every timed run with cProfile (OUT/profiles/*.pstats), print top functions",
     )
     parser.add_argument("--out", type=Path, default=None, help="directory for latest.*")
     parser.add_argument("--list", action="store_true", help="list workloads and exit")
@@ -75,14 +92,34 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         workloads = [workload for workload in workloads if workload.name in wanted]
+    if arguments.contender:
+        workloads = [
+            dataclasses.replace(
+                workload,
+                contenders=tuple(
+                    contender
+                    for contender in workload.contenders
+                    if any(text in contender.name for text in arguments.contender)
+                ),
+            )
+            for workload in workloads
+        ]
+        if not any(workload.contenders for workload in workloads):
+            print(f"no contender matches {', '.join(arguments.contender)}", file=sys.stderr)
+            return 2
+        workloads = [workload for workload in workloads if workload.contenders]
     repeat = arguments.repeat or (1 if arguments.quick else 3)
     if repeat < 1:
         print(f"--repeat must be at least 1, got {repeat}", file=sys.stderr)
         return 2
     out_dir = arguments.out
     if out_dir is None:
-        out_dir = RESULTS / "scratch" if arguments.quick or arguments.only else RESULTS
-    report = run_benchmarks(workloads, quick=arguments.quick, repeat=repeat)
+        partial = arguments.quick or arguments.only or arguments.contender or arguments.profile
+        out_dir = RESULTS / "scratch" if partial else RESULTS
+    profile_dir = out_dir / "profiles" if arguments.profile else None
+    report = run_benchmarks(
+        workloads, quick=arguments.quick, repeat=repeat, profile_dir=profile_dir
+    )
     print()
     print(markdown_table(report))
     for path in write_report(report, out_dir):

@@ -20,10 +20,18 @@ SSL contexts, compiled templates), so one-time start-up costs are never part of 
 makespan; the clients, pools and connections of the timed run are its own.
 
 Per run the child measures the makespan (wall clock around ``run``, building the
-graph included), the peak resident memory (the kernel's high-water mark, reset at
-the start of the run; plus sampled worker processes for contenders that start
-them), and checks every output. The parent reads the servers' statistics (requests,
-statuses, peak concurrency) between runs. A row reports the median run.
+graph included), the CPU time of its own process (``cpu_s``: what a client costs,
+steadier than the makespan when other work shares the machine), the peak resident
+memory (the kernel's high-water mark, reset at the start of the run; plus sampled
+worker processes for contenders that start them), and checks every output. The
+parent reads the servers' statistics (requests, statuses, peak concurrency) between
+runs. A row reports the median run.
+
+With ``profile_dir`` set (``python -m benchmarks --profile``), the child runs the timed
+run under ``cProfile`` and writes one ``.pstats`` file per contender run there; the
+row keeps the median run's file and its top functions (:func:`top_functions`), which
+the command line prints. Profiling slows a run down (several times for pure-Python
+hot paths), so the makespans of a profiled run are not comparable with others.
 
 Slow peers (two requests in flight for thousands of calls) may run on the first
 ``subset`` inputs; their makespan is scaled linearly to the full size and the row
@@ -35,10 +43,12 @@ starting a pool's workers) is kept out of the scaling.
 from __future__ import annotations
 
 import contextlib
+import cProfile
 import importlib.util
 import math
 import multiprocessing
 import os
+import pstats
 import re
 import signal
 import sys
@@ -47,6 +57,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
@@ -59,7 +70,9 @@ __all__ = [
     "ServerPair",
     "Size",
     "Workload",
+    "profile_path",
     "run_benchmarks",
+    "top_functions",
 ]
 
 # The API key every contender sends; the local server accepts any key unless told.
@@ -250,8 +263,17 @@ def _ru_maxrss_kib() -> int:
 WARM_UP_INPUTS = 2
 
 
-def _child_main(workload: Workload, contender: Contender, job: Job, connection: Any) -> None:
-    """Warm up, wait for the parent's go, run ``contender`` once, measure, check, report."""
+def _child_main(
+    workload: Workload,
+    contender: Contender,
+    job: Job,
+    connection: Any,
+    profile_to: Path | None = None,
+) -> None:
+    """Warm up, wait for the parent's go, run ``contender`` once, measure, check, report.
+
+    With ``profile_to``, the timed run runs under cProfile and its statistics are
+    written there."""
     # Its own process group, so that a run killed at the cap takes its workers with it.
     os.setpgrp()
     outcome: dict[str, Any]
@@ -274,15 +296,25 @@ def _child_main(workload: Workload, contender: Contender, job: Job, connection: 
         connection.send({"status": "ready"})
         connection.recv()  # the parent has reset the servers' statistics
         meter = MemoryMeter(include_children=contender.spawns_processes)
+        profiler = cProfile.Profile() if profile_to is not None else None
         meter.start()
+        cpu_started = time.process_time()
         job.started = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         outputs = contender.run(job)
+        if profiler is not None:
+            profiler.disable()
         seconds = time.perf_counter() - job.started
+        cpu_seconds = time.process_time() - cpu_started
         baseline, peak = meter.stop()
+        if profiler is not None and profile_to is not None:
+            profiler.dump_stats(profile_to)
         problem = workload.check(job.inputs, outputs)
         outcome = {
             "status": "ok" if problem is None else "wrong",
             "seconds": seconds,
+            "cpu_s": cpu_seconds,
             "baseline_rss_mib": round(baseline, 1),
             "peak_rss_mib": round(peak, 1),
             "memory_method": meter.method,
@@ -320,13 +352,16 @@ def _run_isolated(
     job: Job,
     cap: float,
     before_run: Callable[[], None],
+    profile_to: Path | None = None,
 ) -> dict[str, Any]:
     """Fork a child that warms up and runs ``contender``; ``before_run`` is called
-    between the warm-up and the timed run."""
+    between the warm-up and the timed run (profiled into ``profile_to`` when given)."""
     context = multiprocessing.get_context("fork")
     ours, theirs = context.Pipe(duplex=True)
     child = context.Process(
-        target=_child_main, args=(workload, contender, job, theirs), name=contender.name
+        target=_child_main,
+        args=(workload, contender, job, theirs, profile_to),
+        name=contender.name,
     )
     child.start()
     theirs.close()
@@ -457,6 +492,7 @@ def _measure_contender(
     cap: float,
     quick: bool,
     log: Callable[[str], None],
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"contender": contender.name, "kind": contender.kind}
     notes = [contender.note] if contender.note else []
@@ -478,15 +514,20 @@ def _measure_contender(
         server.reset_stats()
 
     runs: list[dict[str, Any]] = []
-    for _ in range(repeat):
+    for run_index in range(repeat):
         job = Job(
             inputs=inputs[:run_size],
             openai_base_url=server.openai_base_url,
             cohere_base_url=server.cohere_base_url,
             settings=workload.settings,
         )
-        outcome = _run_isolated(workload, contender, job, cap, before_run)
+        profile_to = None
+        if profile_dir is not None:
+            profile_to = profile_path(profile_dir, workload.name, contender.name, run_index)
+        outcome = _run_isolated(workload, contender, job, cap, before_run, profile_to)
         outcome["server"] = server.stats()
+        if profile_to is not None and outcome["status"] == "ok":
+            outcome["profile"] = str(profile_to)
         runs.append(outcome)
         if outcome["status"] != "ok":
             break
@@ -508,6 +549,9 @@ def _measure_contender(
         makespan_s=makespan,
         measured_s=median["seconds"],
         runs_s=[run["seconds"] for run in runs],
+        # CPU seconds of the client process (its threads included, its worker processes
+        # not) in the median run: steadier than the makespan on a loaded machine.
+        cpu_s=median["cpu_s"],
         scale=scale,
         inputs_run=run_size,
         requests=median["server"]["requests"],
@@ -531,9 +575,52 @@ def _measure_contender(
     log(
         f"  {contender.name:<34} {makespan:8.3f} s"
         f"  ({len(runs)} run{'s' if len(runs) > 1 else ''}, {row['requests']} requests,"
-        f" peak {row['peak_rss_mib']:.0f} MiB)"
+        f" peak {row['peak_rss_mib']:.0f} MiB, {row['cpu_s']:.3f} s CPU)"
     )
+    if "profile" in median:
+        row["profile"] = {"file": median["profile"], "top": top_functions(median["profile"])}
+        log(f"    profile of the median run: {median['profile']}")
+        for entry in row["profile"]["top"]:
+            log(
+                f"    {entry['own_s']:7.3f} s own {entry['cumulative_s']:7.3f} s cum"
+                f" {entry['calls']:>8} calls  {entry['function']}"
+            )
     return row
+
+
+def profile_path(directory: Path, workload: str, contender: str, run_index: int) -> Path:
+    """Where the cProfile statistics of one contender run go (one file per run)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", contender).strip("-").lower()
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{workload}--{slug}--run{run_index + 1}.pstats"
+
+
+def _short_path(filename: str) -> str:
+    """A source file named from its package down (``feste/_calls.py``), not its full path."""
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "lib"):
+        if anchor in parts:
+            index = len(parts) - 1 - parts[::-1].index(anchor)
+            return "/".join(parts[index + 1 :])
+    for package in ("feste", "benchmarks"):
+        if package in parts:
+            index = len(parts) - 1 - parts[::-1].index(package)
+            return "/".join(parts[index:])
+    return filename
+
+
+def top_functions(stats_file: str | Path, count: int = 15) -> list[dict[str, Any]]:
+    """The ``count`` functions with the most time of their own in a cProfile file:
+    own seconds, cumulative seconds, calls and ``path:line(name)``."""
+    stats = pstats.Stats(str(stats_file))
+    entries = []
+    for (filename, line, name), (_, calls, own, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        where = name if filename == "~" else f"{_short_path(filename)}:{line}({name})"
+        entries.append(
+            {"function": where, "own_s": own, "cumulative_s": cumulative, "calls": calls}
+        )
+    entries.sort(key=lambda entry: entry["own_s"], reverse=True)
+    return entries[:count]
 
 
 def _add_ratios(rows: list[dict[str, Any]], ideal: Ideal) -> None:
@@ -599,8 +686,11 @@ def run_benchmarks(
     quick: bool = False,
     repeat: int = 3,
     log: Callable[[str], None] = print,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run every contender of every workload; return the report as a JSON-able dict."""
+    """Run every contender of every workload; return the report as a JSON-able dict.
+
+    With ``profile_dir``, every timed run is profiled (cProfile) into a file there."""
     if repeat < 1:
         raise ValueError(f"repeat must be at least 1, got {repeat}")
     _preimport(workloads)
@@ -609,6 +699,7 @@ def run_benchmarks(
         "format": 1,
         "mode": "quick" if quick else "full",
         "repeat": repeat,
+        "profiled": profile_dir is not None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "environment": _environment(),
         "workloads": [],
@@ -627,7 +718,9 @@ def run_benchmarks(
             cap = 60.0 if quick else workload.time_cap
             log(f"{workload.name}: {workload.title} (n={size}, ideal {ideal.seconds:.3f} s)")
             rows = [
-                _measure_contender(server, workload, contender, inputs, repeat, cap, quick, log)
+                _measure_contender(
+                    server, workload, contender, inputs, repeat, cap, quick, log, profile_dir
+                )
                 for contender in workload.contenders
             ]
             _add_ratios(rows, ideal)

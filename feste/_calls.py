@@ -21,7 +21,9 @@ Every scheduler reaches a provider through this module: the async engine awaits
    up to ``max_retries``. Authentication and bad-request errors are never retried; an
    authentication failure trips the computation's breaker for its account. The
    client libraries' own retries are switched off by the transports, so this is the
-   only retry policy.
+   only retry policy. Admissions free at once are taken without awaiting (the common
+   case), and the waits between attempts are told to the context's :class:`RetryWaits`
+   (the async engine starts other calls meanwhile).
 3. Each request, retry and usage report is told to the current :class:`RunObserver`
    (progress bars, usage records, run history, traces): at its end a request's
    timings come as one :class:`RequestReport`, and calls the cache answered as
@@ -46,7 +48,6 @@ import copy
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from feste import context
@@ -64,14 +65,16 @@ from feste.errors import (
     StructuredOutputError,
     TransientError,
 )
-from feste.limits import admit, release_all, run_limits
+from feste.limits import admit, admit_free, release_all, run_limits
 
 __all__ = [
     "CachedCalls",
     "RequestReport",
+    "RetryWaits",
     "RunObserver",
     "call_priority",
     "current_observer",
+    "retry_waits",
     "run_batch",
     "run_call",
     "send",
@@ -117,6 +120,24 @@ current_observer: contextvars.ContextVar[RunObserver] = contextvars.ContextVar(
 )
 
 
+class RetryWaits:
+    """Told when a call of this context starts (+1) and stops (-1) waiting to retry.
+
+    A waiting call holds no admission: the async engine counts these waits per backend
+    to start other calls in the meantime (``schedulers._engine``)."""
+
+    __slots__ = ()
+
+    def retry_waiting(self, change: int) -> None:
+        pass
+
+
+#: Who counts the retry waits of the calls made in this context (None: nobody).
+retry_waits: contextvars.ContextVar[RetryWaits | None] = contextvars.ContextVar(
+    "feste_retry_waits", default=None
+)
+
+
 async def transport_for(backend: Backend) -> BaseTransport:
     """The backend's transport for the running event loop (one connection pool each),
     prepared: its pool is open and its client built before a request's deadline starts."""
@@ -129,27 +150,25 @@ async def transport_for(backend: Backend) -> BaseTransport:
     return transport
 
 
-@dataclass(frozen=True)
 class _RetryPolicy:
     """The retry settings of the current context, read once per request."""
 
-    max_retries: int
-    backoff: float
-    attempt_timeout: float
-    max_retry_after: float
-    rate_limit_timeout: float
-    call_timeout: float | None
+    __slots__ = (
+        "attempt_timeout",
+        "backoff",
+        "call_timeout",
+        "max_retries",
+        "max_retry_after",
+        "rate_limit_timeout",
+    )
 
-    @classmethod
-    def current(cls, backend: Backend) -> _RetryPolicy:
-        return cls(
-            max_retries=context.get("max_retries"),
-            backoff=context.get("retry_backoff"),
-            attempt_timeout=context.get("task_timeout") or backend.timeout,
-            max_retry_after=context.get("max_retry_after"),
-            rate_limit_timeout=context.get("rate_limit_timeout"),
-            call_timeout=context.get("call_timeout"),
-        )
+    def __init__(self, backend: Backend) -> None:
+        self.max_retries: int = context.get("max_retries")
+        self.backoff: float = context.get("retry_backoff")
+        self.attempt_timeout: float = context.get("task_timeout") or backend.timeout
+        self.max_retry_after: float = context.get("max_retry_after")
+        self.rate_limit_timeout: float = context.get("rate_limit_timeout")
+        self.call_timeout: float | None = context.get("call_timeout")
 
 
 def _deadline_error(request: Request, policy: _RetryPolicy, waiting: str) -> TransientError:
@@ -216,22 +235,30 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
     scope = run_limits()
     priority = call_priority.get()
     gates = scope.gates(backend)
-    policy = _RetryPolicy.current(backend)
+    policy = _RetryPolicy(backend)
     observer = current_observer.get()
     loop = asyncio.get_running_loop()
     deadline = None if policy.call_timeout is None else loop.time() + policy.call_timeout
+    limiters = gates.limiters
+    tokens = request.estimated_tokens
     attempt = 0
     unexplained_failures = 0
     first_rate_limit: float | None = None
     while True:
         attempt += 1
-        try:
-            async with asyncio.timeout_at(deadline):
-                held = await admit(gates.limiters, request.estimated_tokens, priority)
-        except TimeoutError:
-            error = _deadline_error(request, policy, "waiting for admission")
-            observer.request_failed(request, error, attempt)
-            raise error from None
+        # Admissions free now are taken without awaiting; the rest are waited for.
+        held = admit_free(limiters, tokens)
+        if len(held) < len(limiters):
+            try:
+                if deadline is None:
+                    held = await admit(limiters, tokens, priority, held)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        held = await admit(limiters, tokens, priority, held)
+            except TimeoutError:
+                error = _deadline_error(request, policy, "waiting for admission")
+                observer.request_failed(request, error, attempt)
+                raise error from None
         timing.admitted(attempt)
         # Checked once admitted: the breaker may have tripped while this call waited.
         tripped = scope.tripped(gates.account)
@@ -242,7 +269,9 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
         account_ticket = held[-1][1]
         try:
             observer.request_started(request)
-            transport = await transport_for(backend)
+            transport = backend._transports.get(loop)
+            if transport is None or not transport.ready:
+                transport = await transport_for(backend)
             started = time.monotonic()
             timeout = policy.attempt_timeout
             cut_by_deadline = deadline is not None and deadline - loop.time() < timeout
@@ -295,7 +324,15 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
                 raise
             observer.request_retried(request, error, attempt)
             timing.retrying()
-            await asyncio.sleep(delay)
+            waits = retry_waits.get()
+            if waits is None:
+                await asyncio.sleep(delay)
+                continue
+            waits.retry_waiting(1)
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                waits.retry_waiting(-1)
             continue
         except BackendError as error:
             release_all(held)
@@ -308,7 +345,7 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
             observer.request_failed(request, error, attempt)
             raise
         for limiter, ticket in held:
-            limiter.succeeded(request.estimated_tokens, parsed.usage, ticket, response.headers)
+            limiter.succeeded(tokens, parsed.usage, ticket, response.headers)
         release_all(held)
         observer.request_finished(request, parsed.usage, time.monotonic() - started)
         return parsed

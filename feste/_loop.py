@@ -7,6 +7,14 @@ connection pools are reused instead of rebuilt for every request. When the calli
 thread already runs a loop (Jupyter), the coroutine runs on a private background thread
 and the caller waits for it.
 
+Which loop: the ``event_loop`` option (:mod:`feste.context`) picks the kind of the loops
+feste makes. ``"auto"`` (the default) makes uvloop loops where uvloop is installed
+(``pip install 'feste[fast]'``: its loop and socket transports are written in C, which
+cuts the client's CPU per request) unless the application installed an event loop
+policy of its own, which is then respected; ``"uvloop"`` requires uvloop;
+``"asyncio"`` makes the loops asyncio's policy makes, as feste always did. A thread
+keeps one loop per kind.
+
 Lifetime: connection pools belong to the loop they were opened on. Whoever opens one
 registers a closer with :func:`on_loop_close`; :func:`close_loop_resources` awaits the
 closers for one loop. They run
@@ -37,10 +45,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from feste import context
+from feste.errors import ConfigurationError
+
+try:  # optional: the "fast" extra
+    import uvloop
+except ImportError:  # pragma: no cover - exercised where uvloop is not installed
+    uvloop = None  # type: ignore[assignment]
+
 __all__ = [
     "aclose_on_loop",
     "close_loop_resources",
     "close_on_loop",
+    "loop_kind",
+    "new_loop",
     "on_loop_close",
     "run_sync",
     "schedule_close",
@@ -170,7 +188,7 @@ def close_on_loop(loop: asyncio.AbstractEventLoop, close: Closer) -> None:
         future = asyncio.run_coroutine_threadsafe(_await(close), loop)
         future.result(_CLOSE_WAIT)
         return
-    if loop is getattr(_local, "loop", None) and _running_loop() is None:
+    if loop in _thread_loops().values() and _running_loop() is None:
         loop.run_until_complete(_await(close))
         return
     schedule_close(loop, close)
@@ -196,6 +214,37 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 # -- feste's own loops -------------------------------------------------------------------
+
+
+def loop_kind(choice: str | None = None) -> str:
+    """``"uvloop"`` or ``"asyncio"``: the kind of loop feste makes for the ``event_loop``
+    option (``choice``, else the current context's value)."""
+    if choice is None:
+        choice = context.get("event_loop")
+    if choice == "asyncio":
+        return "asyncio"
+    if choice == "uvloop":
+        if uvloop is None:
+            raise ConfigurationError(
+                "event_loop='uvloop' but uvloop is not installed: pip install 'feste[fast]' "
+                "(or uvloop), or set event_loop='auto' to use it only where it is installed"
+            )
+        return "uvloop"
+    # "auto": uvloop where installed, unless the application chose a policy of its own.
+    if uvloop is None or type(asyncio.get_event_loop_policy()) is not _DEFAULT_POLICY:
+        return "asyncio"
+    return "uvloop"
+
+
+_DEFAULT_POLICY = asyncio.DefaultEventLoopPolicy
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A new event loop of ``kind`` (a :func:`loop_kind` answer)."""
+    if kind == "uvloop" and uvloop is not None:
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
+    return asyncio.new_event_loop()
 
 
 def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
@@ -237,27 +286,46 @@ def _close_retired_loops() -> None:
         _shut_down(loop)
 
 
-def _thread_loop() -> asyncio.AbstractEventLoop:
+def _thread_loops() -> dict[str, asyncio.AbstractEventLoop]:
+    """This thread's loops by kind."""
+    loops: dict[str, asyncio.AbstractEventLoop] | None = getattr(_local, "loops", None)
+    if loops is None:
+        loops = _local.loops = {}
+    return loops
+
+
+def _thread_loop(kind: str) -> asyncio.AbstractEventLoop:
     if _retired_loops:
         _close_retired_loops()
-    loop = getattr(_local, "loop", None)
+    loops = _thread_loops()
+    loop = loops.get(kind)
     if loop is None or loop.is_closed():
-        loop = asyncio.new_event_loop()
+        loop = new_loop(kind)
         owner = _ThreadLoopOwner()
         retire = weakref.finalize(owner, _retired_loops.append, loop)
         retire.atexit = False  # at exit, _close_all_loops closes every loop
-        _local.loop = loop
-        _local.owner = owner
+        loops[kind] = loop
+        # Held by this thread's locals only: dropped (and the loop retired) with the thread.
+        owners: list[_ThreadLoopOwner] = getattr(_local, "owners", [])
+        owners.append(owner)
+        _local.owners = owners
         with _own_loops_lock:
             _own_loops.add(loop)
     return loop
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion from synchronous code and return its result."""
+    """Run ``coro`` to completion from synchronous code and return its result.
+
+    It runs on this thread's loop of the kind the ``event_loop`` option names."""
     if _running_loop() is not None:
         return _run_on_helper_thread(coro)
-    loop = _thread_loop()
+    try:
+        kind = loop_kind()
+    except BaseException:
+        coro.close()  # never started: no "coroutine was never awaited" warning
+        raise
+    loop = _thread_loop(kind)
     task = loop.create_task(coro)
     try:
         return loop.run_until_complete(task)
@@ -274,20 +342,23 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 
 _helper_lock = threading.Lock()
-_helper_loop: asyncio.AbstractEventLoop | None = None
+# The background loops by kind (one thread each), started when first needed.
+_helper_loops: dict[str, asyncio.AbstractEventLoop] = {}
 
 
 def _start_helper() -> asyncio.AbstractEventLoop:
-    global _helper_loop
+    """The background loop of the kind the ``event_loop`` option names (started once)."""
+    kind = loop_kind()
     with _helper_lock:
-        if _helper_loop is None or _helper_loop.is_closed():
-            loop = asyncio.new_event_loop()
+        loop = _helper_loops.get(kind)
+        if loop is None or loop.is_closed():
+            loop = new_loop(kind)
             thread = threading.Thread(target=loop.run_forever, name="feste-loop", daemon=True)
             thread.start()
-            _helper_loop = loop
+            _helper_loops[kind] = loop
             with _own_loops_lock:
                 _own_loops.add(loop)
-        return _helper_loop
+        return loop
 
 
 @contextlib.contextmanager
@@ -314,7 +385,11 @@ def _interruptible() -> Iterator[None]:
 
 
 def _run_on_helper_thread(coro: Coroutine[Any, Any, T]) -> T:
-    loop = _start_helper()
+    try:
+        loop = _start_helper()
+    except BaseException:
+        coro.close()
+        raise
     ctx = contextvars.copy_context()
     future: Future[T] = Future()
     tasks: list[asyncio.Task[T]] = []

@@ -255,6 +255,15 @@ _OPTION_LIST = [
         _positive_number_or_none,
     ),
     Option(
+        "event_loop",
+        "auto",
+        "Event loop of the loops feste starts itself (feste.compute from synchronous code): "
+        "'auto' uses uvloop when it is installed (pip install 'feste[fast]'), else asyncio's; "
+        "'uvloop' requires it; 'asyncio' always uses the standard loop. A loop already running "
+        "(asyncio.run, Jupyter) is used as it is.",
+        _one_of("auto", "uvloop", "asyncio"),
+    ),
+    Option(
         "batch_window",
         0.005,
         "Seconds the async scheduler waits to gather ready calls of one batch group into a "

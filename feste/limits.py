@@ -107,6 +107,7 @@ __all__ = [
     "Ticket",
     "account_limiter",
     "admit",
+    "admit_free",
     "all_limiters",
     "backend_limiter",
     "limiter_for",
@@ -211,9 +212,6 @@ class _Waiter:
         # Granted, or given up by its caller: skipped when it reaches the heap's top.
         self.done = False
 
-    def __lt__(self, other: _Waiter) -> bool:
-        return self.order < other.order
-
 
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
@@ -268,9 +266,10 @@ class Limiter:
         # Limits shared with other processes: admissions also need the quota's consent.
         self._quota = quota
         self._lock = threading.Lock()
-        # A heap of waiters and how many of them still wait (the heap may hold some that
-        # gave up: they are dropped when they reach its top).
-        self._waiters: list[_Waiter] = []
+        # A heap of (-priority, arrival number, waiter) and how many of them still wait
+        # (the heap may hold some that gave up: they are dropped when they reach its top).
+        # Arrival numbers are unique, so the heap compares plain numbers, never waiters.
+        self._waiters: list[tuple[float, int, _Waiter]] = []
         self._waiting = 0
         self._arrivals = itertools.count()
         self._waiting_loops: collections.Counter[asyncio.AbstractEventLoop] = collections.Counter()
@@ -339,6 +338,16 @@ class Limiter:
         finally:
             self.release(ticket)
 
+    def try_acquire(self, tokens: int = 0) -> Ticket | None:
+        """Admission now if nobody waits and nothing blocks it, else None (no waiting).
+
+        The first step of :meth:`acquire`, without a coroutine: the sender's fast path.
+        """
+        with self._lock:
+            if not self._waiting and self._blocked_for(tokens, time.monotonic()) == 0.0:
+                return self._take(tokens)
+        return None
+
     async def acquire(self, tokens: int = 0, priority: float = 0) -> Ticket:
         """Wait for admission of one request of about ``tokens`` tokens.
 
@@ -351,7 +360,7 @@ class Limiter:
             loop = asyncio.get_running_loop()
             order = (-priority, next(self._arrivals))
             waiter = _Waiter(loop, loop.create_future(), tokens, order)
-            heapq.heappush(self._waiters, waiter)
+            heapq.heappush(self._waiters, (order[0], order[1], waiter))
             self._waiting += 1
             self._waiting_loops[loop] += 1
             grants, delay = self._grant_locked(time.monotonic())
@@ -549,7 +558,7 @@ class Limiter:
         time-based block."""
         granted: list[_Waiter] = []
         while self._waiters:
-            waiter = self._waiters[0]
+            waiter = self._waiters[0][2]
             if waiter.done:
                 heapq.heappop(self._waiters)
                 continue
@@ -1127,13 +1136,31 @@ def run_limits() -> RunLimits:
     return scope if scope is not None else RunLimits()
 
 
-async def admit(
-    limiters: tuple[Limiter, ...], tokens: int, priority: float = 0
-) -> list[tuple[Limiter, Ticket]]:
-    """Acquire every limiter in order; on failure or cancellation release what was held."""
+def admit_free(limiters: tuple[Limiter, ...], tokens: int) -> list[tuple[Limiter, Ticket]]:
+    """Admission from the leading ``limiters`` that admit at once, in order, stopping
+    at the first that would make the request wait; :func:`admit` takes the rest."""
     held: list[tuple[Limiter, Ticket]] = []
+    for limiter in limiters:
+        ticket = limiter.try_acquire(tokens)
+        if ticket is None:
+            break
+        held.append((limiter, ticket))
+    return held
+
+
+async def admit(
+    limiters: tuple[Limiter, ...],
+    tokens: int,
+    priority: float = 0,
+    held: list[tuple[Limiter, Ticket]] | None = None,
+) -> list[tuple[Limiter, Ticket]]:
+    """Acquire every limiter in order; on failure or cancellation release what was held.
+
+    ``held``: the admissions of the first limiters, already taken (:func:`admit_free`).
+    """
+    held = [] if held is None else held
     try:
-        for limiter in limiters:
+        for limiter in limiters[len(held) :]:
             held.append((limiter, await limiter.acquire(tokens, priority)))
     except BaseException:
         release_all(held)

@@ -150,6 +150,45 @@ def test_list_names_every_workload_and_its_contenders() -> None:
         assert len(contenders) >= 3
 
 
+def test_a_contender_filter_that_matches_nothing_is_refused() -> None:
+    result = run_benchmarks("--only", "fanout", "--contender", "nobody", timeout=60)
+    assert result.returncode == 2
+    assert "no contender matches nobody" in result.stderr
+
+
+@pytest.mark.slow
+def test_profile_writes_one_file_per_run_and_reports_top_functions(tmp_path: Path) -> None:
+    result = run_benchmarks(
+        "--quick", "--only", "fanout", "--contender", "feste", "--contender", "aiohttp",
+        "--repeat", "2", "--profile", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    assert report["profiled"] is True
+    (fanout,) = report["workloads"]
+    rows = {row["contender"]: row for row in fanout["rows"]}
+    assert list(rows) == ["feste", "asyncio.gather + semaphore (aiohttp)"]
+    files = sorted(path.name for path in (tmp_path / "profiles").iterdir())
+    assert files == [
+        "fanout--asyncio-gather-semaphore-aiohttp--run1.pstats",
+        "fanout--asyncio-gather-semaphore-aiohttp--run2.pstats",
+        "fanout--feste--run1.pstats",
+        "fanout--feste--run2.pstats",
+    ]
+    for row in rows.values():
+        assert row["status"] == "ok" and row["correct"] is True
+        assert row["cpu_s"] > 0
+        assert row["profile"]["file"].startswith(str(tmp_path / "profiles"))
+        top = row["profile"]["top"]
+        assert len(top) == 15
+        own = [entry["own_s"] for entry in top]
+        assert own == sorted(own, reverse=True)
+    # feste's own code shows among the top functions of its profile.
+    functions = " ".join(entry["function"] for entry in rows["feste"]["profile"]["top"])
+    assert "feste/" in functions
+    assert f"profile of the median run: {tmp_path / 'profiles'}" in result.stdout
+
+
 def seeded_requests(calls: int, share_429: float, seed: int) -> int:
     """Requests the server receives for ``calls`` answered calls when it draws one number
     per request from ``random.Random(seed)`` and answers 429 below ``share_429``."""

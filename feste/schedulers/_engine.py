@@ -40,12 +40,14 @@ the longest chain of backend calls through it (calls before it plus calls still 
 come after it), ties going to the call with more calls still to come, then to
 ``dask.order``. Ready Python tasks leave a priority heap while fewer than two chunks
 per worker are queued; ready backend calls leave one heap per backend object, highest
-chain priority first, while its outstanding calls are under a cap (four times its
-``max_concurrency`` and at least 64, else 1024). Inline nodes run as soon as they are
-ready. The limiters (:mod:`feste.limits`) then decide when a started call is sent,
-serving waiters by the same chain priority (``feste._calls.call_priority``) and then
-in arrival order: when requests are scarce, a chain of five dependent calls next to
-hundreds of independent ones is not sent last.
+chain priority first, while fewer of its started calls than its ``max_concurrency``
+are in flight or waiting for admission (calls waiting to retry hold no admission and
+do not count), and under a cap (four times its ``max_concurrency`` and at least 64,
+else 1024): a call is started when it can be admitted, not parked at the limiter.
+Inline nodes run as soon as they are ready. The limiters (:mod:`feste.limits`) then
+decide when a started call is sent, serving waiters by the same chain priority
+(``feste._calls.call_priority``) and then in arrival order: when requests are scarce,
+a chain of five dependent calls next to hundreds of independent ones is not sent last.
 
 State
 -----
@@ -83,6 +85,7 @@ import math
 import operator
 import os
 import time
+import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
@@ -100,7 +103,7 @@ from dask._task_spec import identity as _dask_identity
 from dask.order import order as dask_order
 
 from feste import context
-from feste._calls import call_priority, run_batch, run_call
+from feste._calls import RetryWaits, call_priority, retry_waits, run_batch, run_call
 from feste._nodes import BackendCall, BatchCall, describe_item_failures, take_item
 from feste._progress import RunProgress
 from feste.backend.types import ItemFailure
@@ -185,6 +188,21 @@ def _classify(node: Any, memo: dict[Any, int]) -> int:
     raise GraphError(f"cannot run graph node {node!r}: expected a dask.task_spec node")
 
 
+def _item_pick(node: Any) -> tuple[Hashable, int] | None:
+    """``(batch key, index)`` when ``node`` is ``take_item(<batch>, <index>)``, else None.
+
+    The engine runs such picks (one per call of a planned batch) with a direct call of
+    :func:`take_item`, without building the node's argument dict."""
+    if type(node) is not Task or node.func is not take_item or node.kwargs:
+        return None
+    if len(node.args) != 2:
+        return None
+    source, index = node.args
+    if type(source) is not TaskRef or type(index) is not int:
+        return None
+    return source.key, index
+
+
 def _argument(arg: Any, values: Mapping[Hashable, Any]) -> Any:
     """The value of one argument of a node (a literal, a reference or a nested node)."""
     if isinstance(arg, TaskRef):
@@ -222,14 +240,54 @@ def _flat_keys(keys: Any, into: list[Hashable]) -> list[Hashable]:
 
 
 class _Lane:
-    """Ready backend calls of one backend object, and how many of them are started."""
+    """Ready backend calls of one backend object, and how many of them are started.
 
-    __slots__ = ("cap", "heap", "outstanding")
+    A lane starts a call while fewer than ``limit`` of its started calls are neither
+    done nor waiting to retry (``limit`` is the backend's concurrency limit), and never
+    more than ``cap`` at once. So a call is started when an admission is free and is
+    admitted without waiting at the limiter, while a call waiting to retry (holding no
+    admission) lets another one start; the limiters still decide every admission.
+    """
 
-    def __init__(self, cap: int) -> None:
+    __slots__ = ("__weakref__", "cap", "heap", "limit", "outstanding", "retrying", "waits", "wake")
+
+    def __init__(self, cap: int, limit: int, wake: weakref.WeakMethod[Callable[[], None]]) -> None:
         self.cap = cap
+        self.limit = limit
         self.heap: list[tuple[float, int, int, _Job]] = []
         self.outstanding = 0
+        # Started calls now waiting to retry (told by the sender through ``waits``).
+        self.retrying = 0
+        # The engine's pump (weakly: no cycle keeps the engine): a call that begins to
+        # wait leaves room for another.
+        self.wake = wake
+        self.waits = _LaneWaits(self)
+
+    def has_room(self) -> bool:
+        outstanding = self.outstanding
+        return outstanding < self.cap and outstanding - self.retrying < self.limit
+
+
+class _LaneWaits(RetryWaits):
+    """What the sender tells about a lane's retry waits (see :class:`_Lane`).
+
+    It lives in the calls' contexts, which timers of connection pools may keep after the
+    run: it refers to its lane weakly, so the run's engine and backends are not kept."""
+
+    __slots__ = ("lane",)
+
+    def __init__(self, lane: _Lane) -> None:
+        self.lane = weakref.ref(lane)
+
+    def retry_waiting(self, change: int) -> None:
+        lane = self.lane()
+        if lane is None:
+            return
+        lane.retrying += change
+        if change > 0 and lane.heap:
+            pump = lane.wake()
+            if pump is not None:
+                pump()
 
 
 class _Job:
@@ -363,6 +421,8 @@ class Engine:
         self.running = 0
 
         self._inline: list[Hashable] = []
+        # Inline item picks, run as take_item(values[batch], index) (see _item_pick).
+        self._picks: dict[Hashable, tuple[Hashable, int]] = {}
         self._python: list[tuple[int, Hashable]] = []
         self._lanes: dict[int, _Lane] = {}
         self._groups: dict[Hashable, _Group] = {}
@@ -552,6 +612,9 @@ class Engine:
         kind = self.kind[key]
         if kind == _INLINE:
             self._inline.append(key)
+            pick = _item_pick(self.nodes[key])
+            if pick is not None:
+                self._picks[key] = pick
         elif kind == _PYTHON:
             heapq.heappush(self._python, (self.priority[key], key))
         elif kind in (_CALL, _BATCH):
@@ -575,11 +638,18 @@ class Engine:
         self._pumping = True
         try:
             inline = self._inline
+            picks = self._picks
             while inline:
                 key = inline.pop()
                 node = self.nodes[key]
                 try:
-                    value = node(self._inputs(key)) if self.kind[key] != _DATA else node.value
+                    pick = picks.pop(key, None)
+                    if pick is not None:
+                        value = take_item(self.values[pick[0]], pick[1])
+                    elif self.kind[key] != _DATA:
+                        value = node(self._inputs(key))
+                    else:
+                        value = node.value
                 except Exception as exc:
                     self._fail(key, exc)
                 else:
@@ -594,7 +664,7 @@ class Engine:
                     self._flush_group(group)
             if self._lanes:
                 for lane in self._lanes.values():
-                    if lane.heap and lane.outstanding < lane.cap:
+                    if lane.heap and lane.has_room():
                         self._start_lane(lane)
         except BaseException as exc:
             self._abort(exc)
@@ -753,7 +823,7 @@ class Engine:
         if lane is None:
             limit = resolve_limits(backend).max_concurrency
             cap = max(64, 4 * int(limit)) if limit else _NO_LANE_CAP
-            lane = _Lane(cap)
+            lane = _Lane(cap, int(limit) if limit else cap, weakref.WeakMethod(self._pump))
             self._lanes[id(backend)] = lane
         return lane
 
@@ -864,7 +934,7 @@ class Engine:
 
     def _start_lane(self, lane: _Lane) -> None:
         heap = lane.heap
-        while heap and lane.outstanding < lane.cap:
+        while heap and lane.has_room():
             *_, job = heapq.heappop(heap)
             lane.outstanding += 1
             self._spawn(self._send(job, lane))
@@ -873,6 +943,8 @@ class Engine:
         """The one place a backend call is made: await the request, settle its keys."""
         # Scarce admissions go first to calls with the longest chain waiting on them.
         call_priority.set(job.chain_priority)
+        # The lane counts this call's waits between attempts (see _Lane).
+        retry_waits.set(lane.waits)
         try:
             if len(job.items) == 1 and not job.whole:
                 values = [

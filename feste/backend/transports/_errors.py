@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from feste.backend.base import Backend
+from feste.backend.transports._json import CODEC
 from feste.backend.types import Request
 from feste.errors import (
     AuthenticationError,
@@ -173,7 +174,7 @@ def status_error(
 def decode_body(backend: Backend, request: Request, content: bytes) -> Any:
     """The JSON of a 2xx answer, or MalformedResponseError."""
     try:
-        return json.loads(content)
+        return CODEC.decode(content)
     except ValueError:
         failure = not_json_error(backend, request, content)
     except RecursionError:

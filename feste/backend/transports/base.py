@@ -144,6 +144,11 @@ class BaseTransport(abc.ABC):
             )
         return backend
 
+    @property
+    def ready(self) -> bool:
+        """True when :meth:`prepare` has nothing left to do (the sender then skips it)."""
+        return False
+
     async def prepare(self) -> None:  # noqa: B027 (a transport without a pool needs nothing)
         """Get ready to send on the running loop; idempotent and cheap once done.
 

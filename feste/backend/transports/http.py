@@ -4,15 +4,15 @@ Design
 ------
 One ``aiohttp.ClientSession`` per backend per loop, opened by :meth:`HTTPTransport.prepare`,
 over an unlimited keep-alive connection pool (the scheduler limits concurrency, not
-the pool). Bodies are encoded and decoded by the stdlib ``json``; the
-``Authorization`` header is built from ``backend.api_key()`` at send time, so a key
-from the environment is read where the call runs. Every failure is mapped at the one
-``except`` in :meth:`HTTPTransport.send` (see :mod:`._errors`).
+the pool). Bodies are encoded and decoded by :data:`._json.CODEC` (``orjson`` where
+installed, else the stdlib ``json``, with the same results); the ``Authorization``
+header is built from ``backend.api_key()`` at send time, so a key from the environment
+is read where the call runs; the headers are one dict built once per key. Every
+failure is mapped at the one ``except`` in :meth:`HTTPTransport.send` (see
+:mod:`._errors`).
 """
 
 from __future__ import annotations
-
-import json
 
 import aiohttp
 
@@ -24,14 +24,12 @@ from feste.backend.transports._errors import (
     status_error,
     unexpected_error,
 )
+from feste.backend.transports._json import CODEC
 from feste.backend.transports.base import BaseTransport
 from feste.backend.types import Request, Response
 from feste.errors import BackendError, BadRequestError
 
 __all__ = ["HTTPTransport"]
-
-# One encoder for every request: json.dumps with options builds a new encoder per call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class HTTPTransport(BaseTransport):
@@ -53,6 +51,10 @@ class HTTPTransport(BaseTransport):
 
     def __repr__(self) -> str:
         return f"<HTTPTransport {self.provider} {self._base_url}>"
+
+    @property
+    def ready(self) -> bool:
+        return self._pool is not None
 
     async def prepare(self) -> None:
         if self._pool is not None:
@@ -81,7 +83,7 @@ class HTTPTransport(BaseTransport):
         headers = self._request_headers(backend, request)
         failure: BackendError | None = None
         try:
-            data = _ENCODER.encode(request.payload).encode()
+            data = CODEC.encode(request.payload)
         except (TypeError, ValueError) as exc:
             failure = BadRequestError(
                 f"the request body cannot be encoded as JSON: {backend.scrub(str(exc))}",
