@@ -67,6 +67,14 @@ def _positive_number_or_none(value: Any) -> float | None:
     return float(value)
 
 
+def _positive_number(value: Any) -> float:
+    if value is None:
+        raise TypeError("expected a positive number, got None")
+    checked = _positive_number_or_none(value)
+    assert checked is not None
+    return checked
+
+
 def _non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer >= 0, got {value!r}")
@@ -289,6 +297,35 @@ _OPTION_LIST = [
         "Prices used for dollar amounts (usage records, explain): a TOML file or a mapping "
         "laid out like feste/backend/prices.toml, merged over the built-in dated list prices.",
         _prices,
+    ),
+    Option(
+        "batch_api",
+        False,
+        "Send eligible calls (OpenAI chat, completions, embeddings) as provider Batch API "
+        "jobs at batch prices instead of online requests; a call or backend given "
+        "batch_api=True/False decides for itself.",
+        _bool,
+    ),
+    Option(
+        "batch_api_window",
+        0.5,
+        "Seconds of quiet before the calls gathered for a Batch API job are submitted "
+        "(at most 20 times this after the first one).",
+        _non_negative_number,
+    ),
+    Option(
+        "batch_api_poll",
+        10.0,
+        "Seconds between the first polls of a Batch API job; the interval grows by half "
+        "each poll, up to 30 times this.",
+        _positive_number,
+    ),
+    Option(
+        "batch_api_on_expiry",
+        "resubmit",
+        "What the unfinished calls of an expired or cancelled Batch API job do: "
+        "'resubmit' (a new job) or 'online' (sent as ordinary requests).",
+        _one_of("resubmit", "online"),
     ),
     Option(
         "run",
