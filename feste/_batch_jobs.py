@@ -52,7 +52,6 @@ import copy
 import hashlib
 import json
 import random
-import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -177,10 +176,11 @@ class _Queue:
 class BatchJobs:
     """The Batch API jobs of one computation on one event loop (module docstring).
 
-    The provider's limits are class attributes, so a test (or a provider with other
-    limits) can lower them: a job holds at most :attr:`max_requests` requests,
-    :attr:`max_bytes` of JSONL and :attr:`max_job_tokens` estimated tokens (OpenAI's
-    enqueued-token budget; None: no cap).
+    The provider's limits are class attributes: a job holds at most
+    :attr:`max_requests` requests, :attr:`max_bytes` of JSONL and
+    :attr:`max_job_tokens` estimated tokens (OpenAI's enqueued-token budget; None: no
+    cap). The ``batch_api_job_limits`` option lowers them (``requests``, ``bytes``,
+    ``tokens``) for one computation.
     """
 
     max_requests: ClassVar[int] = 50_000
@@ -194,6 +194,11 @@ class BatchJobs:
         self.poll = float(context.get("batch_api_poll"))
         self.max_retries = int(context.get("max_retries"))
         self.on_expiry = str(context.get("batch_api_on_expiry"))
+        lowered = context.get("batch_api_job_limits") or {}
+        self.job_requests = min(self.max_requests, lowered.get("requests", self.max_requests))
+        self.job_bytes = min(self.max_bytes, lowered.get("bytes", self.max_bytes))
+        token_caps = [cap for cap in (self.max_job_tokens, lowered.get("tokens")) if cap]
+        self.job_tokens: int | None = min(token_caps) if token_caps else None
         self._queues: dict[tuple[str, str | None, str], _Queue] = {}
         self._occurrences: dict[str, int] = {}
         self._stored: dict[str, _Job] | None = None
@@ -348,9 +353,9 @@ class BatchJobs:
         size = tokens = 0
         for entry in entries:
             over = (
-                len(current) >= self.max_requests
-                or size + len(entry.line) + 1 > self.max_bytes
-                or (self.max_job_tokens is not None and tokens + entry.tokens > self.max_job_tokens)
+                len(current) >= self.job_requests
+                or size + len(entry.line) + 1 > self.job_bytes
+                or (self.job_tokens is not None and tokens + entry.tokens > self.job_tokens)
             )
             if current and over:
                 parts.append(current)

@@ -75,6 +75,25 @@ def _positive_number(value: Any) -> float:
     return checked
 
 
+_JOB_LIMITS = ("bytes", "requests", "tokens")
+
+
+def _job_limits(value: Any) -> Mapping[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a mapping of {', '.join(_JOB_LIMITS)} or None, got {value!r}")
+    unknown = sorted(name for name in value if name not in _JOB_LIMITS)
+    if unknown:
+        raise ValueError(f"unknown limit {unknown[0]!r}; limits: {', '.join(_JOB_LIMITS)}")
+    checked: dict[str, int] = {}
+    for name, limit in value.items():
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {limit!r}")
+        checked[name] = limit
+    return MappingProxyType(checked)
+
+
 def _non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer >= 0, got {value!r}")
@@ -319,6 +338,14 @@ _OPTION_LIST = [
         "Seconds between the first polls of a Batch API job; the interval grows by half "
         "each poll, up to 30 times this.",
         _positive_number,
+    ),
+    Option(
+        "batch_api_job_limits",
+        None,
+        "Limits of one Batch API job, lower than the provider's: a mapping with any of "
+        "'requests', 'bytes' and 'tokens' (estimated; the enqueued-token budget). None: "
+        "the provider's (50,000 requests, 200 MB).",
+        _job_limits,
     ),
     Option(
         "batch_api_on_expiry",

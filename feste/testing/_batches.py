@@ -7,7 +7,8 @@ answers their routes (``POST /v1/files``, ``GET /v1/files/{id}``,
 of ``ApiSimulator``'s state, so it needs no locks.
 
 A job's lines are answered when the job *finishes*, which happens lazily: the first
-``GET`` of a job made ``batch_completion_delay`` seconds after its creation finds it
+``GET`` of a job made ``batch_completion_delay`` seconds (as configured at that GET)
+after its creation finds it
 ``completed``, with an output file (one line per answered request) and an error file
 (one line per failed request). Each line is answered exactly as the online endpoint
 would answer the same body (the same parsers and deterministic answers), and its
@@ -75,7 +76,7 @@ class _Job:
     input_file_id: str
     lines: list[dict[str, Any]]
     created_at: int
-    finishes_at: float
+    started: float
     expires: bool
     metadata: Mapping[str, Any] | None
     status: str = "in_progress"
@@ -259,7 +260,7 @@ class BatchService:
             input_file_id=input_file.id,
             lines=lines,
             created_at=int(time.time()),
-            finishes_at=time.monotonic() + config.batch_completion_delay,
+            started=time.monotonic(),
             expires=expires,
             metadata=body.get("metadata") if isinstance(body.get("metadata"), dict) else None,
         )
@@ -282,7 +283,9 @@ class BatchService:
         job = self._job(request)
         if isinstance(job, web.Response):
             return job
-        if job.status == "in_progress" and time.monotonic() >= job.finishes_at:
+        # The delay as configured now: a test can hold jobs, then let them finish.
+        delay = self._config().batch_completion_delay
+        if job.status == "in_progress" and time.monotonic() >= job.started + delay:
             self._finish(job)
         return _json_answer(job.describe())
 

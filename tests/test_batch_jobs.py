@@ -1,0 +1,235 @@
+"""Calls sent through the provider Batch API inside ordinary graphs, on both transports.
+
+Everything is counted at the local test server: jobs created, files uploaded, lines
+answered, online requests by route.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import feste
+from feste.backend.cohere import Cohere
+from feste.backend.openai import OpenAI
+from feste.errors import BadRequestError, ConfigurationError, Failure, MalformedResponseError
+from feste.testing import TestServer, chat_text, embedding, wait_until
+
+pytestmark = pytest.mark.slow
+
+TRANSPORTS = ["http", "sdk"]
+CHAT = "gpt-4o-mini"
+EMBED = "text-embedding-3-small"
+FAST = {"batch_api_poll": 0.02, "batch_api_window": 0.05}
+
+
+def openai(server: TestServer, transport: str, **settings: Any) -> OpenAI:
+    return OpenAI(
+        api_key="sk-test", base_url=server.openai_base_url, transport=transport, **settings
+    )
+
+
+def answer(text: str) -> str:
+    return chat_text(CHAT, text)
+
+
+@pytest.fixture
+def server(llm_server_factory: Callable[..., TestServer]) -> TestServer:
+    return llm_server_factory(batch_completion_delay=0.05)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_online_and_batch_stages_feed_each_other(server: TestServer, transport: str) -> None:
+    llm = openai(server, transport, batch_api=True)
+    online_chats = [llm.chat(f"online {i}", batch_api=False) for i in range(3)]
+    batch_embeds = [llm.embed(chat) for chat in online_chats]
+    batch_chats = [llm.chat(f"batch {i}") for i in range(3)]
+    online_embeds = [llm.embed(chat, batch_api=False) for chat in batch_chats]
+
+    results = feste.compute(online_chats, batch_embeds, batch_chats, online_embeds, **FAST)
+
+    online_answers = [answer(f"online {i}") for i in range(3)]
+    batch_answers = [answer(f"batch {i}") for i in range(3)]
+    assert list(results[0]) == online_answers
+    assert list(results[1]) == [embedding(EMBED, text, 8) for text in online_answers]
+    assert list(results[2]) == batch_answers
+    assert list(results[3]) == [embedding(EMBED, text, 8) for text in batch_answers]
+    stats = server.stats()
+    # One job per endpoint: the three batch chats, and the embeddings (one request).
+    assert stats["batches"]["jobs_created"] == 2
+    assert stats["batches"]["files_uploaded"] == 2
+    assert stats["batches"]["lines_answered"] == 4
+    assert stats["by_route"]["/v1/chat/completions"] == 3
+    assert stats["by_route"]["/v1/embeddings"] == 1
+
+
+def test_the_batch_api_option_routes_eligible_calls_and_leaves_cohere_online(
+    server: TestServer,
+) -> None:
+    llm = openai(server, "http")
+    cohere = Cohere(api_key="sk-test", base_url=server.cohere_base_url)
+    calls = [llm.chat("a"), llm.chat("b"), cohere.chat("c")]
+
+    results = feste.compute(calls, batch_api=True, **FAST)
+
+    assert results[0][:2] == [answer("a"), answer("b")]
+    stats = server.stats()
+    assert stats["batches"]["lines_answered"] == 2
+    assert stats["by_route"]["/v2/chat"] == 1
+    assert "/v1/chat/completions" not in stats["by_route"]
+
+
+def test_cohere_refuses_an_explicit_batch_api(server: TestServer) -> None:
+    cohere = Cohere(api_key="sk-test", base_url=server.cohere_base_url)
+
+    with pytest.raises(ConfigurationError, match="Cohere.chat does not take batch_api=.*Batch"):
+        cohere.chat("c", batch_api=True)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_error_file_items_fail_alone(server: TestServer, transport: str) -> None:
+    llm = openai(server, transport, batch_api=True)
+    chats = [llm.chat("fine"), llm.chat("bad [[status:400]]")]
+    embeds = [llm.embed(text) for text in ("a", "b [[status:400]]", "c")]
+
+    chat_results, embed_results = feste.compute(chats, embeds, errors="return", **FAST)
+
+    assert chat_results[0] == answer("fine")
+    failure = chat_results[1]
+    assert isinstance(failure, Failure)
+    assert isinstance(failure.exception, BadRequestError)
+    assert "HTTP 400: Injected error 400 triggered by input[0]" in str(failure.exception)
+    assert embed_results[0] == embedding(EMBED, "a", 8)
+    assert embed_results[2] == embedding(EMBED, "c", 8)
+    assert isinstance(embed_results[1], Failure)
+    assert "triggered by input[1]" in str(embed_results[1].exception)
+    # The embeddings' one request failed on its bad item; the others went again alone.
+    assert server.stats()["batches"]["lines_failed"] == 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_an_expired_jobs_items_are_resubmitted(server: TestServer, transport: str) -> None:
+    server.configure(batch_expire_jobs=1)
+    llm = openai(server, transport, batch_api=True)
+
+    (results,) = feste.compute([llm.chat(f"q{i}") for i in range(3)], **FAST)
+
+    assert list(results) == [answer(f"q{i}") for i in range(3)]
+    stats = server.stats()
+    assert stats["batches"]["jobs_expired"] == 1
+    assert stats["batches"]["jobs_created"] == 2
+    assert "/v1/chat/completions" not in stats["by_route"]
+
+
+def test_an_expired_job_can_fall_back_to_online_calls(server: TestServer) -> None:
+    server.configure(batch_expire_jobs=1)
+    llm = openai(server, "http", batch_api=True)
+
+    (results,) = feste.compute(
+        [llm.chat(f"q{i}") for i in range(3)], batch_api_on_expiry="online", **FAST
+    )
+
+    assert list(results) == [answer(f"q{i}") for i in range(3)]
+    stats = server.stats()
+    assert stats["batches"]["jobs_created"] == 1
+    assert stats["by_route"]["/v1/chat/completions"] == 3
+
+
+def test_a_malformed_output_line_names_the_job_and_line(server: TestServer) -> None:
+    llm = openai(server, "http", batch_api=True)
+
+    (result,) = feste.compute([llm.chat("[[malformed]]")], errors="return", **FAST)[0]
+
+    assert isinstance(result, Failure)
+    assert isinstance(result.exception, MalformedResponseError)
+    assert "line 1 of its output file" in str(result.exception)
+    assert "batch job batch_" in str(result.exception)
+
+
+def test_jobs_are_split_at_the_job_limits(server: TestServer) -> None:
+    llm = openai(server, "http", batch_api=True)
+
+    (results,) = feste.compute(
+        [llm.chat(f"q{i}") for i in range(5)], batch_api_job_limits={"requests": 2}, **FAST
+    )
+
+    assert list(results) == [answer(f"q{i}") for i in range(5)]
+    assert server.stats()["batches"]["jobs_created"] == 3
+
+
+def test_cached_batch_answers_are_not_sent_again(server: TestServer, tmp_path: Any) -> None:
+    llm = openai(server, "http", batch_api=True)
+    cache = str(tmp_path / "cache.sqlite")
+    calls = [llm.chat(f"q{i}") for i in range(3)]
+
+    (first,) = feste.compute(calls, cache=cache, **FAST)
+    (online_rerun,) = feste.compute(
+        [llm.chat(f"q{i}", batch_api=False) for i in range(3)], cache=cache, **FAST
+    )
+
+    assert list(first) == list(online_rerun) == [answer(f"q{i}") for i in range(3)]
+    stats = server.stats()
+    # batch_api is not part of a cache key: the online calls were cache hits.
+    assert stats["batches"]["jobs_created"] == 1
+    assert "/v1/chat/completions" not in stats["by_route"]
+
+
+def test_invalid_job_limits_are_refused() -> None:
+    with pytest.raises(feste.errors.OptionError, match="unknown limit 'files'"):
+        with feste.context.set(batch_api_job_limits={"files": 2}):
+            pass
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import feste
+    from feste.backend.openai import OpenAI
+
+    url, transport, cache = sys.argv[1:4]
+    llm = OpenAI(api_key="sk-test", base_url=url, transport=transport, batch_api=True)
+    calls = [llm.chat(f"q{i}") for i in range(4)]
+    feste.compute(calls, cache=cache, run="resume", batch_api_poll=0.02, batch_api_window=0.05)
+    """
+)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_killed_run_reattaches_to_its_job(
+    llm_server_factory: Callable[..., TestServer], transport: str, tmp_path: Any
+) -> None:
+    server = llm_server_factory(batch_completion_delay=3600)
+    cache = str(tmp_path / "cache.sqlite")
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, server.openai_base_url, transport, cache],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        # Polled: the job was created and saved (it is saved before its first poll).
+        assert wait_until(
+            lambda: server.stats()["by_route"].get("/v1/batches/{batch_id}", 0) >= 1, timeout=60
+        )
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    server.configure(batch_completion_delay=0)
+    llm = openai(server, transport, batch_api=True)
+
+    (results,) = feste.compute(
+        [llm.chat(f"q{i}") for i in range(4)], cache=cache, run="resume", **FAST
+    )
+
+    assert list(results) == [answer(f"q{i}") for i in range(4)]
+    stats = server.stats()
+    assert stats["batches"]["jobs_created"] == 1
+    assert stats["batches"]["files_uploaded"] == 1
+    assert stats["batches"]["lines_answered"] == 4
+    assert "/v1/chat/completions" not in stats["by_route"]
