@@ -38,7 +38,7 @@ from feste._replay import replay_cached_calls
 from feste._runs import record_run
 from feste.backend.prices import price_table
 from feste.errors import SchedulerError
-from feste.graph import FesteGraph, GraphStats, batched_at_run_time, build_task
+from feste.graph import FesteGraph, GraphStats, batch_api_calls, batched_at_run_time, build_task
 from feste.optimization import default_optimizer
 from feste.schedulers import get_scheduler
 from feste.schedulers._engine import inline_function, run_graph
@@ -204,6 +204,7 @@ def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
         calls,
         requests,
         at_run_time=batched_at_run_time(prepared.graph),
+        batch_api=batch_api_calls(prepared.graph),
         estimated_usage=usage,
         estimated_cost=cost,
         unknown_inputs=unknown,

@@ -89,7 +89,7 @@ def test_the_batch_api_option_routes_eligible_calls_and_leaves_cohere_online(
 def test_cohere_refuses_an_explicit_batch_api(server: TestServer) -> None:
     cohere = Cohere(api_key="sk-test", base_url=server.cohere_base_url)
 
-    with pytest.raises(ConfigurationError, match="Cohere.chat does not take batch_api=.*Batch"):
+    with pytest.raises(ConfigurationError, match=r"Cohere.chat does not take batch_api=.*Batch"):
         cohere.chat("c", batch_api=True)
 
 
@@ -182,9 +182,11 @@ def test_cached_batch_answers_are_not_sent_again(server: TestServer, tmp_path: A
 
 
 def test_invalid_job_limits_are_refused() -> None:
-    with pytest.raises(feste.errors.OptionError, match="unknown limit 'files'"):
-        with feste.context.set(batch_api_job_limits={"files": 2}):
-            pass
+    with (
+        pytest.raises(feste.errors.OptionError, match="unknown limit 'files'"),
+        feste.context.set(batch_api_job_limits={"files": 2}),
+    ):
+        pass
 
 
 CHILD = textwrap.dedent(
@@ -233,3 +235,31 @@ def test_a_killed_run_reattaches_to_its_job(
     assert stats["batches"]["files_uploaded"] == 1
     assert stats["batches"]["lines_answered"] == 4
     assert "/v1/chat/completions" not in stats["by_route"]
+
+
+def test_explain_and_usage_show_batch_calls_at_batch_prices(server: TestServer) -> None:
+    llm = openai(server, "http", batch_api=True)
+    calls = [llm.chat(f"q{i}", max_tokens=10) for i in range(4)] + [
+        llm.chat("online", max_tokens=10, batch_api=False)
+    ]
+
+    plan = feste.explain(calls)
+    with feste.record_usage() as usage:
+        feste.compute(calls, **FAST)
+
+    assert plan.batch_api == {"openai.chat": 4}
+    assert "4 through Batch API jobs at batch prices" in str(plan)
+    batched = [record for record in usage.records if record.batch]
+    online = [record for record in usage.records if not record.batch]
+    assert len(batched) == 4
+    assert len(online) == 1
+    prices = feste.backend.prices.price_table().price("openai", CHAT)
+    assert prices is not None and prices.batch_input is not None
+    for record in batched:
+        assert record.cost == pytest.approx(
+            (record.prompt_tokens * prices.batch_input + record.completion_tokens * prices.batch_output)
+            / 1_000_000
+        )
+    billed = server.stats()["billed"][CHAT]
+    assert sum(record.prompt_tokens for record in usage.records) == billed["prompt_tokens"]
+    assert sum(record.completion_tokens for record in usage.records) == billed["completion_tokens"]

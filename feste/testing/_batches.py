@@ -249,7 +249,6 @@ class BatchService:
             return _openai_error(
                 400, f"No such File object: {body.get('input_file_id')}", "input_file_id"
             )
-        config = self._config()
         lines, errors = _read_lines(input_file.content, endpoint)
         expires = self._expire_left > 0
         if expires:
