@@ -145,6 +145,8 @@ class _Entry:
     tokens: int
     request: Request
     assigned: asyncio.Future[_Job]
+    #: Its caller was cancelled before the job was submitted: it is left out.
+    abandoned: bool = False
 
 
 @dataclass
@@ -333,11 +335,16 @@ class BatchJobs:
             queue.timer.cancel()
         due = min(now + self.window, queue.first_at + self.window * _MAX_WINDOWS)
         queue.timer = loop.call_at(due, self._flush, key, changed)
-        return await asyncio.shield(entry.assigned)
+        try:
+            return await asyncio.shield(entry.assigned)
+        except asyncio.CancelledError:
+            entry.abandoned = True
+            raise
 
     def _flush(self, key: tuple[str, str | None, str], changed: Any) -> None:
         queue = self._queues[key]
-        entries, queue.entries = queue.entries, []
+        entries = [entry for entry in queue.entries if not entry.abandoned]
+        queue.entries = []
         queue.timer = None
         for part in self._split(entries):
             task = asyncio.get_running_loop().create_task(
@@ -450,6 +457,8 @@ class BatchJobs:
         job.waiters += 1
         try:
             outcomes = await asyncio.shield(job.watcher)
+        except Exception as error:  # the job could not be watched: each caller's own copy
+            return copy.copy(error)
         finally:
             job.waiters -= 1
         return outcomes.get(custom_id, _Unfinished("ended without answering it"))
@@ -467,10 +476,16 @@ class BatchJobs:
         while True:
             try:
                 batch = await transport.get_batch(job.job_id)
-            except RetryableError:
+            except RetryableError as error:
                 failures += 1
                 if failures > self.max_retries:
-                    raise
+                    # Not retryable: sending the requests again would make a second job.
+                    raise BackendError(
+                        f"lost track of batch job {job.job_id} after {failures} failed polls "
+                        f"({error}); it may still be running: run again with the same cache "
+                        "and run name to re-attach to it",
+                        backend=job.provider,
+                    ) from None
                 batch = None
             if batch is not None:
                 failures = 0

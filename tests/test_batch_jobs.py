@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 import feste
 from feste.backend.cohere import Cohere
 from feste.backend.openai import OpenAI
+from feste.cache.base import SCHEMA_VERSION
+from feste.cache.postgres import PostgresStore
+from feste.cache.sqlite import SQLiteStore
 from feste.errors import BadRequestError, ConfigurationError, Failure, MalformedResponseError
 from feste.testing import TestServer, chat_text, embedding, wait_until
 
@@ -257,9 +262,74 @@ def test_explain_and_usage_show_batch_calls_at_batch_prices(server: TestServer) 
     assert prices is not None and prices.batch_input is not None
     for record in batched:
         assert record.cost == pytest.approx(
-            (record.prompt_tokens * prices.batch_input + record.completion_tokens * prices.batch_output)
+            (
+                record.prompt_tokens * prices.batch_input
+                + record.completion_tokens * prices.batch_output
+            )
             / 1_000_000
         )
     billed = server.stats()["billed"][CHAT]
     assert sum(record.prompt_tokens for record in usage.records) == billed["prompt_tokens"]
     assert sum(record.completion_tokens for record in usage.records) == billed["completion_tokens"]
+
+
+# -- the stores' batch jobs table -----------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request: Any, tmp_path: Any) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "cache.db")
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def store_at(location: str) -> Any:
+    if location.startswith("postgresql://"):
+        return PostgresStore(location)
+    return SQLiteStore(location)
+
+
+def test_stores_keep_batch_jobs_per_run(store_location: str) -> None:
+    store = store_at(store_location)
+    store.save_batch_job("nightly", "batch_1", {"job_id": "batch_1", "custom_ids": ["a"]})
+    store.save_batch_job("nightly", "batch_2", {"job_id": "batch_2", "custom_ids": ["b"]})
+    store.save_batch_job("nightly", "batch_1", {"job_id": "batch_1", "status": "completed"})
+    store.save_batch_job("", "batch_3", {"job_id": "batch_3"})
+    store.save_run({"name": "nightly", "status": "failed", "started": 1.0})
+
+    assert store.batch_jobs("nightly") == [
+        {"job_id": "batch_1", "status": "completed"},
+        {"job_id": "batch_2", "custom_ids": ["b"]},
+    ]
+    assert store.batch_jobs("") == [{"job_id": "batch_3"}]
+    assert store.delete_run("nightly") is True
+    assert store.batch_jobs("nightly") == []
+    assert store.prune(-1.0) == 0  # no results; the old job records go too
+    assert store.batch_jobs("") == []
+
+
+def execute(location: str, statement: str) -> Any:
+    """Run SQL on the store's database behind its back; the first row it returns."""
+    if location.startswith("postgresql://"):
+        with psycopg.connect(location, autocommit=True) as connection:
+            cursor = connection.execute(statement)
+            return cursor.fetchone() if cursor.description is not None else None
+    with sqlite3.connect(location) as connection:
+        return connection.execute(statement).fetchone()
+
+
+def test_a_version_1_store_gains_the_batch_jobs_table(store_location: str) -> None:
+    store_at(store_location).close()
+    execute(store_location, "DROP TABLE feste_batch_jobs")
+    execute(store_location, "UPDATE feste_meta SET value = '1' WHERE name = 'schema_version'")
+
+    store = store_at(store_location)
+    store.save_batch_job("run", "batch_1", {"job_id": "batch_1"})
+
+    assert store.batch_jobs("run") == [{"job_id": "batch_1"}]
+    assert store.stats()["schema_version"] == SCHEMA_VERSION == 2
+    (version,) = execute(
+        store_location, "SELECT value FROM feste_meta WHERE name = 'schema_version'"
+    )
+    assert version == "2"
+    store.close()

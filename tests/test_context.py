@@ -36,6 +36,11 @@ EXPECTED_OPTIONS = {
     "cache": None,
     "on_truncation": "warn",
     "prices": None,
+    "batch_api": False,
+    "batch_api_window": 0.5,
+    "batch_api_poll": 10.0,
+    "batch_api_job_limits": None,
+    "batch_api_on_expiry": "resubmit",
     "run": None,
 }
 

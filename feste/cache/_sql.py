@@ -247,4 +247,7 @@ class SQLStore(CacheStore):
         cutoff = time.time() - older_than
         with self.transaction("pruning the cache") as cursor:
             cursor.execute(self.sql("DELETE FROM feste_results WHERE created < ?"), (cutoff,))
-            return int(cursor.rowcount)
+            pruned = int(cursor.rowcount)
+            # Batch jobs that old have ended at the provider (24 hours at most).
+            cursor.execute(self.sql("DELETE FROM feste_batch_jobs WHERE created < ?"), (cutoff,))
+            return pruned

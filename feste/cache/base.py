@@ -140,7 +140,8 @@ class CacheStore:
         raise NotImplementedError
 
     def prune(self, older_than: float) -> int:
-        """Delete results stored more than ``older_than`` seconds ago; the number deleted."""
+        """Delete results stored more than ``older_than`` seconds ago (and the records of
+        batch jobs created before then); the number of results deleted."""
         raise NotImplementedError
 
     def close(self) -> None:
