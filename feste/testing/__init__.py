@@ -95,9 +95,9 @@ Modules: ``_config`` (knobs, CLI mapping), ``_stats`` (counters,
 ``_chat`` (chat options: ``n``, JSON modes, tools, log probabilities),
 ``_structured`` (schema instances, tool calls, token log probabilities),
 ``_limits`` (concurrency, requests and tokens windows, rate-limit headers),
-``_faults`` (fault choice and odd bodies), ``_batches`` (files and batch jobs), ``_app`` (``ApiSimulator``, the
-aiohttp handlers), ``_run`` (``TestServer``, ``serve``, thread and process
-modes).
+``_faults`` (fault choice and odd bodies), ``_batches`` (files and batch
+jobs), ``_app`` (``ApiSimulator``, the aiohttp handlers), ``_run``
+(``TestServer``, ``serve``, thread and process modes).
 
 Usage::
 
