@@ -289,3 +289,15 @@ def test_the_report_prices_what_the_servers_billed() -> None:
     table = markdown_table(report)
     assert "| Requests | Tokens | Dollars |" in table
     assert f"| 3 (for 5 inputs) | 11000 | ${dollars * 2:.6f} |" in table
+
+
+def test_the_report_prices_batch_job_answers_at_batch_prices() -> None:
+    billed = {"openai": {"gpt-4o-mini": {"prompt_tokens": 1000, "completion_tokens": 500}}}
+    in_jobs = {"openai": {"gpt-4o-mini": {"prompt_tokens": 600, "completion_tokens": 300}}}
+
+    tokens, dollars = priced(billed, in_jobs)
+
+    assert tokens == 1500
+    online = 400 * 0.15 + 200 * 0.60
+    batch = 600 * 0.075 + 300 * 0.30
+    assert dollars == pytest.approx((online + batch) / 1e6)

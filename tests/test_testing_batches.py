@@ -91,6 +91,8 @@ def test_a_job_answers_each_line_as_the_online_endpoint(llm_server: TestServer) 
     assert stats["batches"]["jobs_created"] == 2
     assert stats["batches"]["lines_answered"] == 3
     assert stats["billed"]["gpt-4o-mini"]["requests"] == 2
+    assert stats["batches"]["billed"]["gpt-4o-mini"] == stats["billed"]["gpt-4o-mini"]
+    assert stats["batches"]["billed"]["text-embedding-3-small"]["prompt_tokens"] == 2
     # Jobs are not online requests: no chat route was called.
     assert "/v1/chat/completions" not in stats["by_route"]
 

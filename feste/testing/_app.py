@@ -102,14 +102,14 @@ class ApiSimulator:
         return new
 
     def stats(self) -> dict[str, Any]:
-        return {**self._stats.snapshot(self._in_flight), "batches": dict(self._batches.counts)}
+        return {**self._stats.snapshot(self._in_flight), "batches": self._batches.snapshot()}
 
     def reset_stats(self) -> None:
         """Zero the statistics and forget which ``[[retry_after:S]]`` texts were answered."""
         # Requests still being served keep counting in flight.
         self._stats = Stats(in_flight=self._in_flight)
         self._faults.forget_markers()
-        self._batches.counts = self._batches.zero_counts()
+        self._batches.reset()
 
     def cancel_requests(self) -> None:
         """Cancel every request being served (hangs included): used on shutdown."""

@@ -22,7 +22,8 @@ line in the error file under code ``batch_expired``. A cancelled job ends
 
 Statistics (``stats()["batches"]``): ``files_uploaded``, ``jobs_created``,
 ``jobs_cancelled``, ``jobs_expired``, ``lines_answered``, ``lines_failed``,
-``downloads``. Answered lines are billed in ``stats()["billed"]`` like online requests.
+``downloads``, and ``billed`` (per model, what the answered lines billed). Answered
+lines are billed in ``stats()["billed"]`` too, like online requests.
 """
 
 from __future__ import annotations
@@ -146,6 +147,18 @@ class BatchService:
         self._jobs: dict[str, _Job] = {}
         self._expire_left = 0
         self.counts: dict[str, int] = self.zero_counts()
+        # Per model, what answered lines billed (they are in the server's "billed" too).
+        self.billed: dict[str, dict[str, int]] = {}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            **self.counts,
+            "billed": {model: dict(entry) for model, entry in self.billed.items()},
+        }
+
+    def reset(self) -> None:
+        self.counts = self.zero_counts()
+        self.billed = {}
 
     def expire_next(self, jobs: int) -> None:
         """The next ``jobs`` jobs created expire instead of completing."""
@@ -299,6 +312,20 @@ class BatchService:
         self.counts["jobs_cancelled"] += 1
         return _json_answer(job.describe())
 
+    def _bill_line(self, endpoint: Endpoint, model: str, payload: dict[str, Any]) -> None:
+        if not model:
+            return
+        self._bill(endpoint, model, payload)
+        prompt, completion, searches = endpoint.billed(payload)
+        entry = self.billed.setdefault(
+            model,
+            {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "search_units": 0},
+        )
+        entry["requests"] += 1
+        entry["prompt_tokens"] += prompt
+        entry["completion_tokens"] += completion
+        entry["search_units"] += searches
+
     def _finish(self, job: _Job) -> None:
         """Answer every line of ``job`` (or expire them) and write its files."""
         config = self._config()
@@ -321,7 +348,7 @@ class BatchService:
                 job.completed += 1
             else:
                 output.append(_output_line(request_id, custom_id, outcome))
-                self._bill(endpoint, str(line["body"].get("model", "")), outcome)
+                self._bill_line(endpoint, str(line["body"].get("model", "")), outcome)
                 job.completed += 1
         job.failed = len(failures)
         self.counts["lines_answered"] += job.completed
