@@ -184,7 +184,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         "size. Requests are counted at the server (retries included; `(k x 429)`: k of "
         "them were answered 429); tokens are "
         "what the answers billed, and dollars those tokens at feste's list prices "
-        "(feste/backend/prices.toml; Batch API prices for answers of batch jobs), scaled like the makespan on a subset. Peak RSS is "
+        "(feste/backend/prices.toml; Batch API prices for answers of batch jobs), "
+        "scaled like the makespan on a subset. Peak RSS is "
         "the client's resident memory (worker processes included for the pool), growth is "
         "above the forked process's starting size.",
         "",
