@@ -7,6 +7,7 @@ answered, online requests by route.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -333,3 +334,15 @@ def test_a_version_1_store_gains_the_batch_jobs_table(store_location: str) -> No
     )
     assert version == "2"
     store.close()
+
+
+def test_the_progress_bar_shows_each_jobs_state_and_counts(
+    server: TestServer, capsys: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # room for the whole line off a terminal
+    llm = openai(server, "http", batch_api=True)
+
+    feste.compute([llm.chat(f"q{i}") for i in range(3)], progress=True, **FAST)
+
+    shown = capsys.readouterr().err
+    assert re.search(r"job batch_[0-9a-f]+ completed 3/3", shown), shown
