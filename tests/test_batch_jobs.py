@@ -6,6 +6,7 @@ answered, online requests by route.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -22,10 +23,17 @@ import pytest
 import feste
 from feste.backend.cohere import Cohere
 from feste.backend.openai import OpenAI
+from feste.backend.transports import SDKTransport
 from feste.cache.base import SCHEMA_VERSION
 from feste.cache.postgres import PostgresStore
 from feste.cache.sqlite import SQLiteStore
-from feste.errors import BadRequestError, ConfigurationError, Failure, MalformedResponseError
+from feste.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    Failure,
+    MalformedResponseError,
+)
 from feste.testing import TestServer, chat_text, embedding, wait_until
 
 pytestmark = pytest.mark.slow
@@ -346,3 +354,31 @@ def test_the_progress_bar_shows_each_jobs_state_and_counts(
 
     shown = capsys.readouterr().err
     assert re.search(r"job batch_[0-9a-f]+ completed 3/3", shown), shown
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_refused_upload_fails_every_call_of_the_job(
+    llm_server_factory: Callable[..., TestServer], transport: str
+) -> None:
+    server = llm_server_factory(api_key="sk-right")
+    llm = OpenAI(
+        api_key="sk-wrong", base_url=server.openai_base_url, transport=transport, batch_api=True
+    )
+
+    (results,) = feste.compute([llm.chat("a"), llm.chat("b")], errors="return", **FAST)
+
+    assert [type(result.exception) for result in results] == [AuthenticationError] * 2
+    assert "HTTP 401: Incorrect API key provided." in str(results[0].exception)
+    assert "sk-wrong" not in str(results[0].exception)
+    stats = server.stats()
+    assert stats["by_route"] == {"/v1/files": 1}
+    assert stats["batches"]["jobs_created"] == 0
+
+
+def test_transports_without_a_batch_api_say_so(server: TestServer) -> None:
+    cohere = Cohere(api_key="sk-test", base_url=server.cohere_base_url, transport="sdk")
+    transport = SDKTransport(cohere)
+
+    with pytest.raises(ConfigurationError, match=r"cannot send cohere calls through a Batch API"):
+        asyncio.run(transport.create_batch("file-1", "/v1/embeddings"))
+    assert server.stats()["requests"] == 0
