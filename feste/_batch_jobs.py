@@ -13,7 +13,9 @@ writes stay in the sender, so hits never get here.
   came for ``batch_api_window`` seconds (at most 20 windows after the first), then
   are cut into jobs at the provider's limits (:attr:`BatchJobs.max_requests`,
   :attr:`~BatchJobs.max_bytes`, :attr:`~BatchJobs.max_job_tokens`), written as JSONL,
-  uploaded (purpose ``"batch"``) and submitted. Calls that depend on batch results
+  uploaded (purpose ``"batch"``) and submitted. With a token limit (the provider's
+  enqueued-token budget), the jobs of one model running at once stay within it: a job
+  that does not fit waits for earlier ones to end. Calls that depend on batch results
   start when their inputs arrive; online calls are never held back (batch requests
   take no limiter admission: a job is not a connection).
 * **Watching.** Each job has one watcher task that polls with back-off
@@ -206,6 +208,10 @@ class BatchJobs:
         self._stored: dict[str, _Job] | None = None
         self._loading: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # The estimated tokens of this computation's running jobs, per model: with a
+        # token limit, a job waits until it fits (the provider's enqueued-token budget).
+        self._enqueued: dict[str | None, int] = {}
+        self._budget = asyncio.Condition()
 
     # -- the sender's entry -----------------------------------------------------------
 
@@ -383,7 +389,12 @@ class BatchJobs:
         changed: Callable[[BatchJobStatus], None],
     ) -> None:
         """Upload and create one job, save it, start its watcher, tell its requests."""
+        model = entries[0].request.model
+        tokens = sum(entry.tokens for entry in entries)
+        reserved = False
         try:
+            await self._reserve(model, tokens)
+            reserved = True
             content = b"\n".join(entry.line for entry in entries) + b"\n"
             uploaded = await self._patiently(
                 lambda: transport.upload_file(f"feste-{self.run or 'batch'}.jsonl", content)
@@ -414,6 +425,8 @@ class BatchJobs:
             await self._save(job)
             changed(_status(job, created))
         except BaseException as error:
+            if reserved:
+                await self._release(model, tokens)
             for entry in entries:
                 if not entry.assigned.done():
                     entry.assigned.set_exception(copy.copy(error))
@@ -421,11 +434,45 @@ class BatchJobs:
                 raise
             return
         job.watcher = asyncio.get_running_loop().create_task(
-            self._watch(job, backend, transport, changed)
+            self._watch_holding(job, backend, transport, changed, model, tokens)
         )
         for entry in entries:
             if not entry.assigned.done():
                 entry.assigned.set_result(job)
+
+    async def _reserve(self, model: str | None, tokens: int) -> None:
+        """Wait until a job of ``tokens`` fits the token limit among the running jobs
+        of ``model`` (a job alone always fits: it was cut to the limit)."""
+        limit = self.job_tokens
+        if limit is None:
+            return
+        async with self._budget:
+            await self._budget.wait_for(
+                lambda: not self._enqueued.get(model) or self._enqueued[model] + tokens <= limit
+            )
+            self._enqueued[model] = self._enqueued.get(model, 0) + tokens
+
+    async def _watch_holding(
+        self,
+        job: _Job,
+        backend: Backend,
+        transport: BaseTransport,
+        changed: Callable[[BatchJobStatus], None],
+        model: str | None,
+        tokens: int,
+    ) -> dict[str, Outcome]:
+        """:meth:`_watch` a job made here, which holds its tokens until it ends."""
+        try:
+            return await self._watch(job, backend, transport, changed)
+        finally:
+            await self._release(model, tokens)
+
+    async def _release(self, model: str | None, tokens: int) -> None:
+        if self.job_tokens is None:
+            return
+        async with self._budget:
+            self._enqueued[model] = self._enqueued.get(model, 0) - tokens
+            self._budget.notify_all()
 
     async def _patiently(self, operation: Callable[[], Any]) -> Any:
         """``operation()`` retried on transient errors (full jitter), ``max_retries`` times."""

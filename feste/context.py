@@ -342,9 +342,10 @@ _OPTION_LIST = [
     Option(
         "batch_api_job_limits",
         None,
-        "Limits of one Batch API job, lower than the provider's: a mapping with any of "
-        "'requests', 'bytes' and 'tokens' (estimated; the enqueued-token budget). None: "
-        "the provider's (50,000 requests, 200 MB).",
+        "Limits of Batch API jobs, lower than the provider's: a mapping with any of "
+        "'requests' and 'bytes' (per job) and 'tokens' (estimated, of one model's jobs "
+        "running at once: the enqueued-token budget). None: the provider's (50,000 "
+        "requests, 200 MB).",
         _job_limits,
     ),
     Option(

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -382,3 +383,32 @@ def test_transports_without_a_batch_api_say_so(server: TestServer) -> None:
     with pytest.raises(ConfigurationError, match=r"cannot send cohere calls through a Batch API"):
         asyncio.run(transport.create_batch("file-1", "/v1/embeddings"))
     assert server.stats()["requests"] == 0
+
+
+def test_jobs_of_one_model_wait_for_the_token_limit(
+    llm_server_factory: Callable[..., TestServer],
+) -> None:
+    server = llm_server_factory(batch_completion_delay=3600)
+    llm = openai(server, "http", batch_api=True)
+    # Each call is estimated at its max_tokens (100) plus its prompt: two fit in 250.
+    calls = [llm.chat(f"q{i}", max_tokens=100) for i in range(4)]
+    outcome: list[Any] = []
+
+    def run() -> None:
+        outcome.extend(
+            feste.compute(calls, batch_api_job_limits={"tokens": 250}, errors="return", **FAST)
+        )
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        polls = "/v1/batches/{batch_id}"
+        assert wait_until(lambda: server.stats()["by_route"].get(polls, 0) >= 5, timeout=60)
+        # The first job holds the budget: the second is not submitted while it runs.
+        assert server.stats()["batches"]["jobs_created"] == 1
+    finally:
+        server.configure(batch_completion_delay=0)
+        worker.join(60)
+
+    assert list(outcome[0]) == [answer(f"q{i}") for i in range(4)]
+    assert server.stats()["batches"]["jobs_created"] == 2
