@@ -177,6 +177,10 @@ class _Queue:
     timer: asyncio.TimerHandle | None = None
 
 
+#: (backend identity, credential fingerprint, endpoint, model): one queue, its jobs.
+_QueueKey = tuple[str, str | None, str, str | None]
+
+
 class BatchJobs:
     """The Batch API jobs of one computation on one event loop (module docstring).
 
@@ -203,7 +207,7 @@ class BatchJobs:
         self.job_bytes = min(self.max_bytes, lowered.get("bytes", self.max_bytes))
         token_caps = [cap for cap in (self.max_job_tokens, lowered.get("tokens")) if cap]
         self.job_tokens: int | None = min(token_caps) if token_caps else None
-        self._queues: dict[tuple[str, str | None, str], _Queue] = {}
+        self._queues: dict[_QueueKey, _Queue] = {}
         self._occurrences: dict[str, int] = {}
         self._stored: dict[str, _Job] | None = None
         self._loading: asyncio.Future[None] | None = None
@@ -322,7 +326,8 @@ class BatchJobs:
         changed: Callable[[BatchJobStatus], None],
     ) -> _Job:
         loop = asyncio.get_running_loop()
-        key = (backend.identity(), backend.credential_fingerprint(), endpoint)
+        # A job holds the requests of one model (OpenAI's rule for an input file).
+        key = (backend.identity(), backend.credential_fingerprint(), endpoint, request.model)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(backend, transport, endpoint)
@@ -347,7 +352,7 @@ class BatchJobs:
             entry.abandoned = True
             raise
 
-    def _flush(self, key: tuple[str, str | None, str], changed: Any) -> None:
+    def _flush(self, key: _QueueKey, changed: Callable[[BatchJobStatus], None]) -> None:
         queue = self._queues[key]
         entries = [entry for entry in queue.entries if not entry.abandoned]
         queue.entries = []
@@ -399,26 +404,29 @@ class BatchJobs:
             uploaded = await self._patiently(
                 lambda: transport.upload_file(f"feste-{self.run or 'batch'}.jsonl", content)
             )
+            file_id = _id_of(backend, uploaded, "files.create")
             created = await self._patiently(
                 lambda: transport.create_batch(
-                    str(uploaded["id"]), endpoint, {"feste_run": self.run or "(unnamed)"}
+                    file_id, endpoint, {"feste_run": self.run or "(unnamed)"}
                 )
             )
+            job_id = _id_of(backend, created, "batches.create")
             job = _Job(
-                job_id=str(created["id"]),
+                job_id=job_id,
                 provider=backend.provider,
                 endpoint=endpoint,
                 custom_ids=[entry.custom_id for entry in entries],
                 requests={entry.custom_id: entry.request for entry in entries},
-                tokens=sum(entry.tokens for entry in entries),
+                tokens=tokens,
                 resumed=False,
                 record={
-                    "job_id": str(created["id"]),
+                    "job_id": job_id,
                     "provider": backend.provider,
                     "backend": backend.identity(),
                     "endpoint": endpoint,
+                    "model": model,
                     "custom_ids": [entry.custom_id for entry in entries],
-                    "input_file_id": str(uploaded["id"]),
+                    "input_file_id": file_id,
                     "status": str(created.get("status", "validating")),
                 },
             )
@@ -632,6 +640,18 @@ class BatchJobs:
                 model=request.model,
             )
         raise ValueError("neither a response nor an error")
+
+
+def _id_of(backend: Backend, body: Mapping[str, Any], operation: str) -> str:
+    """The ``id`` of a file or batch object the provider answered ``operation`` with."""
+    found = body.get("id")
+    if not isinstance(found, str) or not found:
+        raise MalformedResponseError(
+            f"unexpected response body to {operation}: no id in {backend.scrub(repr(body))[:200]}",
+            backend=backend.provider,
+            method=operation,
+        )
+    return found
 
 
 def _status(job: _Job, batch: Mapping[str, Any]) -> BatchJobStatus:

@@ -90,16 +90,15 @@ class GraphStats:
             requests = _count(self.requests.get(method, 0), "request")
             later = self.at_run_time.get(method, 0)
             jobs = self.batch_api.get(method, 0)
-            through = f", {jobs} through Batch API jobs at batch prices" if jobs else ""
+            notes = []
             if later:
-                lines.append(
-                    f"  {method}: {calls} -> at most {requests} "
-                    f"({later} batched at run time as their inputs arrive{through})"
-                )
-            else:
-                lines.append(
-                    f"  {method}: {calls} -> {requests}" + (f" ({through[2:]})" if jobs else "")
-                )
+                notes.append(f"{later} batched at run time as their inputs arrive")
+            if jobs:
+                notes.append(f"{jobs} through Batch API jobs at batch prices")
+            line = f"  {method}: {calls} -> {'at most ' if later else ''}{requests}"
+            if notes:
+                line += f" ({', '.join(notes)})"
+            lines.append(line)
         if self.estimated_usage:
             lines.extend(self._estimate_lines())
         return "\n".join(lines)

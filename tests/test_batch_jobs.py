@@ -412,3 +412,13 @@ def test_jobs_of_one_model_wait_for_the_token_limit(
 
     assert list(outcome[0]) == [answer(f"q{i}") for i in range(4)]
     assert server.stats()["batches"]["jobs_created"] == 2
+
+
+def test_each_model_gets_its_own_job(server: TestServer) -> None:
+    llm = openai(server, "http", batch_api=True)
+    calls = [llm.chat("a"), llm.chat("b", model="gpt-4o"), llm.chat("c")]
+
+    (results,) = feste.compute(calls, **FAST)
+
+    assert list(results) == [answer("a"), chat_text("gpt-4o", "b"), answer("c")]
+    assert server.stats()["batches"]["jobs_created"] == 2

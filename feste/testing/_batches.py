@@ -396,6 +396,12 @@ def _read_lines(content: bytes, endpoint: str) -> tuple[list[dict[str, Any]], li
         if not isinstance(line.get("body"), dict):
             errors.append(_validation(number, "missing_body", "a JSON object body is required"))
             continue
+        model = line["body"].get("model")
+        if lines and model != lines[0]["body"].get("model"):
+            errors.append(
+                _validation(number, "mismatched_model", "every request of a file uses one model")
+            )
+            continue
         seen.add(line["custom_id"])
         lines.append(line)
     if not lines and not errors:
