@@ -316,6 +316,9 @@ def test_stores_keep_batch_jobs_per_run(store_location: str) -> None:
     assert store.batch_jobs("nightly") == []
     assert store.prune(-1.0) == 0  # no results; the old job records go too
     assert store.batch_jobs("") == []
+    store.save_batch_job("", "batch_4", {"job_id": "batch_4"})
+    assert store.clear() == 0
+    assert store.batch_jobs("") == []
 
 
 def execute(location: str, statement: str) -> Any:

@@ -241,7 +241,10 @@ class SQLStore(CacheStore):
     def clear(self) -> int:
         with self.transaction("clearing the cache") as cursor:
             cursor.execute("DELETE FROM feste_results")
-            return int(cursor.rowcount)
+            cleared = int(cursor.rowcount)
+            # A job's answers are cached results too: a cleared cache sends calls again.
+            cursor.execute("DELETE FROM feste_batch_jobs")
+            return cleared
 
     def prune(self, older_than: float) -> int:
         cutoff = time.time() - older_than

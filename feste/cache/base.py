@@ -136,7 +136,8 @@ class CacheStore:
         raise NotImplementedError
 
     def clear(self) -> int:
-        """Delete every cached result (run history stays); the number deleted."""
+        """Delete every cached result and batch job record (run history stays); the
+        number of results deleted."""
         raise NotImplementedError
 
     def prune(self, older_than: float) -> int:
