@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import openai as sdk
 import psycopg
 import pytest
 
@@ -425,3 +426,30 @@ def test_each_model_gets_its_own_job(server: TestServer) -> None:
 
     assert list(results) == [answer("a"), chat_text("gpt-4o", "b"), answer("c")]
     assert server.stats()["batches"]["jobs_created"] == 2
+
+
+def test_a_job_cancelled_elsewhere_is_resubmitted(
+    llm_server_factory: Callable[..., TestServer],
+) -> None:
+    server = llm_server_factory(batch_completion_delay=3600)
+    llm = openai(server, "http", batch_api=True)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        outcome.extend(feste.compute([llm.chat(f"q{i}") for i in range(3)], **FAST))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        polls = "/v1/batches/{batch_id}"
+        assert wait_until(lambda: server.stats()["by_route"].get(polls, 0) >= 1, timeout=60)
+        client = sdk.OpenAI(base_url=server.openai_base_url, api_key="sk-test", max_retries=0)
+        (job,) = client.batches.list().data
+        client.batches.cancel(job.id)
+    finally:
+        server.configure(batch_completion_delay=0)
+        worker.join(60)
+
+    assert list(outcome[0]) == [answer(f"q{i}") for i in range(3)]
+    stats = server.stats()["batches"]
+    assert (stats["jobs_cancelled"], stats["jobs_created"]) == (1, 2)

@@ -147,6 +147,7 @@ def test_jobs_are_held_by_the_completion_delay_and_can_be_cancelled(
     batch = submit(client, [chat_line("a", "one")], "/v1/chat/completions")
 
     assert client.batches.retrieve(batch.id).status == "in_progress"
+    assert [job.id for job in client.batches.list().data] == [batch.id]
     assert client.batches.cancel(batch.id).status == "cancelled"
     with pytest.raises(openai.ConflictError, match="Cannot cancel a batch with status"):
         client.batches.cancel(batch.id)

@@ -2,8 +2,8 @@
 
 Design: ``BatchService`` holds the uploaded files and the jobs of one server and
 answers their routes (``POST /v1/files``, ``GET /v1/files/{id}``,
-``GET /v1/files/{id}/content``, ``POST /v1/batches``, ``GET /v1/batches/{id}``,
-``POST /v1/batches/{id}/cancel``). It lives on the server's event loop like the rest
+``GET /v1/files/{id}/content``, ``POST /v1/batches``, ``GET /v1/batches`` (every job,
+newest first), ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``). It lives on the server's event loop like the rest
 of ``ApiSimulator``'s state, so it needs no locks.
 
 A job's lines are answered when the job *finishes*, which happens lazily: the first
@@ -185,6 +185,7 @@ class BatchService:
         app.router.add_get("/v1/files/{file_id}", wrap(self.file_info))
         app.router.add_get("/v1/files/{file_id}/content", wrap(self.file_content))
         app.router.add_post("/v1/batches", wrap(self.create))
+        app.router.add_get("/v1/batches", wrap(self.list_jobs))
         app.router.add_get("/v1/batches/{batch_id}", wrap(self.retrieve))
         app.router.add_post("/v1/batches/{batch_id}/cancel", wrap(self.cancel))
 
@@ -283,6 +284,18 @@ class BatchService:
         self._jobs[job.id] = job
         self.counts["jobs_created"] += 1
         return _json_answer(job.describe())
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        jobs = [job.describe() for job in reversed(self._jobs.values())]
+        return _json_answer(
+            {
+                "object": "list",
+                "data": jobs,
+                "first_id": jobs[0]["id"] if jobs else None,
+                "last_id": jobs[-1]["id"] if jobs else None,
+                "has_more": False,
+            }
+        )
 
     def _job(self, request: web.Request) -> _Job | web.Response:
         batch_id = request.match_info["batch_id"]
