@@ -3,8 +3,9 @@
 Design: ``BatchService`` holds the uploaded files and the jobs of one server and
 answers their routes (``POST /v1/files``, ``GET /v1/files/{id}``,
 ``GET /v1/files/{id}/content``, ``POST /v1/batches``, ``GET /v1/batches`` (every job,
-newest first), ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``). It lives on the server's event loop like the rest
-of ``ApiSimulator``'s state, so it needs no locks.
+newest first), ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``). It lives
+on the server's event loop like the rest of ``ApiSimulator``'s state, so it needs no
+locks.
 
 A job's lines are answered when the job *finishes*, which happens lazily: the first
 ``GET`` of a job made ``batch_completion_delay`` seconds (as configured at that GET)
