@@ -505,7 +505,7 @@ class BatchJobs:
         custom_id: str,
         changed: Callable[[BatchJobStatus], None],
     ) -> Outcome:
-        if job.watcher is None:  # a stored job: watched from now on
+        if job.watcher is None:  # a stored job (or one left unwatched): watched from now on
             job.watcher = asyncio.get_running_loop().create_task(
                 self._watch(job, backend, transport, changed)
             )
@@ -551,7 +551,10 @@ class BatchJobs:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, self.poll * _MAX_POLL_GROWTH)
             if job.waiters == 0:
-                return {}  # nobody waits any more: the job runs on, a later run re-attaches
+                # Nobody waits any more: the job runs on at the provider. A caller that
+                # comes for it later starts a new watcher; a later run re-attaches.
+                job.watcher = None
+                return {}
         outcomes = await self._outcomes(job, backend, transport, batch)
         await self._save(job, status=status)
         return outcomes
