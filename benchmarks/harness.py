@@ -441,12 +441,15 @@ class ServerPair:
             "max_in_flight": {},
             "first_arrival": {},
             "billed": {},
+            "billed_batch": {},
         }
         for name, server in (("openai", self.openai), ("cohere", self.cohere)):
             stats = server.stats()
             summary["requests"] += stats.get("requests", 0)
             # What the answers billed, per provider and model (priced in the report).
             summary["billed"][name] = stats.get("billed", {})
+            # The part of it answered through Batch API jobs (priced at batch prices).
+            summary["billed_batch"][name] = stats.get("batches", {}).get("billed", {})
             summary["items"] += stats.get("items", 0)
             for key in ("by_route", "status_counts"):
                 for route, count in stats.get(key, {}).items():
@@ -570,6 +573,7 @@ def _measure_contender(
             label: arrivals.get(route) for label, route in workload.milestones.items()
         }
     row["billed"] = median["server"]["billed"]  # priced in the report (report.priced)
+    row["billed_batch"] = median["server"].get("billed_batch", {})
     if workload.per_item:
         row["per_item_us"] = makespan / size * 1e6
     log(
@@ -647,6 +651,7 @@ def _server_knobs(workload: Workload) -> dict[str, Any]:
         "fault_hang": 0.0,
         "fault_drop": 0.0,
         "seed": 0,
+        "batch_completion_delay": 0.0,
     }
     knobs.update(workload.server)
     return knobs

@@ -48,23 +48,36 @@ def _makespan(row: dict[str, Any], per_item: bool) -> str:
     return text
 
 
-def priced(billed: dict[str, dict[str, dict[str, int]]]) -> tuple[int, float | None]:
+def _usage(model: str, counts: dict[str, int], minus: dict[str, int]) -> Usage:
+    """The usage of ``counts`` less ``minus`` (the part billed elsewhere)."""
+    return Usage(
+        model,
+        counts.get("prompt_tokens", 0) - minus.get("prompt_tokens", 0),
+        counts.get("completion_tokens", 0) - minus.get("completion_tokens", 0),
+        search_units=counts.get("search_units", 0) - minus.get("search_units", 0),
+    )
+
+
+def priced(
+    billed: dict[str, dict[str, dict[str, int]]],
+    batch: dict[str, dict[str, dict[str, int]]] | None = None,
+) -> tuple[int, float | None]:
     """(tokens, dollars at feste's list prices) of what the servers billed, per provider
-    and model; dollars None when a model is not in the price table."""
+    and model; dollars None when a model is not in the price table. ``batch`` is the
+    part of ``billed`` answered through Batch API jobs, priced at batch prices."""
     table = builtin_prices()
     tokens = 0
     dollars: float | None = 0.0
     for provider, models in billed.items():
         for model, counts in models.items():
-            usage = Usage(
-                model,
-                counts.get("prompt_tokens", 0),
-                counts.get("completion_tokens", 0),
-                search_units=counts.get("search_units", 0),
-            )
-            tokens += usage.total_tokens
-            cost = table.cost(provider, usage)
-            dollars = None if cost is None or dollars is None else dollars + cost
+            in_jobs = (batch or {}).get(provider, {}).get(model, {})
+            parts = [(_usage(model, counts, in_jobs), False)]
+            if in_jobs:
+                parts.append((_usage(model, in_jobs, {}), True))
+            for usage, at_batch_prices in parts:
+                tokens += usage.total_tokens
+                cost = table.cost(provider, usage, batch=at_batch_prices)
+                dollars = None if cost is None or dollars is None else dollars + cost
     return tokens, dollars
 
 
@@ -72,7 +85,7 @@ def _billing_cells(row: dict[str, Any]) -> list[str]:
     """Tokens and dollars of a row, scaled like its makespan when it ran on a subset."""
     if "billed" not in row:
         return ["", ""]  # a report made before the servers counted tokens
-    tokens, dollars = priced(row["billed"])
+    tokens, dollars = priced(row["billed"], row.get("billed_batch"))
     scale = row.get("scale", 1.0)
     shown = "unpriced" if dollars is None else f"${dollars * scale:.6f}"
     return [str(round(tokens * scale)), shown]
@@ -171,7 +184,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         "size. Requests are counted at the server (retries included; `(k x 429)`: k of "
         "them were answered 429); tokens are "
         "what the answers billed, and dollars those tokens at feste's list prices "
-        "(feste/backend/prices.toml), scaled like the makespan on a subset. Peak RSS is "
+        "(feste/backend/prices.toml; Batch API prices for answers of batch jobs), "
+        "scaled like the makespan on a subset. Peak RSS is "
         "the client's resident memory (worker processes included for the pool), growth is "
         "above the forked process's starting size.",
         "",

@@ -29,12 +29,16 @@ Every scheduler reaches a provider through this module: the async engine awaits
    timings come as one :class:`RequestReport`, and calls the cache answered as
    :class:`CachedCalls`. An answer cut at its token limit then warns once per run,
    raises or passes, as the ``on_truncation`` option says.
-4. With a result cache on (:mod:`feste.cache`), :func:`run_call` and :func:`run_batch`
+4. A call routed to a provider Batch API (``batch_api``, :mod:`feste._batch_jobs`)
+   is built and looked up like any other; :func:`send` then hands its request to the
+   computation's batch jobs instead of the transport (no limiter admission: a job is
+   not a connection), and its report says ``batch=True`` (batch prices).
+5. With a result cache on (:mod:`feste.cache`), :func:`run_call` and :func:`run_batch`
    look every call up before sending (the items of a batch one by one, in one bulk
    query): hits never reach :func:`send`, so they take no limiter admission and
    reserve nothing from the budget; the misses are sent and their values stored
    (committed) before they are handed on.
-5. A call whose backend *finishes* its value after the cache (``Backend.finishes``:
+6. A call whose backend *finishes* its value after the cache (``Backend.finishes``:
    structured outputs, whole answers) carries the parsed answer through the cache and
    is finished in :func:`run_call`; an answer that does not validate is re-asked up
    to ``Backend.repair_retries`` times (each re-ask is a call of its own, cached too).
@@ -51,6 +55,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from feste import context
+from feste._batch_jobs import BatchJobStatus, SendOnline, batch_jobs, batch_route
 from feste._reports import CachedCalls, RequestReport, RequestTiming, apply_truncation_policy
 from feste.backend.base import Backend
 from feste.backend.spec import chunk_items
@@ -107,6 +112,9 @@ class RunObserver:
 
     def calls_cached(self, cached: CachedCalls) -> None:
         """Calls were answered by the result cache instead of a request."""
+
+    def batch_job_changed(self, job: BatchJobStatus) -> None:
+        """A provider Batch API job was created or polled (its state and counts)."""
 
 
 #: The priority of the calls made in this context (higher is admitted first).
@@ -181,12 +189,14 @@ def _deadline_error(request: Request, policy: _RetryPolicy, waiting: str) -> Tra
     )
 
 
-async def send(backend: Backend, request: Request) -> Parsed:
+async def send(backend: Backend, request: Request, *, batch: bool = False) -> Parsed:
     """Send ``request`` with limits, timeouts and retries; return the parsed result.
 
     Every request ends with one :class:`RequestReport` to the observer; an answer cut
     at its token limit is then handled by the ``on_truncation`` option (see
-    :func:`_send_attempts` for the policy of attempts).
+    :func:`_send_attempts` for the policy of attempts). ``batch=True`` (the call was
+    routed to a Batch API: :func:`feste._batch_jobs.batch_route`) hands the request to
+    the computation's batch jobs instead of the transport.
     """
     observer = current_observer.get()
     timing = RequestTiming()
@@ -194,19 +204,48 @@ async def send(backend: Backend, request: Request) -> Parsed:
     reported = type(observer).request_ended is not RunObserver.request_ended
     # First, before any way of sending: a request the budget (max_cost) cannot pay for
     # is never sent (BudgetExceeded); failed attempts are not billed, so cost nothing.
-    reservation = await run_limits().reserve(backend, request)
+    # A Batch API call is reserved at batch prices unless an expired job may send it
+    # online (batch_api_on_expiry="online"): then at the online ones, the upper bound.
+    batch_priced = batch and context.get("batch_api_on_expiry") != "online"
+    reservation = await run_limits().reserve(backend, request, batch=batch_priced)
     try:
-        parsed = await _send_attempts(backend, request, timing)
+        if batch:
+            parsed = await _send_to_batch_job(backend, request, timing)
+        else:
+            parsed = await _send_attempts(backend, request, timing)
     except BaseException as error:
         reservation.release()
         if reported:
             observer.request_ended(request, timing.report(request, None, error))
         raise
-    reservation.settle(parsed.usage)
+    reservation.settle(parsed.usage, batch=timing.batch)
     if reported:
         observer.request_ended(request, timing.report(request, parsed.usage, None))
     if parsed.truncated:
         apply_truncation_policy(run_limits(), request, parsed)
+    return parsed
+
+
+async def _send_to_batch_job(backend: Backend, request: Request, timing: RequestTiming) -> Parsed:
+    """``request`` through a Batch API job (:mod:`feste._batch_jobs`), which retries and
+    resubmits for itself; sent online instead when its job expired and
+    ``batch_api_on_expiry="online"``."""
+    observer = current_observer.get()
+    timing.admitted(1)
+    timing.batch = True
+    observer.request_started(request)
+    started = time.monotonic()
+    try:
+        transport = await transport_for(backend)
+        response = await batch_jobs().send(backend, transport, request, observer.batch_job_changed)
+        parsed = backend.parse_response(request, response)
+    except SendOnline:
+        timing.batch = False
+        return await _send_attempts(backend, request, timing)
+    except BaseException as error:
+        observer.request_failed(request, error, getattr(error, "attempts", 1) or 1)
+        raise
+    observer.request_finished(request, parsed.usage, time.monotonic() - started)
     return parsed
 
 
@@ -390,8 +429,9 @@ async def _answer(
         if key in found:
             tell_cached(backend, method, [item], [found[key]], params)
             return found[key]
-    request = backend.build_request(method, [item], params)
-    parsed = await send(backend, request)
+    batch, sent_params = batch_route(backend, method, params)
+    request = backend.build_request(method, [item], sent_params)
+    parsed = await send(backend, request, batch=batch)
     value = parsed.values[0]
     if cache is not None:
         cache.sent(1)
@@ -442,8 +482,9 @@ async def _send_items(
     backend: Backend, method: str, items: list[Any], params: Mapping[str, Any]
 ) -> list[Any]:
     """One request for ``items``: one value per item, or a BackendError."""
-    request = backend.build_request(method, items, params)
-    parsed = await send(backend, request)
+    batch, sent_params = batch_route(backend, method, params)
+    request = backend.build_request(method, items, sent_params)
+    parsed = await send(backend, request, batch=batch)
     if len(parsed.values) != len(items):
         raise backend.malformed(
             request, f"{len(parsed.values)} results for a request of {len(items)} items"

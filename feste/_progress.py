@@ -6,7 +6,8 @@ The bar counts what the user wrote: backend *calls* (each ``BackendCall`` node, 
 each item picked out of a planned batch), not graph steps. A scheduler reports each
 task that settles (:class:`feste.schedulers._policy.TaskEvents` forwards it to
 :meth:`RunProgress.settled`); what happens to requests (sent, retried, failed,
-tokens) is only known inside :func:`feste._calls.send`, which reports it to the
+tokens, and the state of provider Batch API jobs) is only known inside
+:func:`feste._calls.send`, which reports it to the
 current :class:`~feste._calls.RunObserver`: :class:`RunProgress` is that observer for
 the run, forwarding every report to the observer that was current before, so usage,
 cost or tracing observers keep working.
@@ -35,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 
 from feste import context
+from feste._batch_jobs import BatchJobStatus
 from feste._calls import CachedCalls, RequestReport, RunObserver, current_observer
 from feste._nodes import BackendCall, BatchCall, take_item
 from feste.backend.types import Request, Usage
@@ -84,6 +86,7 @@ class RunProgress(RunObserver):
         self.retries = 0
         self.failed_requests = 0
         self.tokens = 0
+        self.jobs: dict[str, BatchJobStatus] = {}
         self._token: contextvars.Token[RunObserver] | None = None
         self._bar: Any = None
         self._task_id: Any = None
@@ -141,6 +144,10 @@ class RunProgress(RunObserver):
     def calls_cached(self, cached: CachedCalls) -> None:
         self.previous.calls_cached(cached)
 
+    def batch_job_changed(self, job: BatchJobStatus) -> None:
+        self.jobs[job.job_id] = job
+        self.previous.batch_job_changed(job)
+
     # -- display ----------------------------------------------------------------------
 
     def details(self) -> str:
@@ -157,7 +164,26 @@ class RunProgress(RunObserver):
             parts.append(f"{self.calls_failed} failed")
         if self.tokens:
             parts.append(f"{self.tokens} tokens")
+        if self.jobs:
+            parts.append(self.jobs_summary())
         return " · ".join(parts)
+
+    def jobs_summary(self) -> str:
+        """The Batch API jobs: each one's state and counts (or, for many, per state)."""
+        jobs = list(self.jobs.values())
+        if len(jobs) <= 2:
+            return ", ".join(
+                f"job {job.job_id} {job.status} {job.completed + job.failed}/{job.total}"
+                + (f" ({job.failed} failed)" if job.failed else "")
+                for job in jobs
+            )
+        states: dict[str, int] = {}
+        for job in jobs:
+            states[job.status] = states.get(job.status, 0) + 1
+        finished = sum(job.completed + job.failed for job in jobs)
+        total = sum(job.total for job in jobs)
+        shown = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+        return f"{len(jobs)} batch jobs ({shown}) {finished}/{total}"
 
     def _open(self) -> None:
         # Counts and time never shrink; the details give way on a narrow terminal.

@@ -42,6 +42,7 @@ class RequestReport:
     reached the sender, ``started_at`` when its first attempt was admitted by the
     limiters (None when it never was), ``ended_at`` when it was over.
     ``retry_wait`` is the time spent between attempts (backoff and re-admission);
+    ``batch`` says it went through a provider Batch API job (:mod:`feste._batch_jobs`);
     ``error`` the final error as ``"Type: message"`` (None when answered). Plain data:
     it pickles, so workers can send it back (:mod:`feste.usage`).
     """
@@ -59,6 +60,8 @@ class RequestReport:
     error: str | None
     pid: int
     thread: int
+    #: Sent through a provider Batch API job (billed at batch prices).
+    batch: bool = False
 
     @property
     def limiter_wait(self) -> float:
@@ -87,9 +90,10 @@ class CachedCalls:
 class RequestTiming:
     """What :func:`send` measures of one request for its :class:`RequestReport`."""
 
-    __slots__ = ("attempts", "queued_at", "retry_wait", "started_at", "waiting_since")
+    __slots__ = ("attempts", "batch", "queued_at", "retry_wait", "started_at", "waiting_since")
 
     def __init__(self) -> None:
+        self.batch = False
         self.queued_at = time.time()
         self.started_at: float | None = None
         self.attempts = 0
@@ -126,6 +130,7 @@ class RequestTiming:
             error=None if error is None else f"{type(error).__name__}: {error}",
             pid=os.getpid(),
             thread=threading.get_ident(),
+            batch=self.batch,
         )
 
 

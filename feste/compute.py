@@ -45,13 +45,14 @@ from dask.task_spec import GraphNode, Task, TaskRef
 from dask.utils import ensure_dict, funcname
 
 from feste import context
+from feste._batch_jobs import batch_route
 from feste._nodes import BackendCall, BatchCall
 from feste._replay import replay_cached_calls
 from feste._runs import record_run
 from feste.backend.prices import price_table
 from feste.backend.spec import chunk_items
 from feste.errors import BudgetExceeded, FesteError, SchedulerError
-from feste.graph import FesteGraph, GraphStats, batched_at_run_time, build_task
+from feste.graph import FesteGraph, GraphStats, batch_api_calls, batched_at_run_time, build_task
 from feste.limits import (
     ASSUMED_INPUT_TOKENS,
     ASSUMED_OUTPUT_TOKENS,
@@ -131,7 +132,8 @@ def run_graph_dict(
 
 # -- the budget ------------------------------------------------------------------------
 
-_BUDGET_OPTIONS = ("max_cost", "over_estimate")
+# The options the estimate reads: the budget's, and the Batch API's (batch prices).
+_BUDGET_OPTIONS = ("batch_api", "batch_api_on_expiry", "max_cost", "over_estimate")
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ def estimate_run_cost(graph: Mapping[Any, Any]) -> RunEstimate:
     ``Backend.estimated_usage``.
     """
     placeholder = "x" * (4 * ASSUMED_INPUT_TOKENS)
+    online_on_expiry = context.get("batch_api_on_expiry") == "online"
     table = price_table()
     dollars = 0.0
     calls = requests = unknown = assumed = 0
@@ -185,7 +188,11 @@ def estimate_run_cost(graph: Mapping[Any, Any]) -> RunEstimate:
         else:
             items = [node.args[0]] if node.args else []
             chunks = [[_assumed(item, placeholder) for item in items]]
-        params = {name: value for name, value in node.kwargs.items() if _known(value)}
+        known_params = {name: value for name, value in node.kwargs.items() if _known(value)}
+        # Batch API calls are priced at batch prices, and sent without their routing.
+        batch, params = batch_route(backend, method, known_params)
+        # As the sender reserves: at online prices when an expired job may go online.
+        batch = batch and not online_on_expiry
         calls += len(items)
         unknown += sum(1 for item in items if not _known(item))
         for chunk in chunks:
@@ -198,9 +205,9 @@ def estimate_run_cost(graph: Mapping[Any, Any]) -> RunEstimate:
                     estimate = backend.estimated_usage(method, item, params)
                     usage = estimate if usage is None else usage + estimate
                 model = None if usage is None else usage.model
-                cost = None if usage is None else table.cost(backend.provider, usage)
+                cost = None if usage is None else table.cost(backend.provider, usage, batch=batch)
             else:
-                priced = request_cost_estimate(backend, request)
+                priced = request_cost_estimate(backend, request, batch=batch)
                 model, cost = priced.model, priced.dollars
                 assumed += priced.assumed_output
             if cost is None:
@@ -229,8 +236,9 @@ def check_budget(graph: Mapping[Any, Any], get: Any, kwargs: Mapping[str, Any]) 
     with context.set(**options):
         budget = context.get("max_cost")
         over_estimate = context.get("over_estimate")
-    if budget is None:
-        return
+        if budget is None:
+            return
+        estimate = estimate_run_cost(graph)
     if not any(get is module.get for module in SCHEDULERS.values()):
         raise SchedulerError(
             f"max_cost is enforced by feste's own schedulers "
@@ -238,7 +246,6 @@ def check_budget(graph: Mapping[Any, Any], get: Any, kwargs: Mapping[str, Any]) 
             "which cannot keep one budget for the whole computation: use one of those "
             "schedulers, or leave max_cost unset"
         )
-    estimate = estimate_run_cost(graph)
     if estimate.unpriced:
         provider, model = estimate.unpriced[0]
         raise unpriced_error(provider, model)
@@ -373,6 +380,7 @@ def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
         calls,
         requests,
         at_run_time=batched_at_run_time(prepared.graph),
+        batch_api=batch_api_calls(prepared.graph),
         estimated_usage=usage,
         estimated_cost=cost,
         unknown_inputs=unknown,

@@ -83,6 +83,33 @@ def _dollars_or_none(value: Any) -> float | None:
     return float(value)
 
 
+def _positive_number(value: Any) -> float:
+    if value is None:
+        raise TypeError("expected a positive number, got None")
+    checked = _positive_number_or_none(value)
+    assert checked is not None
+    return checked
+
+
+_JOB_LIMITS = ("bytes", "requests", "tokens")
+
+
+def _job_limits(value: Any) -> Mapping[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"expected a mapping of {', '.join(_JOB_LIMITS)} or None, got {value!r}")
+    unknown = sorted(name for name in value if name not in _JOB_LIMITS)
+    if unknown:
+        raise ValueError(f"unknown limit {unknown[0]!r}; limits: {', '.join(_JOB_LIMITS)}")
+    checked: dict[str, int] = {}
+    for name, limit in value.items():
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {limit!r}")
+        checked[name] = limit
+    return MappingProxyType(checked)
+
+
 def _non_negative_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected an integer >= 0, got {value!r}")
@@ -331,6 +358,44 @@ _OPTION_LIST = [
         "'refuse' (raise BudgetExceeded before sending anything) or 'start' (run anyway; "
         "requests stop being sent when the budget would be passed).",
         _one_of("refuse", "start"),
+    ),
+    Option(
+        "batch_api",
+        False,
+        "Send eligible calls (OpenAI chat, completions, embeddings) as provider Batch API "
+        "jobs at batch prices instead of online requests; a call or backend given "
+        "batch_api=True/False decides for itself.",
+        _bool,
+    ),
+    Option(
+        "batch_api_window",
+        0.5,
+        "Seconds of quiet before the calls gathered for a Batch API job are submitted "
+        "(at most 20 times this after the first one).",
+        _non_negative_number,
+    ),
+    Option(
+        "batch_api_poll",
+        10.0,
+        "Seconds between the first polls of a Batch API job; the interval grows by half "
+        "each poll, up to 30 times this.",
+        _positive_number,
+    ),
+    Option(
+        "batch_api_job_limits",
+        None,
+        "Limits of Batch API jobs, lower than the provider's: a mapping with any of "
+        "'requests' and 'bytes' (per job) and 'tokens' (estimated, of one model's jobs "
+        "running at once: the enqueued-token budget). None: the provider's (50,000 "
+        "requests, 200 MB).",
+        _job_limits,
+    ),
+    Option(
+        "batch_api_on_expiry",
+        "resubmit",
+        "What the unfinished calls of an expired or cancelled Batch API job do: "
+        "'resubmit' (a new job) or 'online' (sent as ordinary requests).",
+        _one_of("resubmit", "online"),
     ),
     Option(
         "run",

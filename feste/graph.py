@@ -31,6 +31,7 @@ from dask.order import order as dask_order
 from dask.task_spec import Alias, DataNode, GraphNode, List, Task, TaskRef
 from dask.utils import ensure_dict, funcname
 
+from feste._batch_jobs import batch_route
 from feste._nodes import BackendCall, BatchCall, take_item
 from feste.backend.base import NOT_ANSWERED
 from feste.backend.prices import price_table
@@ -42,6 +43,7 @@ from feste.optimization import default_optimizer
 __all__ = [
     "FesteGraph",
     "GraphStats",
+    "batch_api_calls",
     "batched_at_run_time",
     "build_task",
     "is_plain",
@@ -66,7 +68,10 @@ class GraphStats:
     the input: see ``Backend.estimated_usage``) and ``estimated_cost`` in dollars at
     the price table dated ``price_date`` (None for a method whose model is not
     priced). ``unknown_inputs`` counts calls whose input comes from another node: they
-    count no input tokens, so the estimate is then a lower bound.
+    count no input tokens, so the estimate is then a lower bound. ``batch_api`` counts
+    the calls that go to provider Batch API jobs (``batch_api``: the call's or backend's
+    setting, else the option), per ``"provider.method"``; they are estimated at batch
+    prices.
     """
 
     nodes: int
@@ -78,6 +83,7 @@ class GraphStats:
     estimated_cost: dict[str, float | None] = field(default_factory=dict)
     unknown_inputs: int = 0
     price_date: str | None = None
+    batch_api: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_cost(self) -> float | None:
@@ -91,13 +97,16 @@ class GraphStats:
             calls = _count(self.calls.get(method, 0), "call")
             requests = _count(self.requests.get(method, 0), "request")
             later = self.at_run_time.get(method, 0)
+            jobs = self.batch_api.get(method, 0)
+            notes = []
             if later:
-                lines.append(
-                    f"  {method}: {calls} -> at most {requests} "
-                    f"({later} batched at run time as their inputs arrive)"
-                )
-            else:
-                lines.append(f"  {method}: {calls} -> {requests}")
+                notes.append(f"{later} batched at run time as their inputs arrive")
+            if jobs:
+                notes.append(f"{jobs} through Batch API jobs at batch prices")
+            line = f"  {method}: {calls} -> {'at most ' if later else ''}{requests}"
+            if notes:
+                line += f" ({', '.join(notes)})"
+            lines.append(line)
         if self.estimated_usage:
             lines.extend(self._estimate_lines())
         return "\n".join(lines)
@@ -274,6 +283,26 @@ def _backend_calls(node: Any) -> tuple[str, int, int] | None:
     return None
 
 
+def batch_api_calls(graph: Mapping[Any, Any]) -> dict[str, int]:
+    """Per ``provider.method``: the calls of ``graph`` that go to Batch API jobs."""
+    counts: Counter[str] = Counter()
+    for node in graph.values():
+        if not isinstance(node, Task) or not isinstance(node.func, (BackendCall, BatchCall)):
+            continue
+        func = node.func
+        params = {name: _literal(value) for name, value in node.kwargs.items()}
+        batch, _ = batch_route(func.backend, func.method, params)
+        if not batch:
+            continue
+        if isinstance(func, BatchCall):
+            container = node.args[0] if node.args else ()
+            items = container.args if isinstance(container, Task) else container
+            counts[f"{func.backend.provider}.{func.method}"] += len(items)
+        else:
+            counts[f"{func.backend.provider}.{func.method}"] += 1
+    return dict(counts)
+
+
 def batched_at_run_time(graph: Mapping[Any, Any]) -> dict[str, int]:
     """Per ``provider.method``, the calls of batchable methods waiting on other nodes:
     the ones the async scheduler batches as their inputs arrive."""
@@ -323,8 +352,8 @@ def _estimate(
     graph: Mapping[Any, Any],
 ) -> tuple[dict[str, Usage], dict[str, float | None], int]:
     """Estimated usage and dollars per ``provider.method`` of the calls in ``graph``."""
-    grouped: dict[tuple[str, str, str | None], Usage] = {}
-    methods: dict[tuple[str, str, str | None], str] = {}
+    grouped: dict[tuple[str, str, str | None, bool], Usage] = {}
+    methods: dict[tuple[str, str, str | None, bool], str] = {}
     unknown = 0
     for node in graph.values():
         if not isinstance(node, Task) or not isinstance(node.func, (BackendCall, BatchCall)):
@@ -337,6 +366,8 @@ def _estimate(
             items = [node.args[0]] if node.args else []
         params = {name: _literal(value) for name, value in node.kwargs.items()}
         params = {name: value for name, value in params.items() if value is not NOT_ANSWERED}
+        batch, sent = batch_route(func.backend, func.method, params)
+        params = dict(sent)
         for item in items:
             known = _literal(item)
             if known is NOT_ANSWERED:
@@ -344,7 +375,7 @@ def _estimate(
                 known = None
             usage = func.backend.estimated_usage(func.method, known, params)
             model = usage.model if isinstance(usage.model, str) else None
-            group = (func.backend.provider, func.method, model)
+            group = (func.backend.provider, func.method, model, batch)
             grouped[group] = grouped[group] + usage if group in grouped else usage
             methods[group] = f"{func.backend.provider}.{func.method}"
     table = price_table()
@@ -355,7 +386,7 @@ def _estimate(
         usage_by_method[method] = (
             usage_by_method[method] + usage if method in usage_by_method else usage
         )
-        cost = table.cost(group[0], usage)
+        cost = table.cost(group[0], usage, batch=group[3])
         previous = cost_by_method.get(method, 0.0)
         if (method in cost_by_method and previous is None) or cost is None:
             cost_by_method[method] = None
@@ -581,6 +612,7 @@ class FesteGraph(MutableMapping[Any, Any]):
             calls,
             requests,
             at_run_time=batched_at_run_time(planned),
+            batch_api=batch_api_calls(planned),
             estimated_usage=usage,
             estimated_cost=cost,
             unknown_inputs=unknown,

@@ -806,8 +806,9 @@ class CostEstimate(NamedTuple):
     assumed_output: bool
 
 
-def request_cost_estimate(backend: Any, request: Request) -> CostEstimate:
-    """An upper bound of the dollars ``request`` may be billed, at the price table.
+def request_cost_estimate(backend: Any, request: Request, *, batch: bool = False) -> CostEstimate:
+    """An upper bound of the dollars ``request`` may be billed, at the price table
+    (``batch=True``: at its Batch API prices).
 
     Input: the request's own token estimate (for chat it counts ``max_tokens`` too, so
     the bound errs high). Output, for a generating method: ``max_completion_tokens``
@@ -827,13 +828,14 @@ def request_cost_estimate(backend: Any, request: Request) -> CostEstimate:
         documents = payload.get("documents")
         count = len(documents) if isinstance(documents, list) else 0
         searches = max(1, -(-count // _DOCUMENTS_PER_SEARCH)) * request.items
-        return CostEstimate(price.cost(Usage(model, search_units=searches)), model, False)
+        searched = Usage(model, search_units=searches)
+        return CostEstimate(price.cost(searched, batch=batch), model, False)
     output = 0
     if generates:
         answers = (payload.get("n") or 1) * request.items
         output = (budget or ASSUMED_OUTPUT_TOKENS) * answers
     usage = Usage(model, request.estimated_tokens, output)
-    return CostEstimate(price.cost(usage), model, assumed)
+    return CostEstimate(price.cost(usage, batch=batch), model, assumed)
 
 
 def unpriced_error(provider: str, model: str | None) -> ConfigurationError:
@@ -864,12 +866,13 @@ class Reservation:
         self.provider = provider
         self.ended = False
 
-    def settle(self, usage: Usage | None) -> None:
-        """The request was answered: it cost the dollars of ``usage`` (the reserved
-        amount when the provider reported no usage or its model is not priced)."""
+    def settle(self, usage: Usage | None, *, batch: bool = False) -> None:
+        """The request was answered (``batch``: by a Batch API job): it cost the dollars
+        of ``usage`` (the reserved amount when the provider reported no usage or its
+        model is not priced)."""
         if self.budget is None:
             return
-        cost = None if usage is None else price_table().cost(self.provider, usage)
+        cost = None if usage is None else price_table().cost(self.provider, usage, batch=batch)
         self.budget.end(self, self.dollars if cost is None else cost)
 
     def release(self) -> None:
@@ -1029,12 +1032,13 @@ class RunLimits:
         max_cost = context.get("max_cost")
         self.budget = None if max_cost is None else Budget(max_cost)
 
-    async def reserve(self, backend: Any, request: Request) -> Reservation:
+    async def reserve(self, backend: Any, request: Request, *, batch: bool = False) -> Reservation:
         """Set aside what ``request`` may cost in this computation's budget (a no-op
-        without ``max_cost``); raises :class:`BudgetExceeded` when it cannot fit."""
+        without ``max_cost``), at Batch API prices when ``batch``; raises
+        :class:`BudgetExceeded` when it cannot fit."""
         if self.budget is None:
             return _NOT_RESERVED
-        estimate = request_cost_estimate(backend, request)
+        estimate = request_cost_estimate(backend, request, batch=batch)
         if estimate.dollars is None:
             raise unpriced_error(request.provider, estimate.model)
         return await self.budget.reserve(estimate.dollars, request)

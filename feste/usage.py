@@ -11,7 +11,9 @@ their worker threads and the async engine chains its progress bar in front of it
 The recorder keeps one :class:`UsageRecord` per answered request: provider, method,
 model, how many calls the request served (a batch serves many), the tokens (and
 searches) the provider reported, and their price in dollars at the price table in
-effect (:mod:`feste.backend.prices`; ``None`` for a model that is not priced). Calls
+effect (:mod:`feste.backend.prices`; ``None`` for a model that is not priced; a
+request sent through a provider Batch API job is marked ``batch`` and priced at batch
+prices). Calls
 the result cache answered are kept apart as :class:`CachedRecord` entries: what they
 would have cost (the usage stored with whole answers, else estimated from the inputs
 and answers), the dollars the cache saved.
@@ -40,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from feste._batch_jobs import BatchJobStatus
 from feste._calls import CachedCalls, RequestReport, RunObserver, current_observer
 from feste.backend.prices import price_table
 from feste.backend.types import Request, Usage
@@ -74,6 +77,8 @@ class UsageRecord:
     cached_tokens: int = 0
     search_units: int = 0
     cost: float | None = None
+    #: Sent through a provider Batch API job (``cost`` is at batch prices).
+    batch: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -115,7 +120,10 @@ def _record(report: RequestReport) -> UsageRecord:
         seconds=max(0.0, report.ended_at - start),
         cached_tokens=usage.cached_tokens,
         search_units=usage.search_units,
-        cost=price_table().cost(report.provider, Usage(report.model, *_counts(usage))),
+        cost=price_table().cost(
+            report.provider, Usage(report.model, *_counts(usage)), batch=report.batch
+        ),
+        batch=report.batch,
     )
 
 
@@ -153,6 +161,9 @@ class UsageRecorder(RunObserver):
             with self._lock:
                 self._records.append(record)
         self.previous.request_ended(request, report)
+
+    def batch_job_changed(self, job: BatchJobStatus) -> None:
+        self.previous.batch_job_changed(job)
 
     def calls_cached(self, cached: CachedCalls) -> None:
         entry = CachedRecord(

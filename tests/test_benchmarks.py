@@ -49,6 +49,9 @@ def declared_workloads() -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
+# Every workload in one quick run, then a render: the subprocess's own 300 s bound
+# applies, not the suite's 120 s per test (a loaded machine needs more than 120).
+@pytest.mark.timeout(400)
 def test_quick_run_reports_every_workload_and_contender(tmp_path: Path) -> None:
     result = run_benchmarks("--quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -142,6 +145,7 @@ def test_list_names_every_workload_and_its_contenders() -> None:
         "overload",
         "staggered",
         "warm_rerun",
+        "batch_cost",
         "cluster",
         "local_embed",
     ]
@@ -328,3 +332,15 @@ def test_the_report_prices_what_the_servers_billed() -> None:
     table = markdown_table(report)
     assert "| Requests | Tokens | Dollars |" in table
     assert f"| 3 (for 5 inputs) | 11000 | ${dollars * 2:.6f} |" in table
+
+
+def test_the_report_prices_batch_job_answers_at_batch_prices() -> None:
+    billed = {"openai": {"gpt-4o-mini": {"prompt_tokens": 1000, "completion_tokens": 500}}}
+    in_jobs = {"openai": {"gpt-4o-mini": {"prompt_tokens": 600, "completion_tokens": 300}}}
+
+    tokens, dollars = priced(billed, in_jobs)
+
+    assert tokens == 1500
+    online = 400 * 0.15 + 200 * 0.60
+    batch = 600 * 0.075 + 300 * 0.30
+    assert dollars == pytest.approx((online + batch) / 1e6)

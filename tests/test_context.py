@@ -39,6 +39,11 @@ EXPECTED_OPTIONS = {
     "prices": None,
     "max_cost": None,
     "over_estimate": "refuse",
+    "batch_api": False,
+    "batch_api_window": 0.5,
+    "batch_api_poll": 10.0,
+    "batch_api_job_limits": None,
+    "batch_api_on_expiry": "resubmit",
     "run": None,
 }
 

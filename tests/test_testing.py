@@ -382,7 +382,9 @@ def test_stats_count_requests_items_and_inputs(llm_server: TestServer) -> None:
         "status_counts",
         "billed",
         "inputs",
+        "batches",
     }
+    assert stats["batches"]["jobs_created"] == 0
     # Both chat and embeddings asked for model "m": one entry, what the answers reported.
     assert stats["billed"] == {
         "m": {

@@ -25,6 +25,7 @@ WORKLOAD_MODULES: tuple[str, ...] = (
     "overload",
     "staggered",
     "warm_rerun",
+    "batch_cost",
     "cluster",
     "local_embed",
 )

@@ -114,6 +114,8 @@ class Cohere(StructuredChat, Backend):
     refused_params: ClassVar[Mapping[str, str]] = {
         "stream": "feste returns whole answers; to get results as they finish, use "
         "feste.as_completed(...)",
+        "batch_api": "feste sends Batch API jobs to OpenAI-compatible servers only, and "
+        "Cohere calls online (the batch_api option leaves them online); drop batch_api=",
     }
     method_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {
         "chat": {"model": "command-a-03-2025"},

@@ -84,6 +84,7 @@ class ChatParams(CallParams):
     top_logprobs: int | None = None
     full: bool | None = None
     repair_retries: int | None = None
+    batch_api: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class CompleteParams(CallParams):
     suffix: str | None = None
     echo: bool | None = None
     user: str | None = None
+    batch_api: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class EmbedParams(CallParams):
     model: str | None = None
     dimensions: int | None = None
     user: str | None = None
+    batch_api: bool | None = None
 
 
 def _field_names(params_type: type[CallParams]) -> frozenset[str]:
@@ -142,6 +145,9 @@ class OpenAI(StructuredChat, Backend):
     ``OPENAI_PROJECT_ID`` as it always does; the ``http`` transport sends neither).
     ``max_concurrency``, ``requests_per_minute``, ``tokens_per_minute`` are this
     backend's limits (the ``feste.context`` options of the same names override them).
+    ``batch_api=True`` (here, or on one call) sends calls as Batch API jobs at batch
+    prices (``docs/batch-jobs.md``); ``batch_api=False`` keeps them online whatever the
+    ``batch_api`` option says.
     """
 
     provider: ClassVar[str] = "openai"

@@ -10,6 +10,10 @@ merged model by model, so a user can correct one price or add a model). Dollar
 amounts anywhere in feste (:mod:`feste.usage`, ``feste.explain``) go through
 :meth:`PriceTable.cost`.
 
+Batch API requests (:mod:`feste._batch_jobs`) are priced with ``batch=True``: a
+model's ``batch_input`` / ``batch_output`` prices, or, where the table has none, half
+its list prices (:data:`BATCH_DISCOUNT`, the providers' Batch API discount).
+
 A reported model name may carry a snapshot suffix (OpenAI answers
 ``gpt-4o-mini-2024-07-18`` for ``gpt-4o-mini``): a name not in the table takes the
 price of the longest table name it extends by ``-`` and digits. A model that is not
@@ -31,7 +35,11 @@ from feste import context
 from feste.backend.types import Usage
 from feste.errors import OptionError
 
-__all__ = ["Price", "PriceTable", "builtin_prices", "price_table"]
+__all__ = ["BATCH_DISCOUNT", "Price", "PriceTable", "builtin_prices", "price_table"]
+
+#: The share of the list price a Batch API request costs where the table names no
+#: batch price (OpenAI's and others' Batch APIs bill half).
+BATCH_DISCOUNT = 0.5
 
 _PER_TOKENS = 1_000_000
 _SNAPSHOT_SUFFIX = re.compile(r"-[0-9][0-9-]*")
@@ -50,16 +58,23 @@ class Price:
     batch_input: float | None = None
     batch_output: float | None = None
 
-    def cost(self, usage: Usage) -> float | None:
-        """Dollars for ``usage`` at the standard prices; None when a price it needs is
-        missing. Cached prompt tokens cost ``cached_input`` (``input`` without one)."""
+    def cost(self, usage: Usage, *, batch: bool = False) -> float | None:
+        """Dollars for ``usage`` at the standard prices (``batch=True``: the Batch API
+        prices); None when a price it needs is missing. Cached prompt tokens cost
+        ``cached_input`` (``input`` without one)."""
         cached = min(usage.cached_tokens, usage.prompt_tokens)
-        cached_price = self.cached_input if self.cached_input is not None else self.input
+        input_price, cached_price, output_price = self.input, self.cached_input, self.output
+        if cached_price is None:
+            cached_price = input_price
+        if batch:
+            input_price = _batch_price(self.batch_input, self.input)
+            cached_price = _batch_price(None, cached_price)
+            output_price = _batch_price(self.batch_output, self.output)
         # (count, dollars per unit, units per price)
         parts = (
-            (usage.prompt_tokens - cached, self.input, _PER_TOKENS),
+            (usage.prompt_tokens - cached, input_price, _PER_TOKENS),
             (cached, cached_price, _PER_TOKENS),
-            (usage.completion_tokens, self.output, _PER_TOKENS),
+            (usage.completion_tokens, output_price, _PER_TOKENS),
             (usage.search_units, self.search, 1),
         )
         total = 0.0
@@ -70,6 +85,12 @@ class Price:
                 return None
             total += count * price / per
         return _rounded(total)
+
+
+def _batch_price(batch_price: float | None, list_price: float | None) -> float | None:
+    if batch_price is not None:
+        return batch_price
+    return None if list_price is None else list_price * BATCH_DISCOUNT
 
 
 def _rounded(dollars: float) -> float:
@@ -104,10 +125,11 @@ class PriceTable:
         ]
         return models[max(extended, key=len)] if extended else None
 
-    def cost(self, provider: str, usage: Usage) -> float | None:
-        """Dollars for ``usage`` of ``provider`` (None: the model or a price is unknown)."""
+    def cost(self, provider: str, usage: Usage, *, batch: bool = False) -> float | None:
+        """Dollars for ``usage`` of ``provider`` (None: the model or a price is unknown);
+        ``batch=True`` at the Batch API prices."""
         price = self.price(provider, usage.model)
-        return None if price is None else price.cost(usage)
+        return None if price is None else price.cost(usage, batch=batch)
 
 
 def _bad(where: str, problem: str) -> OptionError:

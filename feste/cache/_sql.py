@@ -9,12 +9,14 @@ commits when the block ends, rolls back on error), the one query that differs (b
 key lookup), the placeholder style, and the translation of its driver's errors into
 :class:`~feste.errors.CacheError` messages that name the database and what to do.
 
-Tables (``SCHEMA_VERSION`` 1)::
+Tables (``SCHEMA_VERSION`` 2; version 1 had no ``feste_batch_jobs``, which is added
+when a version 1 store is opened)::
 
     feste_meta         name, value                       schema_version
     feste_results      key, value, label, run, created   the cache (JSON text values)
     feste_runs         name, status, started, ended, record (JSON)
     feste_run_outputs  run, position, path, key, digest, text, failed
+    feste_batch_jobs   run, job_id, created, record (JSON)
 """
 
 from __future__ import annotations
@@ -43,11 +45,18 @@ SCHEMA = (
     " run TEXT NOT NULL, position INTEGER NOT NULL, path TEXT NOT NULL, key TEXT,"
     " digest TEXT NOT NULL, text TEXT NOT NULL, failed INTEGER NOT NULL,"
     " PRIMARY KEY (run, position))",
+    "CREATE TABLE IF NOT EXISTS feste_batch_jobs ("
+    " run TEXT NOT NULL, job_id TEXT NOT NULL, created DOUBLE PRECISION NOT NULL,"
+    " record TEXT NOT NULL, PRIMARY KEY (run, job_id))",
 )
 
 _INSERT_RESULT = (
     "INSERT INTO feste_results (key, value, label, run, created) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (key) DO NOTHING"
+)
+_SAVE_BATCH_JOB = (
+    "INSERT INTO feste_batch_jobs (run, job_id, created, record) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (run, job_id) DO UPDATE SET record = excluded.record"
 )
 _SAVE_RUN = (
     "INSERT INTO feste_runs (name, status, started, ended, record) VALUES (?, ?, ?, ?, ?) "
@@ -97,7 +106,14 @@ class SQLStore(CacheStore):
                 ("schema_version", str(SCHEMA_VERSION)),
             )
             return
-        self.check_schema(int(row[0]))
+        found = int(row[0])
+        self.check_schema(found)
+        if found < SCHEMA_VERSION:
+            # An older store: the tables it lacked were just created.
+            cursor.execute(
+                self.sql("UPDATE feste_meta SET value = ? WHERE name = ?"),
+                (str(SCHEMA_VERSION), "schema_version"),
+            )
 
     # -- results ------------------------------------------------------------------------
 
@@ -176,7 +192,25 @@ class SQLStore(CacheStore):
             found = cursor.rowcount > 0
             cursor.execute(self.sql("DELETE FROM feste_run_outputs WHERE run = ?"), (name,))
             cursor.execute(self.sql("DELETE FROM feste_results WHERE run = ?"), (name,))
+            cursor.execute(self.sql("DELETE FROM feste_batch_jobs WHERE run = ?"), (name,))
         return found
+
+    # -- batch jobs ---------------------------------------------------------------------
+
+    def save_batch_job(self, run: str, job_id: str, record: Mapping[str, Any]) -> None:
+        row = (run, job_id, time.time(), json.dumps(dict(record), sort_keys=True))
+        with self.transaction("saving a batch job") as cursor:
+            cursor.execute(self.sql(_SAVE_BATCH_JOB), row)
+
+    def batch_jobs(self, run: str) -> list[dict[str, Any]]:
+        with self.transaction("reading batch jobs", write=False) as cursor:
+            cursor.execute(
+                self.sql(
+                    "SELECT record FROM feste_batch_jobs WHERE run = ? ORDER BY created, job_id"
+                ),
+                (run,),
+            )
+            return [json.loads(row[0]) for row in cursor.fetchall()]
 
     # -- maintenance --------------------------------------------------------------------
 
@@ -207,10 +241,16 @@ class SQLStore(CacheStore):
     def clear(self) -> int:
         with self.transaction("clearing the cache") as cursor:
             cursor.execute("DELETE FROM feste_results")
-            return int(cursor.rowcount)
+            cleared = int(cursor.rowcount)
+            # A job's answers are cached results too: a cleared cache sends calls again.
+            cursor.execute("DELETE FROM feste_batch_jobs")
+            return cleared
 
     def prune(self, older_than: float) -> int:
         cutoff = time.time() - older_than
         with self.transaction("pruning the cache") as cursor:
             cursor.execute(self.sql("DELETE FROM feste_results WHERE created < ?"), (cutoff,))
-            return int(cursor.rowcount)
+            pruned = int(cursor.rowcount)
+            # Batch jobs that old have ended at the provider (24 hours at most).
+            cursor.execute(self.sql("DELETE FROM feste_batch_jobs WHERE created < ?"), (cutoff,))
+            return pruned

@@ -10,7 +10,10 @@ A :class:`CacheStore` keeps two things:
   one query and :meth:`~CacheStore.put_many` writes many entries in one transaction,
   which commits before it returns (a result is durable before anyone uses it);
 * **run history**: one record per named run (a JSON object: graph summary, times,
-  counts) and its outputs (a digest and a text per output, for comparing runs).
+  counts) and its outputs (a digest and a text per output, for comparing runs);
+* **batch jobs**: the provider Batch API jobs a run created (a JSON record each: the
+  job id, the backend, the custom ids of its requests), saved as soon as a job
+  exists, so a run started again re-attaches to its jobs (:mod:`feste._batch_jobs`).
 
 The store deals in text only; turning values into text is the caller's job
 (:mod:`feste.cache._codec`). Stores are used from many threads at once (each keeps
@@ -41,8 +44,9 @@ __all__ = [
 ]
 
 #: The layout of the tables this feste writes. A store created by a newer feste (a
-#: larger number) is refused rather than misread.
-SCHEMA_VERSION = 1
+#: larger number) is refused rather than misread; an older one is brought up to date
+#: (version 2 added the batch jobs table).
+SCHEMA_VERSION = 2
 
 
 class CacheEntry(NamedTuple):
@@ -109,8 +113,20 @@ class CacheStore:
         raise NotImplementedError
 
     def delete_run(self, name: str) -> bool:
-        """Delete a run's record, its outputs and the results cached for it alone.
+        """Delete a run's record, its outputs, its batch jobs' records and the results
+        cached for it alone.
         False when there was no such run."""
+        raise NotImplementedError
+
+    # -- batch jobs ---------------------------------------------------------------------
+
+    def save_batch_job(self, run: str, job_id: str, record: Mapping[str, Any]) -> None:
+        """Insert or replace the record of batch job ``job_id`` of run ``run`` ("" for
+        computations without a run name); committed on return."""
+        raise NotImplementedError
+
+    def batch_jobs(self, run: str) -> list[dict[str, Any]]:
+        """The records of run ``run``'s batch jobs, oldest first."""
         raise NotImplementedError
 
     # -- maintenance --------------------------------------------------------------------
@@ -120,11 +136,13 @@ class CacheStore:
         raise NotImplementedError
 
     def clear(self) -> int:
-        """Delete every cached result (run history stays); the number deleted."""
+        """Delete every cached result and batch job record (run history stays); the
+        number of results deleted."""
         raise NotImplementedError
 
     def prune(self, older_than: float) -> int:
-        """Delete results stored more than ``older_than`` seconds ago; the number deleted."""
+        """Delete results stored more than ``older_than`` seconds ago (and the records of
+        batch jobs created before then); the number of results deleted."""
         raise NotImplementedError
 
     def close(self) -> None:

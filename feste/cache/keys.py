@@ -7,7 +7,9 @@ a call's answer, and nothing else:
 
 * for a backend call: the provider, the backend's identity (its class, base URL and
   settings: :meth:`~feste.backend.base.Backend.identity`, which never includes the API
-  key), the method, every keyword parameter (the model among them) and the item;
+  key), the method, every keyword parameter (the model among them) and the item. The
+  :data:`ROUTING_PARAMS` (``batch_api``) say how a call is sent, not what it answers,
+  and are left out: a call answered online and through a Batch API share one key;
 * for a plain ``feste_task(pure=True)``: the function's module, name and code, and its
   arguments;
 * a ``scope`` when the answer belongs to one run only: calls made with ``pure=False``
@@ -35,6 +37,7 @@ from feste.backend.base import Backend
 
 __all__ = [
     "KEY_VERSION",
+    "ROUTING_PARAMS",
     "call_head",
     "call_key",
     "canonical",
@@ -45,6 +48,10 @@ __all__ = [
 
 #: Part of every key: a change in what keys describe starts a fresh address space.
 KEY_VERSION = 1
+
+#: Call parameters that choose how a call is sent (never sent to the provider, never
+#: part of a key): ``batch_api`` routes a call through the provider's Batch API.
+ROUTING_PARAMS = frozenset({"batch_api"})
 
 
 def _fallback(value: Any) -> Any:
@@ -85,6 +92,8 @@ _MAX_HEADS = 4096
 
 def _call_head(backend: Backend, method: str, params: Mapping[str, Any]) -> str:
     identity = backend.identity()
+    if not ROUTING_PARAMS.isdisjoint(params):
+        params = {name: value for name, value in params.items() if name not in ROUTING_PARAMS}
     try:
         memo_key: Any = (identity, method, tuple(sorted(params.items())))
         head = _heads.get(memo_key)

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from feste.cache._sql import SQLStore
+from feste.cache.base import SCHEMA_VERSION
 from feste.errors import CacheError
 
 __all__ = ["DEFAULT_TIMEOUT", "SQLiteStore"]
@@ -96,7 +97,7 @@ class SQLiteStore(SQLStore):
                 raise self._failure(error, "opening the cache") from None
             if not self._schema_ready:
                 found = self._schema_version(connection)
-                if found is None:
+                if found is None or found < SCHEMA_VERSION:
                     with self._in_transaction(
                         connection, "creating the cache's tables", True
                     ) as cur:

@@ -3,7 +3,9 @@
 Design: an aiohttp application on 127.0.0.1 answers ``/v1/chat/completions``,
 ``/v1/completions``, ``/v1/embeddings``, ``/v1/models`` (OpenAI) and
 ``/v2/chat``, ``/v2/embed``, ``/v2/rerank`` (Cohere v2) in the shapes the
-official ``openai`` and ``cohere`` clients parse. Every answer is a pure
+official ``openai`` and ``cohere`` clients parse, and OpenAI's Files and Batch APIs
+(``/v1/files``, ``/v1/files/{id}/content``, ``/v1/batches``,
+``/v1/batches/{id}``, ``/v1/batches/{id}/cancel``: ``_batches``). Every answer is a pure
 function of the request (``feste.testing._responses``), so tests can state
 exact expected values; the server adds latency, limits, authentication and
 fault injection (seeded random faults, plus markers such as ``[[status:503]]``,
@@ -36,8 +38,10 @@ Deterministic outputs:
 ``first_arrival`` (per route, seconds from the last reset to its first
 request), ``by_api_key``, ``items``, ``items_per_request``, ``max_in_flight``,
 ``in_flight``, ``faults``, ``status_counts``, ``billed`` (tokens and
-searches the answers reported, per model), ``inputs`` (meanings in
-``feste.testing._stats.Stats``). Lists are in ARRIVAL order: ``inputs[route]``
+searches the answers reported, per model, batch job lines included), ``inputs``
+(meanings in ``feste.testing._stats.Stats``), ``batches`` (files uploaded, jobs
+created, cancelled and expired, lines answered and failed, downloads: see
+``_batches``). Lists are in ARRIVAL order: ``inputs[route]``
 holds the item texts of each successful request in the order the server
 received them, whatever order it answered them in. ``by_api_key`` counts every
 request under ``key_label(token)`` of its ``Authorization: Bearer`` token:
@@ -62,6 +66,12 @@ rerank query is ``"query"``):
 - ``[[deep_json]]``: 200 with the normal body plus a field ``"deep"`` holding
   arrays nested 100,000 levels (valid JSON a recursive parser cannot read).
 
+Batch API jobs answer each line as the online endpoint would, and complete
+``batch_completion_delay`` seconds after they were created (as configured when they
+are polled); ``[[status:NNN]]`` puts that line in the job's error file and
+``[[malformed]]`` writes an output line that is not JSON; ``batch_expire_jobs=N``
+makes the next N jobs expire with every line unanswered.
+
 Not a fault: ``[[delay:SECONDS]]`` in the input of a chat or completion
 request adds ``SECONDS`` to its latency (the largest marker of the request
 counts), for generations of varied length; embeddings and rerank ignore it, so
@@ -85,9 +95,9 @@ Modules: ``_config`` (knobs, CLI mapping), ``_stats`` (counters,
 ``_chat`` (chat options: ``n``, JSON modes, tools, log probabilities),
 ``_structured`` (schema instances, tool calls, token log probabilities),
 ``_limits`` (concurrency, requests and tokens windows, rate-limit headers),
-``_faults`` (fault choice and odd bodies), ``_app`` (``ApiSimulator``, the
-aiohttp handlers), ``_run`` (``TestServer``, ``serve``, thread and process
-modes).
+``_faults`` (fault choice and odd bodies), ``_batches`` (files and batch
+jobs), ``_app`` (``ApiSimulator``, the aiohttp handlers), ``_run``
+(``TestServer``, ``serve``, thread and process modes).
 
 Usage::
 

@@ -37,6 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from ._answers import RequestError, bad_request, error_payload, json_bytes, retry_headers
+from ._batches import BatchService
 from ._config import ServerConfig
 from ._faults import MALFORMED_BODY, FaultInjector, deep_json_body, drop_connection
 from ._limits import RateLimits
@@ -80,6 +81,12 @@ class ApiSimulator:
         self._sequence = 0
         self._limits = RateLimits()
         self._handler_tasks: set[asyncio.Task[Any]] = set()
+        self._batches = BatchService(
+            {endpoint.route: endpoint for endpoint in ENDPOINTS},
+            lambda: self._config,
+            self._bill_batch_line,
+        )
+        self._batches.expire_next(self._config.batch_expire_jobs)
 
     @property
     def config(self) -> ServerConfig:
@@ -89,17 +96,20 @@ class ApiSimulator:
         new = self._config.with_changes(**changes)
         if "seed" in changes:
             self._faults.reseed(new.seed)
+        if "batch_expire_jobs" in changes:
+            self._batches.expire_next(new.batch_expire_jobs)
         self._config = new
         return new
 
     def stats(self) -> dict[str, Any]:
-        return self._stats.snapshot(self._in_flight)
+        return {**self._stats.snapshot(self._in_flight), "batches": self._batches.snapshot()}
 
     def reset_stats(self) -> None:
         """Zero the statistics and forget which ``[[retry_after:S]]`` texts were answered."""
         # Requests still being served keep counting in flight.
         self._stats = Stats(in_flight=self._in_flight)
         self._faults.forget_markers()
+        self._batches.reset()
 
     def cancel_requests(self) -> None:
         """Cancel every request being served (hangs included): used on shutdown."""
@@ -110,6 +120,7 @@ class ApiSimulator:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         for endpoint in ENDPOINTS:
             app.router.add_route(endpoint.method, endpoint.route, self._api_handler(endpoint))
+        self._batches.add_routes(app, self._batch_handler)
         app.router.add_get("/_stats", self._get_stats)
         app.router.add_get("/stats", self._get_stats)
         app.router.add_post("/_stats/reset", self._post_reset)
@@ -142,6 +153,42 @@ class ApiSimulator:
                 status=400, body=json_bytes({"error": str(exc)}), content_type="application/json"
             )
         return web.Response(body=json_bytes(config.as_dict()), content_type="application/json")
+
+    # -- Files and Batch API routes ------------------------------------------
+
+    def _batch_handler(
+        self, handler: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """``handler`` counted and authenticated like the API routes (no limits, no
+        random faults: jobs are answered line by line when they finish)."""
+
+        async def handle(request: web.Request) -> web.Response:
+            stats = self._stats
+            config = self._config
+            token = _bearer_token(request)
+            route = request.match_info.route.resource
+            name = route.canonical if route is not None else request.path
+            stats.arrived(name, key_label(token))
+            if config.api_key is not None and (
+                token is None or not secrets.compare_digest(token.encode(), config.api_key.encode())
+            ):
+                stats.fault("401")
+                stats.answered(401)
+                refusal = RequestError(401, "Incorrect API key provided.", code="invalid_api_key")
+                return web.Response(
+                    status=401,
+                    body=json_bytes(error_payload("openai", refusal)),
+                    content_type="application/json",
+                )
+            answer = await handler(request)
+            stats.answered(answer.status)
+            return answer
+
+        return handle
+
+    def _bill_batch_line(self, endpoint: Endpoint, model: str, payload: dict[str, Any]) -> None:
+        if model:
+            self._stats.billed(model, *endpoint.billed(payload))
 
     # -- API routes --------------------------------------------------------
 

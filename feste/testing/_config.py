@@ -95,6 +95,12 @@ class ServerConfig:
     max_input_tokens: int = _knob(8191, "token limit of one embedding input", minimum=1)
     max_batch_openai_embed: int = _knob(2048, "most inputs in one OpenAI embedding call", minimum=1)
     max_batch_cohere_embed: int = _knob(96, "most texts in one Cohere embed call", minimum=1)
+    batch_completion_delay: float = _knob(
+        0.0, "seconds a Batch API job runs before it is completed", minimum=0.0
+    )
+    batch_expire_jobs: int = _knob(
+        0, "the next N Batch API jobs created expire instead of completing", minimum=0
+    )
 
     def __post_init__(self) -> None:
         hints = _knob_types()

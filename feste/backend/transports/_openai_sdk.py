@@ -2,7 +2,9 @@
 
 ``openai`` is imported when the first client is built or the first exception mapped,
 not with feste. Calls go through ``client.<path>.with_raw_response.<name>(...)``, whose
-result holds the undecoded HTTP answer.
+result holds the undecoded HTTP answer; the Batch API's operations too
+(``client.files.create``, ``client.batches.create`` / ``retrieve`` / ``cancel``,
+``client.files.content``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class OpenAIAdapter(SDKAdapter):
     """``openai.AsyncOpenAI`` (and its subclasses such as ``AsyncAzureOpenAI``)."""
 
     package = "openai"
+    batch_api = True
 
     def build_client(self, backend: Backend) -> tuple[Any, Closer]:
         openai = _openai()

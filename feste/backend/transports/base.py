@@ -9,6 +9,14 @@ timeout covers the request only; ``await send(request)`` returns a 2xx
 :class:`~feste.backend.types.Response` or raises a :mod:`feste.errors` error;
 ``await aclose()`` releases the pool.
 
+Provider Batch APIs (OpenAI's Files and Batch endpoints) are optional operations of a
+transport: :meth:`BaseTransport.upload_file`, :meth:`~BaseTransport.create_batch`,
+:meth:`~BaseTransport.get_batch`, :meth:`~BaseTransport.cancel_batch` and
+:meth:`~BaseTransport.download_file`, used by :mod:`feste._batch_jobs`. A transport
+that lacks them (``supports_batches`` False) raises a ``ConfigurationError`` naming the
+provider and the fix. Each builds its own small :class:`~feste.backend.types.Request`
+(:func:`batch_operation`) so its errors name the operation like any other request's.
+
 A transport refers to its backend weakly, and the backend's table of transports is the
 only strong reference to a transport, so a backend that is dropped takes its
 transports with it, at once, without waiting for the cycle collector. A pool outlives
@@ -39,7 +47,7 @@ from feste.backend.base import Backend
 from feste.backend.types import Request, Response
 from feste.errors import BackendError, ConfigurationError
 
-__all__ = ["BaseTransport", "Closer", "SDKAdapter", "key_reader"]
+__all__ = ["BaseTransport", "Closer", "SDKAdapter", "batch_operation", "key_reader"]
 
 #: A coroutine function that releases a pool (``session.close``, ``client.aclose``).
 Closer = Callable[[], Awaitable[Any]]
@@ -120,6 +128,16 @@ def key_reader(backend: Backend) -> Callable[[], str]:
     return read_key
 
 
+def batch_operation(
+    provider: str, operation: str, path: str, payload: Mapping[str, Any] | None = None
+) -> Request:
+    """The request of one Files/Batch API operation (``"batches.create"``, at ``path``
+    relative to the base URL): ``operation`` is also its official client method."""
+    return Request(
+        provider=provider, method=operation, path=path, payload=payload or {}, sdk_method=operation
+    )
+
+
 class BaseTransport(abc.ABC):
     """Sends the requests of one backend on one event loop.
 
@@ -159,6 +177,40 @@ class BaseTransport(abc.ABC):
     @abc.abstractmethod
     async def send(self, request: Request) -> Response:
         """A 2xx response to ``request``, or a :mod:`feste.errors` error."""
+
+    # -- provider Batch APIs (optional) ------------------------------------------------
+
+    #: Whether this transport speaks OpenAI's Files and Batch APIs for its backend.
+    supports_batches: ClassVar[bool] = False
+
+    def _no_batches(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"{type(self).__name__} cannot send {self.provider} calls through a Batch API "
+            "(feste sends Batch API jobs to OpenAI-compatible servers only); "
+            "call with batch_api=False or leave the batch_api option off",
+            backend=self.provider,
+        )
+
+    async def upload_file(self, filename: str, content: bytes) -> Mapping[str, Any]:
+        """Upload ``content`` as a file of purpose ``"batch"``; the provider's file object."""
+        raise self._no_batches()
+
+    async def create_batch(
+        self, input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None = None
+    ) -> Mapping[str, Any]:
+        """Create a job for the uploaded file (``endpoint``: ``"/v1/embeddings"``...)."""
+        raise self._no_batches()
+
+    async def get_batch(self, batch_id: str) -> Mapping[str, Any]:
+        """The provider's batch object (its status, counts and file ids)."""
+        raise self._no_batches()
+
+    async def cancel_batch(self, batch_id: str) -> Mapping[str, Any]:
+        raise self._no_batches()
+
+    async def download_file(self, file_id: str) -> bytes:
+        """The content of a file (a job's output or error file, JSONL)."""
+        raise self._no_batches()
 
     async def aclose(self) -> None:
         """Release the pool and leave the backend's table; a later call makes a new one."""
@@ -203,6 +255,8 @@ class SDKAdapter(abc.ABC):
 
     #: The ``sdk_package`` of the backends this adapter serves ("openai", "cohere").
     package: ClassVar[str] = ""
+    #: Whether the client has ``files`` and ``batches`` (OpenAI's Batch API).
+    batch_api: ClassVar[bool] = False
 
     @abc.abstractmethod
     def build_client(self, backend: Backend) -> tuple[Any, Closer]:

@@ -26,7 +26,7 @@ from feste.backend.base import Backend
 from feste.backend.transports._cohere_sdk import CohereAdapter
 from feste.backend.transports._errors import decode_body, status_error, unexpected_error
 from feste.backend.transports._openai_sdk import OpenAIAdapter
-from feste.backend.transports.base import BaseTransport, SDKAdapter
+from feste.backend.transports.base import BaseTransport, SDKAdapter, batch_operation
 from feste.backend.types import Request, Response
 from feste.errors import BackendError, ConfigurationError
 
@@ -99,6 +99,14 @@ class SDKTransport(BaseTransport):
         return method
 
     async def send(self, request: Request) -> Response:
+        status, content, headers = await self._exchange(request, request.payload)
+        return Response(status, decode_body(self.backend, request, content), headers)
+
+    async def _exchange(
+        self, request: Request, arguments: Mapping[str, Any]
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        """Call ``request.sdk_method`` with ``arguments``: a 2xx answer's status, raw body
+        and headers, or the mapped error."""
         if self._client is None:
             await self.prepare()
         backend = self.backend
@@ -108,7 +116,7 @@ class SDKTransport(BaseTransport):
         failure: BackendError | None = None
         try:
             method = self._method(request.sdk_method)
-            status, content, headers = await self.adapter.call(method, request.payload)
+            status, content, headers = await self.adapter.call(method, arguments)
         except BackendError:
             raise
         except Exception as exc:
@@ -121,7 +129,57 @@ class SDKTransport(BaseTransport):
             raise failure
         if not 200 <= status < 300:
             raise status_error(backend, request, status, headers, content)
-        return Response(status, decode_body(backend, request, content), headers)
+        return status, content, headers
+
+    # -- provider Batch APIs (client.files / client.batches) ----------------------------
+
+    @property
+    def supports_batches(self) -> bool:  # type: ignore[override]
+        return self.adapter.batch_api
+
+    async def _batch_call(self, request: Request, arguments: Mapping[str, Any]) -> Any:
+        if not self.supports_batches:
+            raise self._no_batches()
+        _, content, _ = await self._exchange(request, arguments)
+        return decode_body(self.backend, request, content)
+
+    async def _object(self, request: Request, arguments: Mapping[str, Any]) -> Mapping[str, Any]:
+        body = await self._batch_call(request, arguments)
+        if not isinstance(body, Mapping):
+            raise self.backend.malformed(request, f"expected a JSON object, got {body!r:.200}")
+        return body
+
+    async def upload_file(self, filename: str, content: bytes) -> Mapping[str, Any]:
+        request = batch_operation(self.provider, "files.create", "/files")
+        return await self._object(request, {"file": (filename, content), "purpose": "batch"})
+
+    async def create_batch(
+        self, input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None = None
+    ) -> Mapping[str, Any]:
+        arguments: dict[str, Any] = {
+            "input_file_id": input_file_id,
+            "endpoint": endpoint,
+            "completion_window": "24h",
+        }
+        if metadata:
+            arguments["metadata"] = dict(metadata)
+        request = batch_operation(self.provider, "batches.create", "/batches", arguments)
+        return await self._object(request, arguments)
+
+    async def get_batch(self, batch_id: str) -> Mapping[str, Any]:
+        request = batch_operation(self.provider, "batches.retrieve", f"/batches/{batch_id}")
+        return await self._object(request, {"batch_id": batch_id})
+
+    async def cancel_batch(self, batch_id: str) -> Mapping[str, Any]:
+        request = batch_operation(self.provider, "batches.cancel", f"/batches/{batch_id}/cancel")
+        return await self._object(request, {"batch_id": batch_id})
+
+    async def download_file(self, file_id: str) -> bytes:
+        if not self.supports_batches:
+            raise self._no_batches()
+        request = batch_operation(self.provider, "files.content", f"/files/{file_id}/content")
+        _, content, _ = await self._exchange(request, {"file_id": file_id})
+        return content
 
     async def aclose(self) -> None:
         self._client = None
