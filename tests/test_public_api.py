@@ -29,6 +29,7 @@ EXPORTED = {
     "context",
     "explain",
     "feste_task",
+    "map",
     "record_usage",
 }
 
