@@ -85,7 +85,8 @@ _ERRORS = ("raise", "return")
 class _MapSpec:
     """Everything a partition task needs, pickled into the graph once per collection."""
 
-    fn: Callable[..., Any]
+    #: A backend method, a Prompt, a feste_task or a function building feste calls.
+    fn: Any
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     #: "value" (Series, Bag: the value is the first argument), "row" (DataFrame rows as
@@ -265,11 +266,13 @@ def _frame_of(spec: _MapSpec, values: list[Any], index: Any) -> Any:
         (name,) = spec.columns
         data[name] = plain
     columns = {
-        name: pandas.Series(column, index=index, dtype=spec.columns[name])
+        name: pandas.Series(column, index=index, dtype=spec.columns[name], name=name)
         for name, column in data.items()
     }
     if spec.errors == "return":
-        columns[ERROR_COLUMN] = pandas.Series(errors, index=index, dtype="string")
+        columns[ERROR_COLUMN] = pandas.Series(
+            errors, index=index, dtype="string", name=ERROR_COLUMN
+        )
     if len(columns) == 1:
         (series,) = columns.values()
         return series
