@@ -6,7 +6,9 @@ Design
   collection, built with ``map_partitions``: the partition task turns its rows into
   feste lazy calls (``fn(value)`` for a Series or Bag, ``fn(**row)`` for a DataFrame,
   a :class:`~feste.prompt.Prompt` taking the columns it reads as template variables),
-  and computes them with :func:`feste.compute` on the async engine, in that task.
+  and computes them as :func:`feste.compute` does, on the async engine: the graph is
+  built and optimized in the task's thread and run on the process's shared feste loop
+  (one loop and one connection pool for the partitions running at once).
   So each partition's calls are optimized (batched, deduplicated) and sent with
   retries and the result cache, only one partition's texts are in memory in a task,
   and the result composes with whatever Dask does next (filters, joins,
@@ -51,14 +53,17 @@ import dask
 from dask.base import tokenize
 
 from feste import context
+from feste._loop import run_on_shared_loop
+from feste._replay import replay_cached_calls
 from feste.backend.base import Backend
 from feste.cache._open import ENVIRONMENT_VARIABLE
-from feste.compute import compute
 from feste.compute import explain as explain_graph
+from feste.compute import prepare
 from feste.errors import Failure
 from feste.graph import GraphStats
 from feste.limits import RunLimits, joined_scope
 from feste.prompt import Prompt
+from feste.schedulers._engine import run_graph
 from feste.schedulers._leases import LeaseBoard, worker_quotas
 from feste.schedulers._policy import portable_options
 
@@ -220,7 +225,14 @@ def _settled(spec: _MapSpec, items: list[Any]) -> list[Any]:
         _collection_limits(spec),
     ):
         calls = [spec.lazy_call(item) for item in items]
-        (values,) = compute(calls, scheduler="async")
+        # feste.compute's steps, the graph built and optimized here, in the task's
+        # thread; run on the process's shared loop, so that partitions running at once
+        # share one loop and its connections rather than running one loop each.
+        prepared = prepare(calls)
+        if not prepared.keys:
+            return calls
+        graph = replay_cached_calls(prepared.graph)
+        (values,) = prepared.finish(run_on_shared_loop(run_graph(graph, prepared.keys)))
     return list(values)
 
 

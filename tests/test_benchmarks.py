@@ -143,6 +143,7 @@ def test_list_names_every_workload_and_its_contenders() -> None:
         "staggered",
         "warm_rerun",
         "cluster",
+        "dataframe",
         "local_embed",
     ]
     for contenders in declared.values():

@@ -26,6 +26,7 @@ WORKLOAD_MODULES: tuple[str, ...] = (
     "staggered",
     "warm_rerun",
     "cluster",
+    "dataframe",
     "local_embed",
 )
 
