@@ -344,14 +344,23 @@ def _field_dtype(annotation: Any) -> Any:
     return _DTYPES.get(annotation, object)
 
 
-def _returns_text(fn: Any, kwargs: Mapping[str, Any]) -> bool:
-    """A plain chat call (or a prompt render) returns a string."""
+def _default_dtype(fn: Any, kwargs: Mapping[str, Any]) -> Any:
+    """What a result column holds when ``meta`` does not say: text for a plain chat call
+    or a prompt, lists of floats for an embedding (an Arrow list type, which Parquet
+    stores as it is), else Python objects."""
     if isinstance(fn, Prompt):
-        return True
+        return "string"
     owner = getattr(fn, "__self__", None)
-    if not isinstance(owner, Backend) or getattr(fn, "__name__", "") != "chat":
-        return False
-    return "response_format" not in kwargs and not kwargs.get("full")
+    method = getattr(fn, "__name__", "")
+    if not isinstance(owner, Backend):
+        return object
+    if method == "chat" and "response_format" not in kwargs and not kwargs.get("full"):
+        return "string"
+    if method == "embed" and not kwargs:
+        import pyarrow
+
+        return _pandas().ArrowDtype(pyarrow.list_(pyarrow.float64()))
+    return object
 
 
 def _result_columns(fn: Any, kwargs: Mapping[str, Any], meta: Any) -> tuple[dict[str, Any], Any]:
@@ -380,7 +389,7 @@ def _result_columns(fn: Any, kwargs: Mapping[str, Any], meta: Any) -> tuple[dict
         return {
             name: _field_dtype(field.annotation) for name, field in model.model_fields.items()
         }, model
-    return {RESULT_NAME: "string" if _returns_text(fn, kwargs) else object}, None
+    return {RESULT_NAME: _default_dtype(fn, kwargs)}, None
 
 
 def _meta_of(spec: _MapSpec) -> Any:

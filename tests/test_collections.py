@@ -355,3 +355,43 @@ def test_bad_arguments_are_refused_with_the_fix(llm_server: TestServer) -> None:
         feste.map("chat", pd.Series(["x"]))
     with pytest.raises(ValueError, match="meta names a column 'error'"):
         feste.map(llm.chat, pd.Series(["x"]), meta=pd.DataFrame({"error": []}))
+
+
+# -- scale ------------------------------------------------------------------------------
+
+SCALE_ROWS = 100_000
+SCALE_PARTITIONS = 64
+
+
+def scale_partition(number: int) -> pd.DataFrame:
+    """One partition of the 100,000-row frame, made where it is read (nothing holds all)."""
+    size = SCALE_ROWS // SCALE_PARTITIONS
+    start = number * size
+    stop = SCALE_ROWS if number == SCALE_PARTITIONS - 1 else start + size
+    texts = pd.array([f"document {index}" for index in range(start, stop)], dtype="string")
+    return pd.DataFrame({"id": range(start, stop), "text": texts}, index=range(start, stop))
+
+
+@pytest.mark.slow
+def test_a_100000_row_frame_streams_from_a_source_to_parquet(
+    llm_server: TestServer, tmp_path: Path
+) -> None:
+    llm = openai(llm_server)
+    frame = dd.from_map(scale_partition, range(SCALE_PARTITIONS))
+    frame["vector"] = feste.map(llm.embed, frame.text)
+
+    # Each partition is made, embedded and written by one task: the frame is never whole.
+    frame[["id", "vector"]].to_parquet(tmp_path / "vectors", compute_kwargs=threads(4))
+
+    stats = llm_server.stats()
+    assert stats["items"] == SCALE_ROWS
+    # One batched request per partition.
+    assert stats["requests"] == SCALE_PARTITIONS
+    assert len(list((tmp_path / "vectors").glob("*.parquet"))) == SCALE_PARTITIONS
+    back = dd.read_parquet(tmp_path / "vectors", dtype_backend="pyarrow")
+    assert len(back) == SCALE_ROWS
+    last = back.tail(2)
+    assert last.id.tolist() == [SCALE_ROWS - 2, SCALE_ROWS - 1]
+    assert [list(vector) for vector in last.vector] == [
+        embedding(EMBED_MODEL, f"document {index}", 8) for index in last.id
+    ]

@@ -22,6 +22,7 @@ import feste
 from feste import context
 from feste.backend.openai import OpenAI
 from feste.testing import TestServer, chat_text, count_tokens, embedding
+from tests.test_collections import SCALE_PARTITIONS, SCALE_ROWS, scale_partition
 
 distributed = pytest.importorskip("distributed")
 
@@ -136,3 +137,23 @@ def test_a_bag_on_the_cluster_batches_each_partition(client: Any, llm_server: Te
 
     assert vectors == [embedding(EMBED_MODEL, text, 8) for text in texts]
     assert sorted(llm_server.stats()["items_per_request"]["/v1/embeddings"]) == [10, 10, 10, 10]
+
+
+def test_a_100000_row_frame_streams_through_the_cluster(
+    client: Any, llm_server: TestServer, tmp_path: Path
+) -> None:
+    llm = openai(llm_server)
+    frame = dd.from_map(scale_partition, range(SCALE_PARTITIONS))
+    frame["vector"] = feste.map(llm.embed, frame.text)
+
+    # The workers make, embed and write the partitions: no text reaches this process.
+    frame[["id", "vector"]].to_parquet(tmp_path / "vectors", compute_kwargs={"scheduler": client})
+
+    stats = llm_server.stats()
+    assert (stats["items"], stats["requests"]) == (SCALE_ROWS, SCALE_PARTITIONS)
+    back = dd.read_parquet(tmp_path / "vectors", dtype_backend="pyarrow")
+    first = back.head(2)
+    assert first.id.tolist() == [0, 1]
+    assert [list(vector) for vector in first.vector] == [
+        embedding(EMBED_MODEL, f"document {index}", 8) for index in (0, 1)
+    ]
