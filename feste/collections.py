@@ -44,6 +44,8 @@ import dataclasses
 import inspect
 import os
 import threading
+import types
+import typing
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -340,7 +342,16 @@ _DTYPES = {str: "string", int: "Int64", float: "Float64", bool: "boolean"}
 
 
 def _field_dtype(annotation: Any) -> Any:
-    """A nullable pandas dtype for a field's annotation; object for anything else."""
+    """A nullable pandas dtype for a field's annotation (``Optional`` and a ``Literal``
+    of one type included); object for anything else."""
+    arguments = [argument for argument in typing.get_args(annotation) if argument is not None]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        kinds = {type(argument) for argument in arguments}
+        return _DTYPES.get(kinds.pop(), object) if len(kinds) == 1 else object
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X]: X
+        others = [argument for argument in arguments if argument is not type(None)]
+        return _field_dtype(others[0]) if len(others) == 1 else object
     return _DTYPES.get(annotation, object)
 
 
