@@ -33,9 +33,11 @@ Design
 * **Shapes.** Results form a Series (named ``"result"`` unless ``meta`` names it). A
   chat call with a Pydantic ``response_format`` expands into one column per field of
   the model. Null inputs of a Series or Bag give null results without a call.
-* **explain.** :func:`explain` (``feste.explain``) recognizes a collection returned by
-  :func:`map` and explains its calls partition by partition (reading the input, never
-  sending a request); anything else goes to :func:`feste.compute.explain`.
+* **explain.** :func:`explain` (``feste.explain``) finds the collections returned by
+  :func:`map` that a Dask collection is computed from (their expressions or graph
+  layers, by name) and explains their calls partition by partition (reading their
+  input, never sending a request); anything else goes to
+  :func:`feste.compute.explain`.
 """
 
 from __future__ import annotations
@@ -207,7 +209,9 @@ def _collection_limits(spec: _MapSpec) -> Iterator[None]:
     worker = _cluster_worker()
     if worker is not None:
         _ensure_board(worker)
-    with worker_quotas(spec.salt if worker is not None else b"", spec.token):
+    # On a cluster's worker: cluster-wide limiters, leased from the board; elsewhere
+    # nothing changes (the process's own limiters).
+    with worker_quotas(spec.salt, spec.token):
         with _scopes_lock:
             scope = _scopes.get(spec.token)
             if scope is None:
@@ -518,15 +522,22 @@ def _remember(name: str, collection: Any, spec: _MapSpec) -> None:
             del _made[next(iter(_made))]
 
 
-def _mapped_from(obj: Any) -> tuple[Any, _MapSpec] | None:
-    # A dask DataFrame or Series names its expression ``_name``; a Bag its graph ``name``.
-    name = getattr(obj, "_name", None)
-    if not isinstance(name, str) and _kind_or_none(obj) == "bag":
-        name = obj.name
-    if not isinstance(name, str):
-        return None
+def _names_in(obj: Any) -> list[str]:
+    """The names of the expressions (DataFrame, Series) or graph layers (Bag) that
+    ``obj`` is computed from, itself included; empty for anything else."""
+    expression = getattr(obj, "expr", None)
+    if expression is not None and hasattr(expression, "walk"):
+        return [part._name for part in expression.walk()]
+    if _kind_or_none(obj) == "bag":
+        return list(obj.dask.layers)
+    return []
+
+
+def _mapped_in(obj: Any) -> list[tuple[Any, _MapSpec]]:
+    """The collections returned by :func:`map` that ``obj`` is, or is computed from."""
     with _made_lock:
-        return _made.get(name)
+        found = {name: _made[name] for name in _names_in(obj) if name in _made}
+    return list(found.values())
 
 
 def _kind_or_none(obj: Any) -> str | None:
@@ -576,22 +587,22 @@ def _merged(parts: list[GraphStats]) -> GraphStats:
 
 
 def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
-    """:func:`feste.compute.explain`, and for a collection returned by :func:`map`:
-    its calls and requests summed over its partitions, each partition's calls
-    optimized as they will run. Reading the input runs its Dask graph (a Parquet read,
-    say); no request is sent."""
+    """:func:`feste.compute.explain`, and for a Dask collection returned by :func:`map`
+    or computed from such collections (a filter, an ``assign``): the calls and requests
+    of those maps, summed over their partitions, each partition's calls optimized as
+    they will run. Reading their input runs its Dask graph (a Parquet read, say); no
+    request is sent."""
     parts: list[GraphStats] = []
     others: list[Any] = []
     for obj in objs:
-        found = _mapped_from(obj)
-        if found is None:
+        found = _mapped_in(obj)
+        if not found:
             others.append(obj)
-            continue
-        collection, spec = found
-        pieces = [
-            dask.delayed(_explain_partition)(piece, spec) for piece in collection.to_delayed()
-        ]
-        parts.extend(dask.compute(*pieces))
+        for collection, spec in found:
+            pieces = [
+                dask.delayed(_explain_partition)(piece, spec) for piece in collection.to_delayed()
+            ]
+            parts.extend(dask.compute(*pieces))
     if others or not parts:
         parts.append(explain_graph(*others, optimize_graph=optimize_graph))
     return _merged(parts)

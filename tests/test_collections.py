@@ -395,3 +395,19 @@ def test_a_100000_row_frame_streams_from_a_source_to_parquet(
     assert [list(vector) for vector in last.vector] == [
         embedding(EMBED_MODEL, f"document {index}", 8) for index in last.id
     ]
+
+
+def test_explain_finds_the_calls_of_a_collection_computed_from_maps(
+    llm_server: TestServer,
+) -> None:
+    llm = openai(llm_server)
+    frame = frame_of([f"text {index}" for index in range(30)], "object", npartitions=3)
+    labelled = frame.assign(vector=feste.map(llm.embed, frame.text))
+    kept = labelled[labelled.number > 3]
+    bag = feste.map(llm.chat, db.from_sequence(["a", "b", "c"], npartitions=3)).filter(bool)
+
+    stats = feste.explain(kept, bag)
+
+    assert stats.calls == {"openai.embed": 30, "openai.chat": 3}
+    assert stats.requests == {"openai.embed": 3, "openai.chat": 3}
+    assert llm_server.stats()["requests"] == 0
