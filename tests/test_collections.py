@@ -147,6 +147,24 @@ def test_a_function_over_a_frame_gets_each_row_as_keywords(llm_server: TestServe
     ]
 
 
+def test_a_feste_task_over_a_series_and_a_bag(llm_server: TestServer) -> None:
+    llm = openai(llm_server)
+
+    @feste.feste_task(pure=True)
+    def shout(text: str) -> str:
+        return text.upper()
+
+    def shouted_answer(text: str) -> Any:
+        return shout(llm.chat(text))
+
+    texts = ["a", "b", "c", "d"]
+    frame = frame_of(texts, "string[pyarrow]", npartitions=2)
+
+    assert feste.map(shout, frame.text).compute(**threads()).tolist() == ["A", "B", "C", "D"]
+    answers = feste.map(shouted_answer, db.from_sequence(texts, npartitions=2))
+    assert answers.compute(**threads()) == [chat_text(CHAT_MODEL, t).upper() for t in texts]
+
+
 def test_a_bag_maps_each_element(llm_server: TestServer) -> None:
     llm = openai(llm_server)
     texts = [f"doc {index}" for index in range(30)]
