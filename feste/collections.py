@@ -104,13 +104,14 @@ class _MapSpec:
     #: The variable a Prompt takes a Series' values as.
     variable: str | None
     errors: str
-    options: dict[str, Any]
+    #: The caller's feste options (left out of repr: a cache URL may hold a password).
+    options: dict[str, Any] = dataclasses.field(repr=False)
     #: Result columns and their dtypes (one column: a Series named after it).
     columns: dict[str, Any]
     #: The Pydantic model whose fields are the columns, when results expand.
     model: Any
     #: Fingerprints credentials alike on every worker of a cluster (never a key).
-    salt: bytes
+    salt: bytes = dataclasses.field(repr=False)
     token: str = ""
 
     def __post_init__(self) -> None:

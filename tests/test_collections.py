@@ -429,3 +429,21 @@ def test_explain_finds_the_calls_of_a_collection_computed_from_maps(
     assert stats.calls == {"openai.embed": 30, "openai.chat": 3}
     assert stats.requests == {"openai.embed": 3, "openai.chat": 3}
     assert llm_server.stats()["requests"] == 0
+
+
+def test_a_cache_url_stays_out_of_the_graph_keys_and_reprs(llm_server: TestServer) -> None:
+    llm = openai(llm_server)
+    url = "postgresql://feste:hunter2@db.invalid/cache"
+    frame = frame_of(["a"], "object", npartitions=1)
+    with context.set(cache=url):
+        answers = feste.map(llm.chat, frame.text)
+
+    graph = dict(answers.__dask_graph__())
+    assert all("hunter2" not in str(key) for key in graph)
+    # The partition tasks carry the options (the workers need the cache), never in a repr.
+    carried = [arg for node in graph.values() for arg in getattr(node, "args", ())]
+    specs = [arg for arg in carried if type(arg).__name__ == "_MapSpec"]
+    assert len(specs) == 1
+    assert specs[0].options["cache"] == url
+    assert "hunter2" not in repr(specs[0])
+    assert "test-key" not in repr(specs[0])
