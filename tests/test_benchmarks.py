@@ -49,6 +49,9 @@ def declared_workloads() -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
+# Every workload's quick run, about 80 s alone on 2 cores: more under a parallel suite
+# (the command itself may take the 300 s run_benchmarks allows).
+@pytest.mark.timeout(300)
 def test_quick_run_reports_every_workload_and_contender(tmp_path: Path) -> None:
     result = run_benchmarks("--quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -35,7 +35,9 @@ __all__ = ["WORKLOAD"]
 
 PARTITIONS = Size(full=32, quick=8)
 SETTINGS = {"concurrency": CONCURRENCY, "max_retries": 2}
-SLOW_PEER_SUBSET = Size(full=200, quick=40)
+SLOW_PEER_SUBSET = Size(full=200, quick=16)
+# Imported by the harness before it forks the runs (and named when missing).
+REQUIRES = ("dask.dataframe", "pandas", "pyarrow")
 
 
 def _frame(job: Job) -> Any:
@@ -111,17 +113,25 @@ def run_per_row_32(job: Job) -> list[str]:
 
 
 CONTENDERS = (
-    Contender("feste", run_feste, kind="feste", note="feste.map, max_concurrency=64"),
+    Contender(
+        "feste",
+        run_feste,
+        kind="feste",
+        note="feste.map, max_concurrency=64",
+        requires=REQUIRES,
+    ),
     Contender(
         "map_partitions, openai per row",
         run_per_row_default,
         note="official openai client, default threads",
         subset=SLOW_PEER_SUBSET,
+        requires=REQUIRES,
     ),
     Contender(
         "map_partitions, openai per row, 32 threads",
         run_per_row_32,
         note="official openai client, one thread per partition",
+        requires=REQUIRES,
     ),
 )
 
@@ -133,7 +143,7 @@ WORKLOAD = Workload(
         "per row; the server answers after 50 ms and allows 64 requests at once (more "
         "get 429)."
     ),
-    size=Size(full=20_000, quick=400),
+    size=Size(full=20_000, quick=200),
     server={"latency": 0.05, "max_concurrency": CONCURRENCY},
     settings=SETTINGS,
     make_inputs=make_prompts,
