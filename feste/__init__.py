@@ -3,11 +3,13 @@
 Write ordinary Python: render prompts, call backends, feed one call's output into the
 next. Nothing runs until :func:`compute`, which optimizes the graph (batching,
 deduplication) and executes it (by default on an async scheduler that keeps many
-requests in flight within each provider's limits).
+requests in flight within each provider's limits). :func:`map` applies calls to the
+rows of a Dask (or pandas) DataFrame, Series or Bag.
 """
 
 from feste import context
-from feste.compute import as_completed, compute, compute_async, explain
+from feste.collections import explain, map
+from feste.compute import as_completed, compute, compute_async
 from feste.errors import BudgetExceeded, Failure, FesteError
 from feste.graph import FesteGraph
 from feste.prompt import FesteEnvironment, LanguageMismatch, Prompt
@@ -32,5 +34,6 @@ __all__ = [
     "context",
     "explain",
     "feste_task",
+    "map",
     "record_usage",
 ]

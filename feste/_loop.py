@@ -60,6 +60,7 @@ __all__ = [
     "loop_kind",
     "new_loop",
     "on_loop_close",
+    "run_on_shared_loop",
     "run_sync",
     "schedule_close",
     "watch_loop_shutdown",
@@ -382,6 +383,13 @@ def _interruptible() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def run_on_shared_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on feste's one background loop and wait for it: the threads of a
+    process that call this share that loop and its connection pools (the partition tasks
+    of :mod:`feste.collections`) instead of running a loop each."""
+    return _run_on_helper_thread(coro)
 
 
 def _run_on_helper_thread(coro: Coroutine[Any, Any, T]) -> T:

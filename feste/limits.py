@@ -110,6 +110,7 @@ __all__ = [
     "admit_free",
     "all_limiters",
     "backend_limiter",
+    "joined_scope",
     "limiter_for",
     "request_cost_estimate",
     "resolve_limits",
@@ -1123,10 +1124,28 @@ def shared_limits(shared: SharedLimits | None) -> Iterator[None]:
         _shared.reset(token)
 
 
+_joined: contextvars.ContextVar[RunLimits | None] = contextvars.ContextVar(
+    "feste_joined_limits", default=None
+)
+
+
+@contextlib.contextmanager
+def joined_scope(scope: RunLimits) -> Iterator[None]:
+    """Computations started inside are parts of the one computation ``scope``: they
+    share its limits and its circuit breaker (the partitions of a collection mapped by
+    :mod:`feste.collections`, each computed on its own, from several threads)."""
+    token = _joined.set(scope)
+    try:
+        yield
+    finally:
+        _joined.reset(token)
+
+
 @contextlib.contextmanager
 def run_scope() -> Iterator[RunLimits]:
-    """Start a computation's limits scope (the context's limits are captured now)."""
-    scope = RunLimits()
+    """Start a computation's limits scope (the context's limits are captured now), or
+    enter the computation it is part of (:func:`joined_scope`)."""
+    scope = _joined.get() or RunLimits()
     token = _current_run.set(scope)
     try:
         yield scope

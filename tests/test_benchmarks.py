@@ -147,6 +147,7 @@ def test_list_names_every_workload_and_its_contenders() -> None:
         "warm_rerun",
         "batch_cost",
         "cluster",
+        "dataframe",
         "local_embed",
     ]
     for contenders in declared.values():

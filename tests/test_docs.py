@@ -125,7 +125,11 @@ def documented_files() -> list[Path]:
 
 
 def _run_code(code: str, namespace: dict[str, object], filename: str) -> None:
-    compiled = compile(code, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+    # dont_inherit: the snippets run as a user's module does, without this file's
+    # ``from __future__ import annotations`` (Pydantic models resolve their annotations).
+    compiled = compile(
+        code, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True
+    )
     result = eval(compiled, namespace)
     if asyncio.iscoroutine(result):
         asyncio.run(result)

@@ -30,6 +30,7 @@ EXPORTED = {
     "context",
     "explain",
     "feste_task",
+    "map",
     "record_usage",
 }
 

@@ -27,6 +27,7 @@ WORKLOAD_MODULES: tuple[str, ...] = (
     "warm_rerun",
     "batch_cost",
     "cluster",
+    "dataframe",
     "local_embed",
 )
 
