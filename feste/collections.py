@@ -559,8 +559,10 @@ def _merged(parts: list[GraphStats]) -> GraphStats:
     at_run_time: dict[str, int] = {}
     usage: dict[str, Any] = {}
     cost: dict[str, float | None] = {}
+    batch_api: dict[str, int] = {}
     for stats in parts:
-        for total, counts in ((calls, stats.calls), (requests, stats.requests)):
+        counted = ((calls, stats.calls), (requests, stats.requests), (batch_api, stats.batch_api))
+        for total, counts in counted:
             for method, count in counts.items():
                 total[method] = total.get(method, 0) + count
         for method, count in stats.at_run_time.items():
@@ -584,6 +586,7 @@ def _merged(parts: list[GraphStats]) -> GraphStats:
         estimated_cost=cost,
         unknown_inputs=sum(stats.unknown_inputs for stats in parts),
         price_date=dates[0] if dates else None,
+        batch_api=batch_api,
     )
 
 
@@ -606,4 +609,6 @@ def explain(*objs: Any, optimize_graph: bool = True) -> GraphStats:
             parts.extend(dask.compute(*pieces))
     if others or not parts:
         parts.append(explain_graph(*others, optimize_graph=optimize_graph))
+    if len(parts) == 1:
+        return parts[0]
     return _merged(parts)

@@ -24,6 +24,7 @@ import feste
 from feste import Failure, context
 from feste.backend import Cohere, OpenAI
 from feste.backend.prices import builtin_prices
+from feste.backend.types import Usage
 from feste.errors import BudgetExceeded, ConfigurationError, OptionError, SchedulerError
 from feste.limits import ASSUMED_INPUT_TOKENS, ASSUMED_OUTPUT_TOKENS
 from feste.testing import chat_text, count_tokens
@@ -390,3 +391,73 @@ def test_in_eager_mode_the_budget_bounds_each_call_alone(llm_server: Any) -> Non
         values = [llm.chat(prompt) for prompt in PROMPTS[:3]]
     assert values == [chat_text(MODEL, prompt) for prompt in PROMPTS[:3]]
     assert llm_server.stats()["requests"] == 3
+
+
+# -- Batch API jobs ---------------------------------------------------------------------
+
+BATCH_FAST = {"batch_api_poll": 0.02, "batch_api_window": 0.02}
+
+
+def batch_reservation(prompt: str) -> float:
+    """What one chat request sent through a Batch API job sets aside (batch prices)."""
+    input_tokens = count_tokens(prompt) + FRAMING
+    cost = PRICE.cost(Usage(MODEL, input_tokens, ASSUMED_OUTPUT_TOKENS), batch=True)
+    assert cost is not None
+    return cost
+
+
+def batch_charge(prompt: str) -> float:
+    answer_tokens = count_tokens(chat_text(MODEL, prompt))
+    cost = PRICE.cost(Usage(MODEL, count_tokens(prompt), answer_tokens), batch=True)
+    assert cost is not None
+    return cost
+
+
+def test_batch_api_calls_are_estimated_and_charged_at_batch_prices(llm_server: Any) -> None:
+    assert batch_reservation(PROMPTS[0]) < reservation(PROMPTS[0]) / 1.9
+    budget = 20 * batch_reservation(PROMPTS[0]) * 1.01  # the batch estimate fits, not online
+    assert budget < 20 * reservation(PROMPTS[0])
+    calls = [openai(llm_server).chat(prompt) for prompt in PROMPTS]
+    with pytest.raises(BudgetExceeded, match=r"estimated cost \$0\.\d+ of 20 calls"):
+        feste.compute(calls, max_cost=budget)
+    assert llm_server.stats()["requests"] == 0
+    with feste.record_usage() as usage:
+        (values,) = feste.compute(calls, max_cost=budget, batch_api=True, **BATCH_FAST)
+    assert values == [chat_text(MODEL, prompt) for prompt in PROMPTS]
+    assert llm_server.stats()["batches"]["lines_answered"] == 20
+    assert usage.cost == pytest.approx(20 * batch_charge(PROMPTS[0]), abs=1e-12)
+
+
+def test_batch_api_calls_are_not_sent_past_the_budget(llm_server: Any) -> None:
+    # As online: one reservation at a time fits, each call is charged its short echo at
+    # batch prices, so exactly 5 calls go into jobs (one job each, in turn).
+    reserved, charged = batch_reservation(PROMPTS[0]), batch_charge(PROMPTS[0])
+    budget = budget_for(5, reserved, charged)
+    assert 2 * reserved > budget
+    calls = [openai(llm_server).chat(prompt) for prompt in PROMPTS]
+    (values,) = feste.compute(
+        calls,
+        max_cost=budget,
+        over_estimate="start",
+        errors="return",
+        batch_api=True,
+        **BATCH_FAST,
+    )
+    answered, failed = split(values)
+    batches = llm_server.stats()["batches"]
+    assert (batches["jobs_created"], batches["lines_answered"]) == (5, 5)
+    assert len(answered) == 5 and len(failed) == 15
+    for failure in failed:
+        assert isinstance(failure.exception, BudgetExceeded)
+        assert failure.exception.spent == pytest.approx(5 * charged, abs=1e-12)
+
+
+def test_batch_calls_that_may_go_online_reserve_online_prices(llm_server: Any) -> None:
+    # batch_api_on_expiry="online": an expired job's calls are sent online, so the
+    # estimate before the run is at online prices, the most they may cost.
+    budget = 20 * batch_reservation(PROMPTS[0]) * 1.01
+    calls = [openai(llm_server).chat(prompt) for prompt in PROMPTS]
+    with pytest.raises(BudgetExceeded):
+        feste.compute(calls, max_cost=budget, batch_api=True, batch_api_on_expiry="online")
+    assert llm_server.stats()["requests"] == 0
+    assert llm_server.stats()["batches"]["jobs_created"] == 0

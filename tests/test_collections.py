@@ -431,6 +431,19 @@ def test_explain_finds_the_calls_of_a_collection_computed_from_maps(
     assert llm_server.stats()["requests"] == 0
 
 
+def test_explain_of_maps_says_which_calls_go_to_batch_api_jobs(llm_server: TestServer) -> None:
+    batch_llm = openai(llm_server, batch_api=True)
+    frame = frame_of([f"text {index}" for index in range(30)], "object", npartitions=3)
+    vectors = feste.map(batch_llm.embed, frame.text)
+    answers = feste.map(openai(llm_server).chat, db.from_sequence(["a", "b"], npartitions=2))
+
+    stats = feste.explain(vectors, answers)
+
+    assert stats.batch_api == {"openai.embed": 30}
+    assert stats.calls == {"openai.embed": 30, "openai.chat": 2}
+    assert llm_server.stats()["requests"] == 0
+
+
 def test_a_cache_url_stays_out_of_the_graph_keys_and_reprs(llm_server: TestServer) -> None:
     llm = openai(llm_server)
     url = "postgresql://feste:hunter2@db.invalid/cache"
