@@ -26,6 +26,7 @@ import pytest
 import feste
 from feste import context
 from feste.backend.openai import OpenAI
+from feste.cache import call_key, open_store
 from feste.errors import BadRequestError, SchedulerError, TransientError
 from feste.schedulers import cluster as cluster_scheduler
 from feste.testing import TestServer, chat_text, count_tokens, embedding, wait_until
@@ -272,6 +273,13 @@ def test_a_worker_killed_mid_run_does_not_stop_the_run(
     llm = openai(server)
     prompts = [f"survive {index}" for index in range(320)]
     calls = [llm.chat(prompt) for prompt in prompts]
+    path = str(tmp_path / "c.db")
+    store = open_store(path)
+    keys = {call_key(llm, "chat", prompt, {}): prompt for prompt in prompts}
+
+    def stored() -> set[str]:
+        return {keys[key] for key in store.get_many(list(keys))}
+
     results: list[Any] = []
     with (
         distributed.LocalCluster(
@@ -282,26 +290,27 @@ def test_a_worker_killed_mid_run_does_not_stop_the_run(
         victim = sorted(dask_client.scheduler_info()["workers"])[0]
 
         def run() -> None:
-            (values,) = feste.compute(
-                calls, scheduler=dask_client, max_concurrency=16, cache=str(tmp_path / "c.db")
-            )
+            (values,) = feste.compute(calls, scheduler=dask_client, max_concurrency=16, cache=path)
             results.append(values)
 
         runner = threading.Thread(target=run)
         runner.start()
-        assert wait_until(lambda: server.stats()["requests"] >= 40, timeout=30)
+        assert wait_until(lambda: len(stored()) >= 40, timeout=30)
+        # Read before the kill: each of these answers was durable when the worker died.
+        durable_before_kill = stored()
         with contextlib.suppress(Exception):  # the worker dies without answering
             dask_client.run(os._exit, 1, workers=[victim])
         assert wait_until(lambda: victim not in dask_client.scheduler_info()["workers"])
         runner.join(60)
         assert not runner.is_alive()
     assert list(results[0]) == answers_of(prompts)
-    # With the cache on, every call answered before the worker died is answered from
-    # it: only the requests in flight on the dead worker (at most the cap) go again.
+    assert stored() == set(prompts)  # the keys above are the ones the run stores under
+    # With the cache on, no call whose answer was stored before the worker died is sent
+    # again: only those in flight on it, or answered but not yet committed, go twice.
     sent = Counter(text for request in server.stats()["inputs"][CHATS] for text in request)
     assert set(sent) == set(prompts)
-    again = [text for text, count in sent.items() if count > 1]
-    assert len(again) <= 16
+    again = {text for text, count in sent.items() if count > 1}
+    assert not again & durable_before_kill
     assert max(sent.values()) <= 2
     assert server.stats()["max_in_flight"] <= 16
 
