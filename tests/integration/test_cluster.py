@@ -275,7 +275,11 @@ def test_a_worker_killed_mid_run_does_not_stop_the_run(
     calls = [llm.chat(prompt) for prompt in prompts]
     path = str(tmp_path / "c.db")
     store = open_store(path)
-    keys = {call_key(llm, "chat", prompt, {}): prompt for prompt in prompts}
+    # The cache keys of the calls: a chat's item is its messages, its model a parameter.
+    keys = {
+        call_key(llm, "chat", [{"role": "user", "content": prompt}], {"model": CHAT_MODEL}): prompt
+        for prompt in prompts
+    }
 
     def stored() -> set[str]:
         return {keys[key] for key in store.get_many(list(keys))}
