@@ -86,6 +86,20 @@ def test_online_and_batch_stages_feed_each_other(server: TestServer, transport: 
     assert stats["by_route"]["/v1/embeddings"] == 1
 
 
+@pytest.mark.parametrize("where", ["option", "backend"])
+def test_batch_calls_are_not_held_to_the_concurrency_limit(server: TestServer, where: str) -> None:
+    # A job is not a connection: 300 calls with max_concurrency=8 still go in one job.
+    routing = {"batch_api": True}
+    llm = openai(server, "http", max_concurrency=8, **(routing if where == "backend" else {}))
+    calls = [llm.chat(f"many {index}") for index in range(300)]
+
+    (values,) = feste.compute(calls, **(routing if where == "option" else {}), **FAST)
+
+    assert values == [answer(f"many {index}") for index in range(300)]
+    batches = server.stats()["batches"]
+    assert (batches["jobs_created"], batches["lines_answered"]) == (1, 300)
+
+
 def test_the_batch_api_option_routes_eligible_calls_and_leaves_cohere_online(
     server: TestServer,
 ) -> None:

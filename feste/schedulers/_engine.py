@@ -84,6 +84,7 @@ import heapq
 import math
 import operator
 import os
+import sys
 import time
 import weakref
 from collections.abc import Callable, Hashable, Mapping
@@ -103,6 +104,7 @@ from dask._task_spec import identity as _dask_identity
 from dask.order import order as dask_order
 
 from feste import context
+from feste._batch_jobs import batch_route
 from feste._calls import RetryWaits, call_priority, retry_waits, run_batch, run_call
 from feste._nodes import BackendCall, BatchCall, describe_item_failures, take_item
 from feste._progress import RunProgress
@@ -143,6 +145,8 @@ _CHUNK_SECONDS = {"threads": 0.002, "processes": 0.05}
 _MAX_CHUNK = 256
 CANCEL_GRACE = 5.0  # seconds to wait for cancelled work to wind down
 _NO_LANE_CAP = 1024
+# The lane of calls routed to Batch API jobs: no cap (a job holds up to 50,000 calls).
+_UNCAPPED = sys.maxsize
 
 
 def inline_function(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -425,6 +429,7 @@ class Engine:
         self._picks: dict[Hashable, tuple[Hashable, int]] = {}
         self._python: list[tuple[int, Hashable]] = []
         self._lanes: dict[int, _Lane] = {}
+        self._batch_lane: _Lane | None = None
         self._groups: dict[Hashable, _Group] = {}
         self._group_keys: dict[Hashable, Hashable] = {}
         self._flush_soon: list[_Group] = []
@@ -818,7 +823,14 @@ class Engine:
 
     # -- backend calls ----------------------------------------------------------------
 
-    def _lane(self, backend: Any) -> _Lane:
+    def _lane(self, backend: Any, method: str, params: Mapping[str, Any]) -> _Lane:
+        if batch_route(backend, method, params)[0]:
+            # Calls for a provider Batch API job take no admission (a job is not a
+            # connection): all of them start at once, so that they gather in few jobs.
+            if self._batch_lane is None:
+                self._batch_lane = _Lane(_UNCAPPED, _UNCAPPED, weakref.WeakMethod(self._pump))
+                self._lanes[-1] = self._batch_lane
+            return self._batch_lane
         lane = self._lanes.get(id(backend))
         if lane is None:
             limit = resolve_limits(backend).max_concurrency
@@ -832,7 +844,7 @@ class Engine:
         call = node.func
         values = self.values
         params = {name: _argument(arg, values) for name, arg in node.kwargs.items()}
-        lane = self._lane(call.backend)
+        lane = self._lane(call.backend, call.method, params)
         priority = self.priority[key]
         if kind == _BATCH:
             job = self._batch_job(key, call, node.args[0], params)
