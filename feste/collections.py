@@ -63,7 +63,7 @@ from feste.backend.base import Backend
 from feste.cache._open import ENVIRONMENT_VARIABLE
 from feste.compute import explain as explain_graph
 from feste.compute import prepare
-from feste.errors import Failure
+from feste.errors import Failure, OptionError
 from feste.graph import GraphStats
 from feste.limits import RunLimits, joined_scope
 from feste.prompt import Prompt
@@ -482,6 +482,16 @@ def map(
     kind = _kind(collection)
     calling, variable = _calling(fn, kind, args)
     columns, model = _result_columns(fn, kwargs, meta)
+    options = _captured_options()
+    if options.get("max_cost") is not None:
+        # Partitions run as separate computations, in Dask's threads, processes or on a
+        # cluster's workers: no one budget would bound them all, so none is promised.
+        raise OptionError(
+            "feste.map does not keep a max_cost budget: its partitions run as separate "
+            "computations on Dask's workers, which cannot share one budget. Leave "
+            "max_cost unset around feste.map (set it around feste.compute of lists of "
+            "calls instead), or bound the spend with max_concurrency and the rows mapped"
+        )
     spec = _MapSpec(
         fn=fn,
         args=args,
@@ -489,7 +499,7 @@ def map(
         calling=calling,
         variable=variable,
         errors=errors,
-        options=_captured_options(),
+        options=options,
         columns=columns,
         model=model,
         salt=os.urandom(16),

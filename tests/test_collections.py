@@ -17,7 +17,7 @@ from pydantic import BaseModel
 import feste
 from feste import context
 from feste.backend.openai import OpenAI
-from feste.errors import BadRequestError
+from feste.errors import BadRequestError, OptionError
 from feste.testing import TestServer, chat_text, count_tokens, embedding
 
 CHAT_MODEL = "gpt-4o-mini"
@@ -441,6 +441,15 @@ def test_explain_of_maps_says_which_calls_go_to_batch_api_jobs(llm_server: TestS
 
     assert stats.batch_api == {"openai.embed": 30}
     assert stats.calls == {"openai.embed": 30, "openai.chat": 2}
+    assert llm_server.stats()["requests"] == 0
+
+
+def test_a_budget_is_refused_by_map_before_anything_is_sent(llm_server: TestServer) -> None:
+    frame = frame_of(["a", "b"], "object", npartitions=2)
+    with context.set(max_cost=1.0), pytest.raises(OptionError) as raised:
+        feste.map(openai(llm_server).chat, frame.text)
+    assert str(raised.value).startswith("feste.map does not keep a max_cost budget")
+    assert "Leave max_cost unset around feste.map" in str(raised.value)
     assert llm_server.stats()["requests"] == 0
 
 
