@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.harness import _proc_status_kib, _reset_peak_rss
 from feste import feste_task
 from feste.backend import OpenAI
 from feste.compute import prepare
@@ -62,18 +62,8 @@ def best_cpu_seconds(build: Callable[[], Any], runs: int) -> float:
 
 
 def _status_mib(name: str) -> float:
-    with open("/proc/self/status") as status:
-        found = re.search(rf"^{name}:\s+(\d+)\s+kB", status.read(), re.MULTILINE)
-    return int(found.group(1)) / 1024 if found else float("nan")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
+    kib = _proc_status_kib(name)
+    return kib / 1024 if kib is not None else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
