@@ -38,7 +38,7 @@ from feste.backend.prices import price_table
 from feste.backend.spec import chunk_items
 from feste.backend.types import Usage
 from feste.errors import GraphError
-from feste.optimization import default_optimizer
+from feste.optimization import chain_levels, default_optimizer
 
 __all__ = [
     "FesteGraph",
@@ -395,6 +395,10 @@ def _estimate(
     return usage_by_method, cost_by_method, unknown
 
 
+def _every_node(node: Any) -> bool:
+    return True
+
+
 class _Slot:
     """Where the i-th collected lazy value sits in the objects given to ``collect``."""
 
@@ -549,36 +553,14 @@ class FesteGraph(MutableMapping[Any, Any]):
 
     def depth(self) -> int:
         """The number of nodes on the longest chain of dependencies."""
-        # One sweep over the nodes in dependency order (Kahn's algorithm), linear in
-        # nodes plus edges.
         graph = self._graph
-        dependents: dict[Any, list[Any]] = {}
-        waiting: dict[Any, int] = {}
-        ready: list[Any] = []
-        for key, node in graph.items():
-            count = 0
-            for dependency in getattr(node, "dependencies", ()):
-                if dependency not in graph:
-                    self.get_all_dependencies()  # raises the error naming it
-                dependents.setdefault(dependency, []).append(key)
-                count += 1
-            if count:
-                waiting[key] = count
-            else:
-                ready.append(key)
-        levels: dict[Any, int] = {}
-        below: dict[Any, int] = {}  # the deepest chain under a node seen so far
-        while ready:
-            key = ready.pop()
-            level = levels[key] = below.get(key, 0) + 1
-            for dependent in dependents.get(key, ()):
-                if below.get(dependent, 0) < level:
-                    below[dependent] = level
-                waiting[dependent] -= 1
-                if not waiting[dependent]:
-                    ready.append(dependent)
-        if len(levels) != len(graph):
+        for node in graph.values():
+            if any(dependency not in graph for dependency in getattr(node, "dependencies", ())):
+                self.get_all_dependencies()  # raises the error naming it
+        levels = chain_levels(graph, _every_node)
+        if levels is None:
             self.topological_order()  # raises the error naming the cycle
+            return 0
         return max(levels.values(), default=0)
 
     def backend_calls(self) -> tuple[dict[str, int], dict[str, int]]:

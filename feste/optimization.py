@@ -82,7 +82,7 @@ Rewrite
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from dask.core import flatten
@@ -91,7 +91,14 @@ from dask.task_spec import GraphNode, List, Task, TaskRef
 from feste._nodes import BackendCall, BatchCall, take_item
 from feste.backend.spec import chunk_items
 
-__all__ = ["BatchOptimization", "Optimization", "Optimizer", "call_levels", "default_optimizer"]
+__all__ = [
+    "BatchOptimization",
+    "Optimization",
+    "Optimizer",
+    "call_levels",
+    "chain_levels",
+    "default_optimizer",
+]
 
 
 class Optimization:
@@ -136,6 +143,14 @@ def call_levels(graph: Mapping[Any, Any]) -> dict[Any, int] | None:
     None when the graph has a cycle (the scheduler reports it). Dependencies outside
     the graph (data held by a distributed cluster) count as sources.
     """
+    return chain_levels(graph, _is_call_node)
+
+
+def chain_levels(graph: Mapping[Any, Any], counted: Callable[[Any], bool]) -> dict[Any, int] | None:
+    """key -> how many ``counted`` nodes lie on the longest path from a source to it,
+    inclusive; one sweep in dependency order (Kahn's algorithm), linear in nodes plus
+    edges. None when the graph has a cycle; dependencies outside it count as sources.
+    """
     dependents: dict[Any, list[Any]] = {}
     waiting: dict[Any, int] = {}
     ready: list[Any] = []
@@ -155,7 +170,7 @@ def call_levels(graph: Mapping[Any, Any]) -> dict[Any, int] | None:
     while ready:
         key = ready.pop()
         level = inherited.get(key, 0)
-        if _is_call_node(graph[key]):
+        if counted(graph[key]):
             level += 1
         levels[key] = level
         for child in dependents.get(key, ()):
