@@ -47,7 +47,14 @@ from feste.backend.base import Backend
 from feste.backend.types import Request, Response
 from feste.errors import BackendError, ConfigurationError
 
-__all__ = ["BaseTransport", "Closer", "SDKAdapter", "batch_operation", "key_reader"]
+__all__ = [
+    "BaseTransport",
+    "Closer",
+    "SDKAdapter",
+    "batch_create_body",
+    "batch_operation",
+    "key_reader",
+]
 
 #: A coroutine function that releases a pool (``session.close``, ``client.aclose``).
 Closer = Callable[[], Awaitable[Any]]
@@ -136,6 +143,20 @@ def batch_operation(
     return Request(
         provider=provider, method=operation, path=path, payload=payload or {}, sdk_method=operation
     )
+
+
+def batch_create_body(
+    input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None
+) -> dict[str, Any]:
+    """The body of ``POST /batches``: a job over an uploaded file, within 24 hours."""
+    body: dict[str, Any] = {
+        "input_file_id": input_file_id,
+        "endpoint": endpoint,
+        "completion_window": "24h",
+    }
+    if metadata:
+        body["metadata"] = dict(metadata)
+    return body
 
 
 class BaseTransport(abc.ABC):

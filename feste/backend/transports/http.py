@@ -28,7 +28,7 @@ from feste.backend.transports._errors import (
     unexpected_error,
 )
 from feste.backend.transports._json import CODEC
-from feste.backend.transports.base import BaseTransport, batch_operation
+from feste.backend.transports.base import BaseTransport, batch_create_body, batch_operation
 from feste.backend.types import Request, Response
 from feste.errors import BackendError, BadRequestError
 
@@ -152,13 +152,7 @@ class HTTPTransport(BaseTransport):
     async def create_batch(
         self, input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None = None
     ) -> Mapping[str, Any]:
-        payload: dict[str, Any] = {
-            "input_file_id": input_file_id,
-            "endpoint": endpoint,
-            "completion_window": "24h",
-        }
-        if metadata:
-            payload["metadata"] = dict(metadata)
+        payload = batch_create_body(input_file_id, endpoint, metadata)
         request = batch_operation(self.provider, "batches.create", "/batches", payload)
         return await self._json_exchange(request, "POST", CODEC.encode(payload))
 

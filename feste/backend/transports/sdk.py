@@ -26,7 +26,12 @@ from feste.backend.base import Backend
 from feste.backend.transports._cohere_sdk import CohereAdapter
 from feste.backend.transports._errors import decode_body, status_error, unexpected_error
 from feste.backend.transports._openai_sdk import OpenAIAdapter
-from feste.backend.transports.base import BaseTransport, SDKAdapter, batch_operation
+from feste.backend.transports.base import (
+    BaseTransport,
+    SDKAdapter,
+    batch_create_body,
+    batch_operation,
+)
 from feste.backend.types import Request, Response
 from feste.errors import BackendError, ConfigurationError
 
@@ -156,13 +161,7 @@ class SDKTransport(BaseTransport):
     async def create_batch(
         self, input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None = None
     ) -> Mapping[str, Any]:
-        arguments: dict[str, Any] = {
-            "input_file_id": input_file_id,
-            "endpoint": endpoint,
-            "completion_window": "24h",
-        }
-        if metadata:
-            arguments["metadata"] = dict(metadata)
+        arguments = batch_create_body(input_file_id, endpoint, metadata)
         request = batch_operation(self.provider, "batches.create", "/batches", arguments)
         return await self._object(request, arguments)
 
