@@ -461,3 +461,27 @@ def test_batch_calls_that_may_go_online_reserve_online_prices(llm_server: Any) -
         feste.compute(calls, max_cost=budget, batch_api=True, batch_api_on_expiry="online")
     assert llm_server.stats()["requests"] == 0
     assert llm_server.stats()["batches"]["jobs_created"] == 0
+
+
+def test_batch_calls_sent_online_after_an_expired_job_are_charged_online(
+    llm_server: Any,
+) -> None:
+    # Every job expires and its call goes online: reserved and charged at online prices,
+    # so a budget for 5 online calls lets exactly 5 through, as online.
+    llm_server.configure(batch_expire_jobs=100)
+    reserved, charged = reservation(PROMPTS[0]), charge(PROMPTS[0])
+    calls = [openai(llm_server).chat(prompt) for prompt in PROMPTS]
+    (values,) = feste.compute(
+        calls,
+        max_cost=budget_for(5, reserved, charged),
+        over_estimate="start",
+        errors="return",
+        batch_api=True,
+        batch_api_on_expiry="online",
+        **BATCH_FAST,
+    )
+    answered, failed = split(values)
+    stats = llm_server.stats()
+    assert (stats["batches"]["jobs_expired"], stats["by_route"]["/v1/chat/completions"]) == (5, 5)
+    assert len(answered) == 5 and len(failed) == 15
+    assert all(isinstance(failure.exception, BudgetExceeded) for failure in failed)
