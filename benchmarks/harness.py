@@ -46,6 +46,7 @@ import contextlib
 import cProfile
 import importlib.util
 import math
+import gc
 import multiprocessing
 import os
 import pstats
@@ -293,6 +294,11 @@ def _child_main(
             job.started = time.perf_counter()
             contender.prepare(job)
             job.marks.clear()
+        # What is alive now (the harness's imports, the warm-up's leftovers) is not the
+        # run's: frozen, so no contender's collections traverse (and, in a forked child,
+        # copy) the harness's heap.
+        gc.collect()
+        gc.freeze()
         connection.send({"status": "ready"})
         connection.recv()  # the parent has reset the servers' statistics
         meter = MemoryMeter(include_children=contender.spawns_processes)

@@ -158,20 +158,20 @@ def test_a_key_echoed_by_the_provider_is_scrubbed():
 # -- sessions and loops -------------------------------------------------------------
 
 
-def test_one_session_per_backend_per_loop(llm_server, loop):
+def test_one_connection_pool_per_backend_per_loop(llm_server, loop):
     llm = OpenAI(api_key=KEY, base_url=llm_server.openai_base_url)
     other = OpenAI(api_key=KEY, base_url=llm_server.openai_base_url)
     params = {"model": "gpt-4o-mini"}
     loop.run_until_complete(run_call(llm, "chat", "one", params))
     transport = llm._transports[loop]
-    session = transport._session
+    session = transport._connections
     for text in ("two", "three", "four"):
         loop.run_until_complete(run_call(llm, "chat", text, params))
     loop.run_until_complete(run_call(other, "chat", "five", params))
 
     assert llm._transports == {loop: transport}
-    assert transport._session is session
-    assert other._transports[loop]._session is not session
+    assert transport._connections is session
+    assert other._transports[loop]._connections is not session
     assert llm_server.stats()["requests"] == 5
 
 
@@ -182,7 +182,7 @@ def test_closing_a_loop_closes_its_transports(llm_server, transport):
     try:
         loop.run_until_complete(run_call(llm, "chat", "hi", {"model": "m"}))
         sent = llm._transports[loop]
-        pool = sent._session if transport == "http" else sent._client
+        pool = sent._connections if transport == "http" else sent._client
         loop.run_until_complete(close_loop_resources(loop))
     finally:
         loop.close()
@@ -264,11 +264,11 @@ def test_prepare_opens_the_pool_before_any_request(llm_server, loop, backend_typ
     llm = backend_type(api_key=KEY, base_url=base_url, transport=transport)
 
     prepared = loop.run_until_complete(transport_for(llm))
-    pool = prepared._session if transport == "http" else prepared._client
+    pool = prepared._connections if transport == "http" else prepared._client
 
     assert pool is not None
     assert loop.run_until_complete(transport_for(llm)) is prepared
-    assert (prepared._session if transport == "http" else prepared._client) is pool
+    assert (prepared._connections if transport == "http" else prepared._client) is pool
     assert llm._transports == {loop: prepared}
     assert llm_server.stats()["requests"] == 0
 

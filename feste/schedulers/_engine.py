@@ -952,41 +952,56 @@ class Engine:
             self._spawn(self._send(job, lane))
 
     async def _send(self, job: _Job, lane: _Lane) -> None:
-        """The one place a backend call is made: await the request, settle its keys."""
-        # Scarce admissions go first to calls with the longest chain waiting on them.
-        call_priority.set(job.chain_priority)
+        """The one place backend calls are made: await each request, settle its keys.
+
+        The task goes on with the next job of its lane when its request is settled and
+        the lane has room: the next request leaves at once, without waiting a loop
+        iteration for a new task to start.
+        """
         # The lane counts this call's waits between attempts (see _Lane).
         retry_waits.set(lane.waits)
-        try:
-            if len(job.items) == 1 and not job.whole:
-                values = [
-                    await run_call(
-                        job.backend, job.method, job.items[0], job.params, pure=job.dedupe
+        next_job: _Job | None = job
+        while next_job is not None:
+            job = next_job
+            # Scarce admissions go first to calls with the longest chain waiting on them.
+            call_priority.set(job.chain_priority)
+            outcome: list[Any] | BaseException
+            try:
+                if len(job.items) == 1 and not job.whole:
+                    values = [
+                        await run_call(
+                            job.backend, job.method, job.items[0], job.params, pure=job.dedupe
+                        )
+                    ]
+                elif job.items:
+                    values = await run_batch(
+                        job.backend, job.method, job.items, job.params, dedupe=job.dedupe
                     )
-                ]
-            elif job.items:
-                values = await run_batch(
-                    job.backend, job.method, job.items, job.params, dedupe=job.dedupe
-                )
+                else:
+                    values = []  # a planned batch all of whose inputs failed
+            except asyncio.CancelledError:
+                lane.outstanding -= 1
+                raise
+            except Exception as exc:
+                if job.merge is None:
+                    outcome = exc
+                else:
+                    # The failed inputs keep their own cancellation; the sent items
+                    # share exc.
+                    outcome = describe_item_failures(
+                        [ItemFailure(_copied(exc)) for _ in job.items], job.items, job.call_sites
+                    )
             else:
-                values = []  # a planned batch all of whose inputs failed
-        except asyncio.CancelledError:
-            lane.outstanding -= 1
-            raise
-        except Exception as exc:
-            if job.merge is None:
-                self._sent(job, lane, exc)
-                return
-            # The failed inputs keep their own cancellation; the sent items share exc.
-            values = [ItemFailure(_copied(exc)) for _ in job.items]
-        self._sent(job, lane, describe_item_failures(values, job.items, job.call_sites))
+                outcome = describe_item_failures(values, job.items, job.call_sites)
+            next_job = self._sent(job, lane, outcome)
 
-    def _sent(self, job: _Job, lane: _Lane, outcome: list[Any] | BaseException) -> None:
-        """Settle the keys of ``job``: its values, or the error of its whole request."""
+    def _sent(self, job: _Job, lane: _Lane, outcome: list[Any] | BaseException) -> _Job | None:
+        """Settle the keys of ``job`` (its values, or the error of its whole request);
+        return the lane's next job when the finishing task should send it."""
         lane.outstanding -= 1
         self.running -= 1
         if self._closed:
-            return
+            return None
         try:
             if isinstance(outcome, BaseException):
                 for index, key in enumerate(job.keys):
@@ -997,7 +1012,7 @@ class Engine:
                         describe_call(error, job.items[index], job.call_sites[index])
                     self._fail(key, error)
                     if self._closed:
-                        return
+                        return None
             elif job.whole:
                 values = job.merge(outcome) if job.merge is not None else outcome
                 self._finish(job.keys[0], values)
@@ -1008,11 +1023,17 @@ class Engine:
                     else:
                         self._finish(key, value)
                     if self._closed:
-                        return
+                        return None
         except BaseException as error:
             self._abort(error)
-            return
+            return None
+        next_job = None
+        if lane.heap and lane.has_room() and not self._pumping:
+            *_, next_job = heapq.heappop(lane.heap)
+            lane.outstanding += 1
+            self.running += 1
         self._pump()
+        return next_job
 
     # -- Python tasks in the worker pool ----------------------------------------------
 

@@ -36,9 +36,9 @@ def open_descriptors() -> int:
 
 
 def pool_of(backend: OpenAI) -> object:
-    """The aiohttp session or the ``openai.AsyncOpenAI`` of the backend's only transport."""
+    """The connection pool or the ``openai.AsyncOpenAI`` of the backend's only transport."""
     (transport,) = backend._transports.values()
-    return transport._session if backend.transport == "http" else transport._client
+    return transport._connections if backend.transport == "http" else transport._client
 
 
 def is_closed(pool) -> bool:

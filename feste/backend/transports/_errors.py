@@ -51,6 +51,7 @@ __all__ = [
     "invalid_url_error",
     "not_json_error",
     "provider_message",
+    "refused_locally",
     "retry_after_seconds",
     "status_error",
     "unexpected_error",
@@ -211,7 +212,7 @@ def invalid_url_error(backend: Backend, request: Request, exc: BaseException) ->
     )
 
 
-def _refused_locally(backend: Backend, request: Request, exc: BaseException) -> BackendError:
+def refused_locally(backend: Backend, request: Request, exc: BaseException) -> BackendError:
     """The client would not put the request on the wire (an illegal header value).
 
     The exception's text is not quoted: it holds the header value, which may be a key
@@ -233,7 +234,7 @@ def httpx_error(backend: Backend, request: Request, exc: BaseException) -> Backe
     if isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol)):
         return invalid_url_error(backend, request, exc)
     if isinstance(exc, httpx.LocalProtocolError):
-        return _refused_locally(backend, request, exc)
+        return refused_locally(backend, request, exc)
     if isinstance(exc, httpx.TransportError):
         return connection_error(backend, request, exc)
     return None

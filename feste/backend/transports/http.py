@@ -1,56 +1,83 @@
-"""The ``http`` transport: lean aiohttp, the default.
+"""The ``http`` transport: feste's own lean HTTP/1.1 client, the default.
 
 Design
 ------
-One ``aiohttp.ClientSession`` per backend per loop, opened by :meth:`HTTPTransport.prepare`,
-over an unlimited keep-alive connection pool (the scheduler limits concurrency, not
-the pool). Bodies are encoded and decoded by :data:`._json.CODEC` (``orjson`` where
-installed, else the stdlib ``json``, with the same results); the ``Authorization``
-header is built from ``backend.api_key()`` at send time, so a key from the environment
-is read where the call runs; the headers are one dict built once per key. Every
-failure is mapped at the one ``except`` in :meth:`HTTPTransport.send` (see
-:mod:`._errors`).
+One :class:`~._wire.ConnectionPool` per backend per loop, opened by
+:meth:`HTTPTransport.prepare`: unlimited keep-alive connections to the backend's origin
+(the scheduler limits concurrency, not the pool). The request head (request line and
+headers, ``Authorization`` included) is built once per path and key and kept as bytes,
+so sending a call is encoding its body and one write; the key comes from
+``backend.api_key()`` at send time, so a key from the environment is read where the call
+runs. Bodies are encoded and decoded by :data:`._json.CODEC` (``orjson`` where installed,
+else the stdlib ``json``, with the same results). Every failure is mapped at the one
+``except`` in :meth:`HTTPTransport._exchange` (see :mod:`._errors`).
+
+Uploads for provider Batch APIs go through the same pool as ``multipart/form-data``
+bodies built here.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from typing import Any
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from feste.backend.base import Backend
 from feste.backend.transports._errors import (
     connection_error,
     decode_body,
     invalid_url_error,
+    refused_locally,
     status_error,
     unexpected_error,
 )
 from feste.backend.transports._json import CODEC
+from feste.backend.transports._wire import ConnectionPool, WireError, encode_head
 from feste.backend.transports.base import BaseTransport, batch_create_body, batch_operation
 from feste.backend.types import Request, Response
 from feste.errors import BackendError, BadRequestError
 
 __all__ = ["HTTPTransport"]
 
+_JSON = "application/json"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
 
 class HTTPTransport(BaseTransport):
-    """aiohttp: one session per backend per loop, auth added at send time."""
+    """feste's HTTP/1.1 client: one pool per backend per loop, auth added at send time."""
 
     def __init__(self, backend: Backend) -> None:
         super().__init__(backend)
         self._base_url = backend.base_url
         self._connect_timeout = backend.timeout
-        self._static_headers = {
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            **backend.request_headers(),
-        }
-        self._session: aiohttp.ClientSession | None = None
-        # The headers for the last key seen, rebuilt only when the key changes.
+        self._static_headers = [
+            ("Accept", _JSON),
+            ("Accept-Encoding", "gzip, deflate"),
+            ("User-Agent", "feste"),
+            *backend.request_headers().items(),
+        ]
+        self._connections: ConnectionPool | None = None
+        # The origin and path prefix of the base URL, or why it cannot be used (the
+        # scheme was checked when the backend was built; a bad host or port shows on
+        # the first request, as a ConfigurationError naming base_url).
+        self._url_problem: str | None = None
+        try:
+            parts = urlsplit(self._base_url)
+            self._port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        except (ValueError, KeyError) as exc:
+            self._url_problem = str(exc)
+        else:
+            self._scheme = parts.scheme
+            self._hostname = parts.hostname or ""
+            self._path_prefix = parts.path.rstrip("/")
+            self._host_header = parts.netloc.rpartition("@")[2]
+            if not self._hostname:
+                self._url_problem = "the URL has no host"
+        # Request heads for the last key seen, by (HTTP method, path, content type);
+        # dropped when the key changes.
         self._key_seen: str | None = None
-        self._headers: dict[str, str] = {}
+        self._heads: dict[tuple[str, str, str], bytes] = {}
 
     def __repr__(self) -> str:
         return f"<HTTPTransport {self.provider} {self._base_url}>"
@@ -62,20 +89,33 @@ class HTTPTransport(BaseTransport):
     async def prepare(self) -> None:
         if self._pool is not None:
             return
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        # The request deadline is applied by feste._calls around send(); aiohttp only
-        # bounds the connect phase, so a dead host fails fast.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
-        session = aiohttp.ClientSession(connector=connector, timeout=timeout)
-        self._session = session
-        await self._hold_pool(session.close)
+        if self._url_problem is not None:
+            return  # refused with the request, in _exchange
+        connections = ConnectionPool(
+            self._scheme, self._hostname, self._port, connect_timeout=self._connect_timeout
+        )
+        self._connections = connections
+        await self._hold_pool(connections.aclose)
 
-    def _request_headers(self, backend: Backend, request: Request) -> dict[str, str]:
+    def _head(
+        self, backend: Backend, request: Request, http_method: str, content_type: str
+    ) -> bytes:
         key = self._api_key(backend, request)
         if key != self._key_seen:
-            self._headers = {**self._static_headers, "Authorization": f"Bearer {key}"}
+            self._heads = {}
             self._key_seen = key
-        return self._headers
+        slot = (http_method, request.path, content_type)
+        head = self._heads.get(slot)
+        if head is None:
+            headers = [*self._static_headers, ("Authorization", f"Bearer {key}")]
+            if content_type:
+                headers.append(("Content-Type", content_type))
+            head = encode_head(
+                http_method, self._path_prefix + request.path, self._host_header, headers
+            )
+            if len(self._heads) < 64:  # Batch API paths hold ids: keep only the common ones
+                self._heads[slot] = head
+        return head
 
     async def send(self, request: Request) -> Response:
         failure: BackendError | None = None
@@ -90,39 +130,44 @@ class HTTPTransport(BaseTransport):
             )
         if failure is not None:
             raise failure
-        status, content, headers = await self._exchange(request, "POST", data)
+        status, content, headers = await self._exchange(request, "POST", data, _JSON)
         return Response(status, decode_body(self.backend, request, content), headers)
 
     async def _exchange(
-        self, request: Request, http_method: str, data: Any = None, *, multipart: bool = False
+        self, request: Request, http_method: str, data: bytes | None = None, content_type: str = ""
     ) -> tuple[int, bytes, Mapping[str, str]]:
         """One HTTP exchange at ``request.path``: a 2xx answer's status, raw body and
         headers, or the mapped error."""
+        backend = self.backend
+        if self._url_problem is not None:
+            raise invalid_url_error(backend, request, ValueError(self._url_problem))
         if self._pool is None:
             await self.prepare()
-        session = self._session
-        assert session is not None
-        backend = self.backend
-        headers = self._request_headers(backend, request)
-        if multipart:
-            # aiohttp writes the multipart Content-Type with its boundary.
-            headers = {name: value for name, value in headers.items() if name != "Content-Type"}
+        connections = self._connections
+        assert connections is not None
         failure: BackendError | None = None
         try:
-            async with session.request(
-                http_method, self._base_url + request.path, data=data, headers=headers
-            ) as answer:
-                content = await answer.read()
-                status = answer.status
-                answer_headers = answer.headers
-        except aiohttp.InvalidURL as exc:
-            failure = invalid_url_error(backend, request, exc)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            failure = connection_error(backend, request, exc)
-        except Exception as exc:
-            failure = unexpected_error(backend, request, "aiohttp", exc)
+            head = self._head(backend, request, http_method, content_type)
+        except BackendError:
+            raise  # an unusable key, refused by the backend with its own message
+        except UnicodeError as exc:
+            failure = unexpected_error(backend, request, "feste's HTTP client", exc)
+        except ValueError as exc:
+            failure = refused_locally(backend, request, exc)
         if failure is not None:
-            # Raised outside the handler: the client's exception must not ride along as
+            raise failure
+        try:
+            status, answer_headers, content = await connections.request(
+                head, data, head_request=http_method == "HEAD"
+            )
+        except (WireError, TimeoutError, OSError) as exc:
+            failure = connection_error(backend, request, exc)
+        except BackendError:
+            raise
+        except Exception as exc:
+            failure = unexpected_error(backend, request, "feste's HTTP client", exc)
+        if failure is not None:
+            # Raised outside the handler: the exception must not ride along as
             # __context__ (it may hold the request and its Authorization header).
             raise failure
         if 200 <= status < 300:
@@ -134,27 +179,27 @@ class HTTPTransport(BaseTransport):
     supports_batches = True
 
     async def _json_exchange(
-        self, request: Request, http_method: str, data: Any = None, *, multipart: bool = False
+        self, request: Request, http_method: str, data: bytes | None = None, content_type: str = ""
     ) -> Mapping[str, Any]:
-        _, content, _ = await self._exchange(request, http_method, data, multipart=multipart)
+        _, content, _ = await self._exchange(request, http_method, data, content_type)
         body = decode_body(self.backend, request, content)
         if not isinstance(body, Mapping):
             raise self.backend.malformed(request, f"expected a JSON object, got {body!r:.200}")
         return body
 
     async def upload_file(self, filename: str, content: bytes) -> Mapping[str, Any]:
-        form = aiohttp.FormData()
-        form.add_field("purpose", "batch")
-        form.add_field("file", content, filename=filename, content_type="application/jsonl")
+        boundary = secrets.token_hex(16)
+        body = multipart_body(boundary, {"purpose": b"batch"}, ("file", filename, content))
         request = batch_operation(self.provider, "files.create", "/files")
-        return await self._json_exchange(request, "POST", form, multipart=True)
+        content_type = f"multipart/form-data; boundary={boundary}"
+        return await self._json_exchange(request, "POST", body, content_type)
 
     async def create_batch(
         self, input_file_id: str, endpoint: str, metadata: Mapping[str, str] | None = None
     ) -> Mapping[str, Any]:
         payload = batch_create_body(input_file_id, endpoint, metadata)
         request = batch_operation(self.provider, "batches.create", "/batches", payload)
-        return await self._json_exchange(request, "POST", CODEC.encode(payload))
+        return await self._json_exchange(request, "POST", CODEC.encode(payload), _JSON)
 
     async def get_batch(self, batch_id: str) -> Mapping[str, Any]:
         request = batch_operation(self.provider, "batches.retrieve", f"/batches/{batch_id}")
@@ -162,7 +207,7 @@ class HTTPTransport(BaseTransport):
 
     async def cancel_batch(self, batch_id: str) -> Mapping[str, Any]:
         request = batch_operation(self.provider, "batches.cancel", f"/batches/{batch_id}/cancel")
-        return await self._json_exchange(request, "POST")
+        return await self._json_exchange(request, "POST", b"")
 
     async def download_file(self, file_id: str) -> bytes:
         request = batch_operation(self.provider, "files.content", f"/files/{file_id}/content")
@@ -170,5 +215,33 @@ class HTTPTransport(BaseTransport):
         return content
 
     async def aclose(self) -> None:
-        self._session = None
+        self._connections = None
         await super().aclose()
+
+
+def multipart_body(
+    boundary: str, fields: Mapping[str, bytes], file: tuple[str, str, bytes]
+) -> bytes:
+    """A ``multipart/form-data`` body: plain ``fields``, then one ``(name, filename,
+    content)`` file part of JSON Lines."""
+    dash = f"--{boundary}".encode()
+    parts: list[bytes] = []
+    for name, value in fields.items():
+        parts += [
+            dash,
+            f'\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode(),
+            value,
+            b"\r\n",
+        ]
+    name, filename, content = file
+    quoted = filename.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "").replace("\n", "")
+    parts += [
+        dash,
+        f'\r\nContent-Disposition: form-data; name="{name}"; filename="{quoted}"\r\n'.encode(),
+        b"Content-Type: application/jsonl\r\n\r\n",
+        content,
+        b"\r\n",
+        dash,
+        b"--\r\n",
+    ]
+    return b"".join(parts)
