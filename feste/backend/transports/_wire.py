@@ -10,7 +10,7 @@ This module does what an API call needs and nothing else:
 * **One pool per origin** (:class:`ConnectionPool`: scheme, host, port). It keeps
   idle keep-alive connections, newest first, and never limits how many are open: the
   scheduler's limits decide how many requests are in flight. A connection idle for
-  longer than ``IDLE_SECONDS`` is closed rather than reused (servers and load balancers
+  longer than ``idle_seconds`` (default ``IDLE_SECONDS``) is closed rather than reused (servers and load balancers
   drop idle connections without a word). One that the server closed while idle is
   noticed (``connection_lost``) and never reused.
 * **One write per request**: the caller hands the request head (request line and
@@ -319,6 +319,7 @@ class ConnectionPool:
         *,
         connect_timeout: float | None,
         tls: ssl.SSLContext | None = None,
+        idle_seconds: float = IDLE_SECONDS,
     ) -> None:
         if scheme not in ("http", "https"):
             raise ValueError(f"scheme must be 'http' or 'https', got {scheme!r}")
@@ -326,6 +327,7 @@ class ConnectionPool:
         self.host = host
         self.port = port
         self._connect_timeout = connect_timeout
+        self._idle_seconds = idle_seconds
         self._tls = tls if tls is not None or scheme == "http" else None
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
@@ -375,7 +377,10 @@ class ConnectionPool:
         idle = self._idle
         while idle:
             connection = idle.pop()
-            if not connection.closed and time.monotonic() - connection.idle_since < IDLE_SECONDS:
+            if (
+                not connection.closed
+                and time.monotonic() - connection.idle_since < self._idle_seconds
+            ):
                 return connection
             self._discard(connection)
         return None
