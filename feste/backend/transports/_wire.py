@@ -11,8 +11,8 @@ This module does what an API call needs and nothing else:
   idle keep-alive connections, newest first, and never limits how many are open: the
   scheduler's limits decide how many requests are in flight. A connection idle for
   longer than ``idle_seconds`` (default ``IDLE_SECONDS``) is closed rather than reused
-  (servers and load balancers drop idle connections without a word). One that the server closed while idle is
-  noticed (``connection_lost``) and never reused.
+  (servers and load balancers drop idle connections without a word). One that the
+  server closed while idle is noticed (``connection_lost``) and never reused.
 * **One write per request**: the caller hands the request head (request line and
   headers, built once per path and key by the transport) and the body; they go out as
   one ``write``, so a small request is one TCP segment.
