@@ -145,6 +145,8 @@ _CHUNK_SECONDS = {"threads": 0.002, "processes": 0.05}
 _MAX_CHUNK = 256
 CANCEL_GRACE = 5.0  # seconds to wait for cancelled work to wind down
 _NO_LANE_CAP = 1024
+# Nodes readied at the start between two yields to the loop (see Engine._start).
+_START_SLICE = 256
 # The lane of calls routed to Batch API jobs: no cap (a job holds up to 50,000 calls).
 _UNCAPPED = sys.maxsize
 
@@ -448,6 +450,8 @@ class Engine:
         self._error: BaseException | None = None
         self._closed = False
         self._pumping = False
+        # True while _start readies the first nodes: the graph is not stuck then.
+        self._starting = False
         self.progress: Any = None
 
     # -- building the state -----------------------------------------------------------
@@ -495,7 +499,6 @@ class Engine:
             # Independent nodes: dask.order has nothing to decide, keep graph order.
             self.priority = {key: index for index, key in enumerate(nodes)}
             return
-        self._rank_critical_path()
         if all(not nodes[dep].dependencies for key in users for dep in nodes[key].dependencies):
             # Two levels (calls or batches, and the nodes reading them, such as item
             # picks): every source is ready at once and every user right after its
@@ -503,7 +506,11 @@ class Engine:
             # Sources first, then users, each in graph order.
             sources = [key for key, node in nodes.items() if not node.dependencies]
             self.priority = {key: index for index, key in enumerate(sources + users)}
+            # Chains differ only when a call reads another call's answer.
+            if any(self.kind[key] in (_CALL, _BATCH) for key in users):
+                self._rank_critical_path()
             return
+        self._rank_critical_path()
         try:
             self.priority = dict(dask_order(nodes))  # type: ignore[arg-type]
         except RuntimeError as exc:
@@ -571,7 +578,7 @@ class Engine:
         self.events.progress = self.progress
         self._context = contextvars.copy_context()
         try:
-            self._start()
+            await self._start()
             if not self._finished.done():
                 await self._finished
         except BaseException as exc:
@@ -597,19 +604,40 @@ class Engine:
             return failure
         return self.values[key]
 
-    def _start(self) -> None:
+    async def _start(self) -> None:
+        """Ready the nodes that need nothing, best first, in slices: the first requests
+        leave after one slice is ready, while the rest of a large graph is readied."""
         ready = [key for key, count in self.waiting.items() if count == 0]
         if not ready and self.remaining:
             raise GraphError("the graph has no node ready to run (a cycle?)")
-        self._pumping = True
+        chains = self.chain_priority
+        priority = self.priority
+        if chains:
+            # The order the lanes serve calls in (see _queue_job), so that no slice
+            # holds a call that should have left before those of an earlier slice.
+            ready.sort(key=lambda key: (-chains.get(key, 0), priority[key]))
+        else:
+            ready.sort(key=priority.__getitem__)
+        self._starting = True
         try:
-            for key in sorted(ready, key=self.priority.__getitem__):
-                if self.kind[key] == _DATA:
-                    self._finish(key, self.nodes[key].value)
-                else:
-                    self._ready(key)
+            for first in range(0, len(ready), _START_SLICE):
+                if first:
+                    await asyncio.sleep(0)  # the requests started so far go out
+                    if self._closed:
+                        return
+                self._pumping = True
+                try:
+                    for key in ready[first : first + _START_SLICE]:
+                        if self.kind[key] == _DATA:
+                            self._finish(key, self.nodes[key].value)
+                        else:
+                            self._ready(key)
+                finally:
+                    self._pumping = False
+                if first + _START_SLICE < len(ready):
+                    self._pump()
         finally:
-            self._pumping = False
+            self._starting = False
         self._pump()
 
     def _ready(self, key: Hashable) -> None:
@@ -679,7 +707,8 @@ class Engine:
         if self.remaining == 0:
             self._complete()
         elif (
-            not self.running
+            not self._starting
+            and not self.running
             and not self._inline
             and not self._python
             and not self._groups
