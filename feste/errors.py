@@ -29,7 +29,7 @@
 
 Each backend maps its provider's answers and its client library's exceptions into this
 tree at one boundary (``feste.backend.transports``); nothing above the transports sees
-an ``aiohttp``, ``openai`` or ``cohere`` exception. Messages name the backend, method and
+a socket, ``openai`` or ``cohere`` exception. Messages name the backend, method and
 model, and never contain an API key.
 
 :class:`TruncatedOutputWarning` (a ``UserWarning``, not an error) is what a truncated

@@ -38,7 +38,7 @@ from feste.errors import (
     RateLimitError,
     TransientError,
 )
-from feste.testing import embedding
+from feste.testing import chat_text, embedding
 
 KEY = "sk-transport-test-0123456789"
 TRANSPORTS = ["http", "sdk"]
@@ -232,6 +232,22 @@ def test_refused_connection_is_transient(transport):
         pytest.raises(TransientError, match=f"connection to http://127.0.0.1:{port}/v1 failed"),
     ):
         llm.chat("anyone?")
+
+
+def test_the_http_transport_does_not_go_through_proxies(llm_server, monkeypatch):
+    # docs/guide.md says so: a proxy named by the environment is not used (nothing
+    # listens at this one; a request sent there would fail).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    llm = OpenAI(api_key=KEY, base_url=llm_server.openai_base_url, transport="http")
+    with context.set(eager=True, max_retries=0):
+        assert llm.chat("direct") == chat_text("gpt-4o-mini", "direct")
+    assert llm_server.stats()["requests"] == 1
 
 
 def test_a_new_key_in_the_environment_is_used_by_the_next_request(llm_server, monkeypatch):

@@ -93,7 +93,7 @@ class Cohere(StructuredChat, Backend):
     address: ``base_url=``, else the ``CO_API_URL`` environment variable when the backend
     is made, else Cohere's.
 
-    ``transport="http"`` (default) uses feste's aiohttp transport; ``"sdk"`` the official
+    ``transport="http"`` (default) uses feste's own HTTP/1.1 client; ``"sdk"`` the official
     ``cohere.AsyncClientV2`` (retries off). ``client=`` takes a configured
     ``cohere.AsyncClientV2``; the synchronous ``cohere.ClientV2`` is refused.
     """

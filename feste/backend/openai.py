@@ -137,7 +137,7 @@ class OpenAI(StructuredChat, Backend):
     messages or logs. The address: ``base_url=``, else the ``OPENAI_BASE_URL``
     environment variable when the backend is made, else OpenAI's.
 
-    ``transport="http"`` (default) uses feste's aiohttp transport; ``"sdk"`` the official
+    ``transport="http"`` (default) uses feste's own HTTP/1.1 client; ``"sdk"`` the official
     ``openai.AsyncOpenAI`` client (retries off). ``client=`` takes a configured
     ``openai.AsyncOpenAI`` (its key and base URL then apply; a sync ``openai.OpenAI`` is
     refused). ``organization`` is sent as the ``OpenAI-Organization`` header (left

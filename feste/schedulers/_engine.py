@@ -44,8 +44,12 @@ chain priority first, while fewer of its started calls than its ``max_concurrenc
 are in flight or waiting for admission (calls waiting to retry hold no admission and
 do not count), and under a cap (four times its ``max_concurrency`` and at least 64,
 else 1024): a call is started when it can be admitted, not parked at the limiter.
-Inline nodes run as soon as they are ready. The limiters (:mod:`feste.limits`) then
-decide when a started call is sent, serving waiters by the same chain priority
+Inline nodes run as soon as they are ready. At the start, the nodes that need nothing
+are readied best first in slices of ``_START_SLICE``, with a turn of the loop between
+slices, so the first requests leave while the rest of a large graph is readied; and a
+task whose call is settled goes on with the next call of its lane when there is room,
+so the next request leaves without waiting for a new task to start. The limiters
+(:mod:`feste.limits`) then decide when a started call is sent, serving waiters by the same chain priority
 (``feste._calls.call_priority``) and then in arrival order: when requests are scarce,
 a chain of five dependent calls next to hundreds of independent ones is not sent last.
 

@@ -9,8 +9,8 @@ answers, a transport only moves them. :func:`feste._calls.transport_for` asks
 before a request's deadline starts, then ``send``\\ s. The contract is
 :class:`~feste.backend.transports.base.BaseTransport`. There are two:
 
-* :class:`HTTPTransport` (``transport="http"``, the default, :mod:`.http`): lean
-  aiohttp, one session per backend per loop.
+* :class:`HTTPTransport` (``transport="http"``, the default, :mod:`.http`): feste's
+  own lean HTTP/1.1 client (:mod:`._wire`), one connection pool per backend per loop.
 * :class:`SDKTransport` (``transport="sdk"``, or any ``client=``, :mod:`.sdk`): the
   official async clients, through one :class:`SDKAdapter` per provider
   (``_openai_sdk``, ``_cohere_sdk``), their own retries off.
