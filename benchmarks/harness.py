@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import gc
 import importlib.util
 import math
-import gc
 import multiprocessing
 import os
 import pstats

@@ -49,9 +49,10 @@ are readied best first in slices of ``_START_SLICE``, with a turn of the loop be
 slices, so the first requests leave while the rest of a large graph is readied; and a
 task whose call is settled goes on with the next call of its lane when there is room,
 so the next request leaves without waiting for a new task to start. The limiters
-(:mod:`feste.limits`) then decide when a started call is sent, serving waiters by the same chain priority
-(``feste._calls.call_priority``) and then in arrival order: when requests are scarce,
-a chain of five dependent calls next to hundreds of independent ones is not sent last.
+(:mod:`feste.limits`) then decide when a started call is sent, serving waiters by the
+same chain priority (``feste._calls.call_priority``) and then in arrival order: when
+requests are scarce, a chain of five dependent calls next to hundreds of independent
+ones is not sent last.
 
 State
 -----
