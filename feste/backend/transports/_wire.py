@@ -75,11 +75,16 @@ def encode_head(method: str, target: str, host: str, headers: Iterable[tuple[str
     """
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
     for name, value in headers:
-        for text in (name, value):
-            if any(ord(character) < 32 and character != "\t" for character in text):
-                raise ValueError(f"the value of header {name!r} holds a control character")
+        for part, text in (("name", name), ("value", value)):
+            if any(_is_control(character) for character in text):
+                raise ValueError(f"the {part} of header {name!r} holds a control character")
         lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _is_control(character: str) -> bool:
+    # HTTP field values may hold tabs, never other C0 controls or DEL.
+    return (ord(character) < 32 and character != "\t") or character == "\x7f"
 
 
 class _Answer:
@@ -128,8 +133,8 @@ def _parse_head(head: bytes) -> _Answer:
 def _decode_content(answer: _Answer) -> bytes:
     coding = answer.headers.get("content-encoding", "identity").strip().lower()
     body = bytes(answer.body)
-    if coding in ("identity", ""):
-        return body
+    if coding in ("identity", "") or not body:
+        return body  # no body (HEAD, 204, 304) names the coding a body would have
     try:
         if coding in ("gzip", "x-gzip"):
             return zlib.decompress(body, 16 + zlib.MAX_WBITS)
@@ -171,7 +176,7 @@ class _Connection(asyncio.Protocol):
         try:
             done = self._parse()
         except WireError as exc:
-            self._fail(exc)
+            self.fail(exc)
             return
         if done:
             answer, self._answer = self._answer, None
@@ -202,7 +207,7 @@ class _Connection(asyncio.Protocol):
         self._transport = None
         if self._waiter is not None:
             detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
-            self._fail(WireError(f"the server closed the connection before answering{detail}"))
+            self.fail(WireError(f"the server closed the connection before answering{detail}"))
 
     # -- exchange -------------------------------------------------------------------
 
@@ -225,7 +230,8 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
             self._transport = None
 
-    def _fail(self, exc: WireError) -> None:
+    def fail(self, exc: WireError) -> None:
+        """Close the connection; a request waiting on it raises ``exc``."""
         waiter, self._waiter = self._waiter, None
         self.close()
         if waiter is not None and not waiter.done():
@@ -405,6 +411,9 @@ class ConnectionPool:
         else:
             async with asyncio.timeout(self._connect_timeout):
                 await opening
+        if self._closed:  # closed while connecting
+            connection.close()
+            raise WireError("the connection pool is closed")
         self._open.add(connection)
         return connection
 
@@ -417,6 +426,7 @@ class ConnectionPool:
         self._closed = True
         self._idle.clear()
         for connection in list(self._open):
-            self._discard(connection)
+            connection.fail(WireError("the connection pool is closed"))
+            self._open.discard(connection)
         # Let the transports run their close callbacks before the loop may stop.
         await asyncio.sleep(0)
