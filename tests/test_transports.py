@@ -234,6 +234,19 @@ def test_refused_connection_is_transient(transport):
         llm.chat("anyone?")
 
 
+def test_an_id_from_an_answer_stays_one_path_segment(llm_server, loop):
+    # Batch and file ids come from provider answers: escaped, they cannot reach
+    # another route (here the files route) nor break the request line.
+    llm = OpenAI(api_key=KEY, base_url=llm_server.openai_base_url)
+    loop.run_until_complete(run_call(llm, "chat", "hi", {"model": "gpt-4o-mini"}))
+    transport = llm._transports[loop]
+    with pytest.raises(BadRequestError) as caught:
+        loop.run_until_complete(transport.get_batch("../files/file-1 x"))
+    assert caught.value.status == 404
+    assert "No such Batch object: ../files/file-1 x" in str(caught.value)
+    assert llm_server.stats()["by_route"]["/v1/batches/{batch_id}"] == 1
+
+
 def test_the_http_transport_does_not_go_through_proxies(llm_server, monkeypatch):
     # docs/guide.md says so: a proxy named by the environment is not used (nothing
     # listens at this one; a request sent there would fail).

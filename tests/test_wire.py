@@ -892,6 +892,22 @@ def test_encode_head_refuses_control_characters_without_quoting_the_value(header
     assert "0123456789" not in text
 
 
+@pytest.mark.parametrize(
+    ("method", "target", "message"),
+    [
+        ("GET", "/batches/a b", "the request target holds a space or a control character"),
+        ("GET", "/batches/a\r\nX: y", "the request target holds a space or a control character"),
+        ("GET", "", "the request target holds a space or a control character"),
+        ("GE T", "/", "the HTTP method 'GE T' is not a method name"),
+    ],
+    ids=["space", "crlf", "empty", "method"],
+)
+def test_encode_head_refuses_a_request_line_http_cannot_carry(method, target, message):
+    with pytest.raises(ValueError) as caught:
+        encode_head(method, target, HOST, [])
+    assert str(caught.value) == message
+
+
 def test_encode_head_refuses_non_ascii():
     with pytest.raises(UnicodeEncodeError):
         encode_head("GET", "/", HOST, [("Authorization", "Bearer sk-clé-0123456789")])

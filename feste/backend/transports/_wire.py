@@ -69,10 +69,15 @@ def encode_head(method: str, target: str, host: str, headers: Iterable[tuple[str
     """The request line and headers, each line ending in CRLF; the pool adds
     ``Content-Length`` and the empty line that ends the head.
 
-    Raises ``ValueError`` for a header name or value that HTTP cannot carry (a line
-    break, a control character) and ``UnicodeEncodeError`` for non-ASCII text; the
-    message never quotes the value, which may be a key.
+    Raises ``ValueError`` for a method, target, header name or value that HTTP cannot
+    carry (a space in the target, a line break, a control character) and
+    ``UnicodeEncodeError`` for non-ASCII text; the message never quotes a header value,
+    which may be a key.
     """
+    if not method.isalpha() or not method.isascii():
+        raise ValueError(f"the HTTP method {method!r} is not a method name")
+    if not target or any(character == " " or _is_control(character) for character in target):
+        raise ValueError("the request target holds a space or a control character")
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
     for name, value in headers:
         for part, text in (("name", name), ("value", value)):

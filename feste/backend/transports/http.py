@@ -21,7 +21,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from feste.backend.base import Backend
 from feste.backend.transports._errors import (
@@ -42,6 +42,11 @@ __all__ = ["HTTPTransport"]
 
 _JSON = "application/json"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _segment(value: str) -> str:
+    """An id from a provider's answer as one path segment (escaped: never a new path)."""
+    return quote(value, safe="")
 
 
 class HTTPTransport(BaseTransport):
@@ -202,15 +207,21 @@ class HTTPTransport(BaseTransport):
         return await self._json_exchange(request, "POST", CODEC.encode(payload), _JSON)
 
     async def get_batch(self, batch_id: str) -> Mapping[str, Any]:
-        request = batch_operation(self.provider, "batches.retrieve", f"/batches/{batch_id}")
+        request = batch_operation(
+            self.provider, "batches.retrieve", f"/batches/{_segment(batch_id)}"
+        )
         return await self._json_exchange(request, "GET")
 
     async def cancel_batch(self, batch_id: str) -> Mapping[str, Any]:
-        request = batch_operation(self.provider, "batches.cancel", f"/batches/{batch_id}/cancel")
+        request = batch_operation(
+            self.provider, "batches.cancel", f"/batches/{_segment(batch_id)}/cancel"
+        )
         return await self._json_exchange(request, "POST", b"")
 
     async def download_file(self, file_id: str) -> bytes:
-        request = batch_operation(self.provider, "files.content", f"/files/{file_id}/content")
+        request = batch_operation(
+            self.provider, "files.content", f"/files/{_segment(file_id)}/content"
+        )
         _, content, _ = await self._exchange(request, "GET")
         return content
 
