@@ -492,54 +492,98 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def _measure_contender(
+class _RowRuns:
+    """The runs of one contender of a workload, taken in turn with the others'."""
+
+    def __init__(self, workload: Workload, contender: Contender, size: int, quick: bool) -> None:
+        self.contender = contender
+        self.row: dict[str, Any] = {"contender": contender.name, "kind": contender.kind}
+        self.notes = [contender.note] if contender.note else []
+        self.missing = _missing_modules(contender)
+        self.size = size
+        self.run_size = size
+        if contender.subset is not None:
+            self.run_size = min(size, contender.subset.pick(quick))
+        if self.run_size < size:
+            self.notes.append(
+                f"ran {self.run_size} of {size}, time scaled x{size / self.run_size:.3g}"
+            )
+        self.runs: list[dict[str, Any]] = []
+
+    @property
+    def active(self) -> bool:
+        """Still to run: installed, and no run failed."""
+        return not self.missing and all(run["status"] == "ok" for run in self.runs)
+
+
+def _run_once(
     server: ServerPair,
     workload: Workload,
-    contender: Contender,
+    row_runs: _RowRuns,
     inputs: list[Any],
-    repeat: int,
+    run_index: int,
     cap: float,
-    quick: bool,
-    log: Callable[[str], None],
-    profile_dir: Path | None = None,
-) -> dict[str, Any]:
-    row: dict[str, Any] = {"contender": contender.name, "kind": contender.kind}
-    notes = [contender.note] if contender.note else []
-    missing = _missing_modules(contender)
-    if missing:
-        row.update(status="skipped", note=f"not installed: {', '.join(missing)}")
-        log(f"  {contender.name:<34} skipped (not installed: {', '.join(missing)})")
-        return row
-    size = len(inputs)
-    run_size = size
-    if contender.subset is not None:
-        run_size = min(size, contender.subset.pick(quick))
-    if run_size < size:
-        notes.append(f"ran {run_size} of {size}, time scaled x{size / run_size:.3g}")
+    profile_dir: Path | None,
+) -> None:
+    """One timed run of one contender, added to its runs."""
 
     def before_run() -> None:
         # Same fault sequence for everyone: reseed, then count from zero.
         server.configure(seed=int(workload.server.get("seed", 0)))
         server.reset_stats()
 
-    runs: list[dict[str, Any]] = []
+    contender = row_runs.contender
+    job = Job(
+        inputs=inputs[: row_runs.run_size],
+        openai_base_url=server.openai_base_url,
+        cohere_base_url=server.cohere_base_url,
+        settings=workload.settings,
+    )
+    profile_to = None
+    if profile_dir is not None:
+        profile_to = profile_path(profile_dir, workload.name, contender.name, run_index)
+    outcome = _run_isolated(workload, contender, job, cap, before_run, profile_to)
+    outcome["server"] = server.stats()
+    if profile_to is not None and outcome["status"] == "ok":
+        outcome["profile"] = str(profile_to)
+    row_runs.runs.append(outcome)
+
+
+def _measure_workload(
+    server: ServerPair,
+    workload: Workload,
+    inputs: list[Any],
+    repeat: int,
+    cap: float,
+    quick: bool,
+    log: Callable[[str], None],
+    profile_dir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """The rows of ``workload``: run ``repeat`` rounds, each running every contender
+    once in turn, so that a drift of the machine's state during the workload reaches
+    every row alike (the ratios are measured side by side)."""
+    rows = [_RowRuns(workload, contender, len(inputs), quick) for contender in workload.contenders]
     for run_index in range(repeat):
-        job = Job(
-            inputs=inputs[:run_size],
-            openai_base_url=server.openai_base_url,
-            cohere_base_url=server.cohere_base_url,
-            settings=workload.settings,
-        )
-        profile_to = None
-        if profile_dir is not None:
-            profile_to = profile_path(profile_dir, workload.name, contender.name, run_index)
-        outcome = _run_isolated(workload, contender, job, cap, before_run, profile_to)
-        outcome["server"] = server.stats()
-        if profile_to is not None and outcome["status"] == "ok":
-            outcome["profile"] = str(profile_to)
-        runs.append(outcome)
-        if outcome["status"] != "ok":
-            break
+        for row_runs in rows:
+            if row_runs.active:
+                _run_once(server, workload, row_runs, inputs, run_index, cap, profile_dir)
+    return [_summarize_row(row_runs, workload, log) for row_runs in rows]
+
+
+def _summarize_row(
+    row_runs: _RowRuns, workload: Workload, log: Callable[[str], None]
+) -> dict[str, Any]:
+    contender = row_runs.contender
+    row = row_runs.row
+    notes = row_runs.notes
+    if row_runs.missing:
+        missing = row_runs.missing
+        row.update(status="skipped", note=f"not installed: {', '.join(missing)}")
+        log(f"  {contender.name:<34} skipped (not installed: {', '.join(missing)})")
+        return row
+    runs = row_runs.runs
+    size = row_runs.size
+    run_size = row_runs.run_size
     last = runs[-1]
     if last["status"] != "ok":
         detail = last.get("problem") or last.get("error", "")
@@ -728,12 +772,7 @@ def run_benchmarks(
             ideal = workload.ideal(size, knobs)
             cap = 60.0 if quick else workload.time_cap
             log(f"{workload.name}: {workload.title} (n={size}, ideal {ideal.seconds:.3f} s)")
-            rows = [
-                _measure_contender(
-                    server, workload, contender, inputs, repeat, cap, quick, log, profile_dir
-                )
-                for contender in workload.contenders
-            ]
+            rows = _measure_workload(server, workload, inputs, repeat, cap, quick, log, profile_dir)
             _add_ratios(rows, ideal)
             report["workloads"].append(
                 {

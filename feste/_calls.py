@@ -179,6 +179,22 @@ class _RetryPolicy:
         self.call_timeout: float | None = context.get("call_timeout")
 
 
+# The last policy made, with the options mapping and backend timeout it was made from:
+# every request of a run reads the same options, so most requests reuse it.
+_last_policy: tuple[Mapping[str, Any], float, _RetryPolicy] | None = None
+
+
+def _retry_policy(backend: Backend) -> _RetryPolicy:
+    global _last_policy
+    options = context.current()
+    last = _last_policy
+    if last is not None and last[0] is options and last[1] == backend.timeout:
+        return last[2]
+    policy = _RetryPolicy(backend)
+    _last_policy = (options, backend.timeout, policy)
+    return policy
+
+
 def _deadline_error(request: Request, policy: _RetryPolicy, waiting: str) -> TransientError:
     return TransientError(
         f"call_timeout of {policy.call_timeout:g} s passed while {waiting} "
@@ -274,7 +290,7 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
     scope = run_limits()
     priority = call_priority.get()
     gates = scope.gates(backend)
-    policy = _RetryPolicy(backend)
+    policy = _retry_policy(backend)
     observer = current_observer.get()
     loop = asyncio.get_running_loop()
     deadline = None if policy.call_timeout is None else loop.time() + policy.call_timeout

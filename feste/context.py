@@ -28,7 +28,7 @@ from typing import Any
 
 from feste.errors import OptionError
 
-__all__ = ["OPTIONS", "Option", "describe", "get", "set", "snapshot", "validate"]
+__all__ = ["OPTIONS", "Option", "current", "describe", "get", "set", "snapshot", "validate"]
 
 
 @dataclass(frozen=True)
@@ -464,6 +464,15 @@ def get(key: str) -> Any:
     if option is None:
         raise _unknown(key)
     return option.default
+
+
+def current() -> Mapping[str, Any]:
+    """The options set in this context, as one read-only mapping (unset ones absent).
+
+    A new mapping is made by every ``set``: the same object means the same options, so
+    a value derived from them may be reused while it is the same.
+    """
+    return _current.get()
 
 
 def snapshot() -> dict[str, Any]:

@@ -180,6 +180,14 @@ def test_profile_writes_one_file_per_run_and_reports_top_functions(tmp_path: Pat
         "fanout--feste--run1.pstats",
         "fanout--feste--run2.pstats",
     ]
+    # The runs go in rounds (benchmarks/README.md): each contender once, then again.
+    written = sorted((tmp_path / "profiles").iterdir(), key=lambda path: path.stat().st_mtime_ns)
+    assert [path.name for path in written] == [
+        "fanout--feste--run1.pstats",
+        "fanout--asyncio-gather-semaphore-aiohttp--run1.pstats",
+        "fanout--feste--run2.pstats",
+        "fanout--asyncio-gather-semaphore-aiohttp--run2.pstats",
+    ]
     for row in rows.values():
         assert row["status"] == "ok" and row["correct"] is True
         assert row["cpu_s"] > 0

@@ -110,29 +110,34 @@ class _Answer:
 
 
 def _parse_head(head: bytes) -> _Answer:
-    lines = head.split(b"\r\n")
+    # Decoded once (latin-1 maps every byte), then split and read as text.
+    lines = head.decode("latin-1").split("\r\n")
     status_line = lines[0]
-    parts = status_line.split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3:
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3:
         raise WireError(
-            f"the answer does not start with an HTTP/1.x status line: {status_line[:80]!r}"
+            f"the answer does not start with an HTTP/1.x status line: {_raw(status_line[:80])!r}"
         )
     try:
         status = int(parts[1])
     except ValueError:
-        raise WireError(f"the status line has no status code: {status_line[:80]!r}") from None
+        raise WireError(f"the status line has no status code: {_raw(status_line[:80])!r}") from None
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name[0] in b" \t":
-            raise WireError(f"a header line is not 'name: value': {line[:80]!r}")
-        key = name.decode("latin-1").lower()
-        text = value.strip().decode("latin-1")
+        name, colon, value = line.partition(":")
+        if not colon or not name or name[0] in " \t":
+            raise WireError(f"a header line is not 'name: value': {_raw(line[:80])!r}")
+        key = name.lower()
+        text = value.strip(" \t")  # optional whitespace in HTTP: spaces and tabs
         previous = headers.get(key)
         headers[key] = text if previous is None else f"{previous}, {text}"
-    connection = headers.get("connection", "").lower()
-    keep_alive = parts[0] != b"HTTP/1.0" and "close" not in connection
+    keep_alive = parts[0] != "HTTP/1.0" and "close" not in headers.get("connection", "").lower()
     return _Answer(status, headers, keep_alive)
+
+
+def _raw(text: str) -> bytes:
+    """Text of the answer's head as the bytes it came as (for error messages)."""
+    return text.encode("latin-1")
 
 
 def _decode_content(answer: _Answer) -> bytes:
