@@ -618,6 +618,21 @@ def test_batch_window_zero_sends_what_is_ready(llm_server):
     assert llm_server.stats()["items_per_request"]["/v1/embeddings"] == [4]
 
 
+@pytest.mark.parametrize("window", [0.0, 0.0005])
+def test_calls_ready_at_the_start_fill_their_requests(llm_server, window):
+    # The start readies its calls in slices (sending full groups early); a group is
+    # never cut by the window, nor sent at once with window 0, before the start has
+    # readied every call: 3,000 ready embeds are full requests of 96 and the rest.
+    from feste.backend.cohere import Cohere
+
+    co = Cohere(base_url=llm_server.cohere_base_url, api_key="k")
+    embeds = [co.embed(f"t{i}") for i in range(3000)]
+    results = feste.compute(embeds, optimize_graph=False, batch_window=window)[0]
+    assert results == [embedding("embed-v4.0", f"t{i}") for i in range(3000)]
+    sizes = llm_server.stats()["items_per_request"]["/v2/embed"]
+    assert sorted(sizes, reverse=True) == [96] * 31 + [24]
+
+
 def test_coalescing_respects_the_batch_size(llm_server):
     from feste.backend.cohere import Cohere
 

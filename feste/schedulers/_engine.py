@@ -45,8 +45,10 @@ are in flight or waiting for admission (calls waiting to retry hold no admission
 do not count), and under a cap (four times its ``max_concurrency`` and at least 64,
 else 1024): a call is started when it can be admitted, not parked at the limiter.
 Inline nodes run as soon as they are ready. At the start, the nodes that need nothing
-are readied best first in slices of ``_START_SLICE``, with a turn of the loop between
-slices, so the first requests leave while the rest of a large graph is readied; and a
+are readied best first in slices of ``_START_SLICE``, with a turn of the loop after a
+slice that started calls, so the first requests leave while the rest of a large graph
+is readied (Python tasks are handed to the workers once all are readied, and batch
+groups opened then wait their ``batch_window`` from the end of the start); and a
 task whose call is settled goes on with the next call of its lane when there is room,
 so the next request leaves without waiting for a new task to start. The limiters
 (:mod:`feste.limits`) then decide when a started call is sent, serving waiters by the
@@ -457,6 +459,8 @@ class Engine:
         self._pumping = False
         # True while _start readies the first nodes: the graph is not stuck then.
         self._starting = False
+        # Batch groups opened during the start, whose window starts when it ends.
+        self._unarmed: list[_Group] = []
         self.progress: Any = None
 
     # -- building the state -----------------------------------------------------------
@@ -625,11 +629,13 @@ class Engine:
             ready.sort(key=priority.__getitem__)
         self._starting = True
         try:
+            started = self.running
             for first in range(0, len(ready), _START_SLICE):
-                if first:
+                if self.running > started:
                     await asyncio.sleep(0)  # the requests started so far go out
                     if self._closed:
                         return
+                    started = self.running
                 self._pumping = True
                 try:
                     for key in ready[first : first + _START_SLICE]:
@@ -643,6 +649,13 @@ class Engine:
                     self._pump()
         finally:
             self._starting = False
+        for group in self._unarmed:
+            if self._groups.get(group.group_key) is group:
+                if self.batch_window > 0:
+                    self._arm(group)
+                else:
+                    self._flush_soon.append(group)
+        self._unarmed = []
         self._pump()
 
     def _ready(self, key: Hashable) -> None:
@@ -694,7 +707,9 @@ class Engine:
                     self._finish(key, value)
                 if self._closed:
                     return
-            if self._python:
+            if self._python and not self._starting:
+                # Python tasks are handed out once the start is done: the chunks are
+                # then sized over all of them (see _submit_python).
                 self._submit_python()
             if self._flush_soon:
                 groups, self._flush_soon = self._flush_soon, []
@@ -897,11 +912,12 @@ class Engine:
         if group is None:
             group = _Group(group_key, call.backend, call.method, params, lane)
             self._groups[group_key] = group
-            if self.batch_window > 0:
-                assert self._loop is not None
-                group.timer = self._loop.call_later(
-                    self.batch_window, self._window_closed, group, context=self._context
-                )
+            if self._starting:
+                # The start readies all its calls in one moment (in slices): their
+                # groups are not cut by the window before the last slice is readied.
+                self._unarmed.append(group)
+            elif self.batch_window > 0:
+                self._arm(group)
             else:
                 self._flush_soon.append(group)
         group.keys.append(key)
@@ -953,6 +969,12 @@ class Engine:
             group = call.batch_group(params)
             self._group_keys[memo_key] = group
         return group
+
+    def _arm(self, group: _Group) -> None:
+        assert self._loop is not None
+        group.timer = self._loop.call_later(
+            self.batch_window, self._window_closed, group, context=self._context
+        )
 
     def _window_closed(self, group: _Group) -> None:
         group.timer = None

@@ -274,7 +274,7 @@ def test_a_warm_run_looks_up_in_bulk(server: TestServer, tmp_path: Path) -> None
     assert requests(server) == 1000
     assert values[999] == chat_text(MODEL, "bulk 999")
     # 1,000 calls started together are looked up in a handful of queries, not 1,000.
-    assert CountingStore.lookups <= 5
+    assert CountingStore.lookups <= 5, CountingStore.lookups
 
 
 # -- pure=False and runs -------------------------------------------------------------------
