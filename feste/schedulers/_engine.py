@@ -45,10 +45,10 @@ are in flight or waiting for admission (calls waiting to retry hold no admission
 do not count), and under a cap (four times its ``max_concurrency`` and at least 64,
 else 1024): a call is started when it can be admitted, not parked at the limiter.
 Inline nodes run as soon as they are ready. At the start, the nodes that need nothing
-are readied best first in slices of ``_START_SLICE``, with a turn of the loop after a
-slice that started calls, so the first requests leave while the rest of a large graph
-is readied (Python tasks are handed to the workers once all are readied, and batch
-groups opened then wait their ``batch_window`` from the end of the start); and a
+are readied best first in slices of ``_START_SLICE``, with a turn of the loop between
+slices, so the first requests leave while the rest of a large graph is readied
+(Python tasks are handed to the workers once all are readied, and batch groups opened
+then wait their ``batch_window`` from the end of the start); and a
 task whose call is settled goes on with the next call of its lane when there is room,
 so the next request leaves without waiting for a new task to start. The limiters
 (:mod:`feste.limits`) then decide when a started call is sent, serving waiters by the
@@ -629,13 +629,11 @@ class Engine:
             ready.sort(key=priority.__getitem__)
         self._starting = True
         try:
-            started = self.running
             for first in range(0, len(ready), _START_SLICE):
-                if self.running > started:
+                if first:
                     await asyncio.sleep(0)  # the requests started so far go out
                     if self._closed:
                         return
-                    started = self.running
                 self._pumping = True
                 try:
                     for key in ready[first : first + _START_SLICE]:
