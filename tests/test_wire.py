@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 import threading
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import suppress
 from typing import Any
 
 import pytest
+import trustme
 from aiohttp import web
 
 from feste import context
@@ -272,18 +274,17 @@ def _raw_deflate(data: bytes) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-@pytest.fixture
-def app_server():
-    server = AppServer()
+def serve_app(server: AppServer, tls: ssl.SSLContext | None = None) -> Iterator[AppServer]:
+    """Run ``server``'s app on its own loop in a thread (over TLS with ``tls``)."""
     app = web.Application()
     app.add_routes(server.routes())
     server_loop = asyncio.new_event_loop()
     runner = web.AppRunner(app)
     server_loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, HOST, 0)
+    site = web.TCPSite(runner, HOST, 0, ssl_context=tls)
     server_loop.run_until_complete(site.start())
     server.port = runner.addresses[0][1]
-    server.url = f"http://{HOST}:{server.port}"
+    server.url = f"{'https' if tls else 'http'}://{HOST}:{server.port}"
     thread = threading.Thread(target=server_loop.run_forever, daemon=True)
     thread.start()
     yield server
@@ -291,6 +292,24 @@ def app_server():
     server_loop.call_soon_threadsafe(server_loop.stop)
     thread.join()
     server_loop.close()
+
+
+@pytest.fixture
+def app_server():
+    yield from serve_app(AppServer())
+
+
+@pytest.fixture
+def certificate_authority():
+    """A throwaway certificate authority (trustme) and a certificate for 127.0.0.1."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_app_server(certificate_authority):
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate_authority.issue_cert(HOST).configure_cert(server_tls)
+    yield from serve_app(AppServer(), server_tls)
 
 
 def get(path: str) -> bytes:
@@ -913,6 +932,27 @@ def test_encode_head_refuses_non_ascii():
         encode_head("GET", "/", HOST, [("Authorization", "Bearer sk-clé-0123456789")])
 
 
+# -- TLS ----------------------------------------------------------------------------------
+
+
+def test_https_requests_reuse_one_tls_connection(tls_app_server, certificate_authority):
+    client_tls = ssl.create_default_context()
+    certificate_authority.configure_trust(client_tls)
+
+    async def scenario() -> None:
+        pool = ConnectionPool("https", HOST, tls_app_server.port, connect_timeout=10, tls=client_tls)
+        try:
+            first = await pool.request(get("/plain"))
+            second = await pool.request(get("/plain"))
+        finally:
+            await pool.aclose()
+        assert first[0] == second[0] == 200
+        assert first[2] == second[2] == b"hello"
+
+    run(scenario())
+    assert (tls_app_server.requests, tls_app_server.connections) == (2, 1)
+
+
 # -- through the http transport ---------------------------------------------------------
 
 KEY = "sk-wire-test-0123456789"
@@ -929,6 +969,24 @@ def test_a_base_url_with_a_bad_port_is_refused_on_the_first_call():
         f"check base_url={base_url!r}"
     )
     assert (error.backend, error.method, error.attempts) == ("openai", "chat", 1)
+
+
+def test_a_certificate_that_cannot_be_verified_is_a_configuration_error(tls_app_server):
+    # The default context trusts the machine's certificates, not this throwaway CA:
+    # refused at the handshake, not retried (sending again cannot help), nothing sent.
+    base_url = f"{tls_app_server.url}/v1"
+    llm = OpenAI(api_key=KEY, base_url=base_url, transport="http")
+    with context.set(eager=True, max_retries=3), pytest.raises(ConfigurationError) as caught:
+        llm.chat("hi")
+    error = caught.value
+    assert error.message.startswith(f"the TLS certificate of {base_url} could not be verified (")
+    assert error.message.endswith(
+        "); check base_url, or the certificates this machine trusts (the SSL_CERT_FILE "
+        "environment variable names a bundle)"
+    )
+    assert "certificate" in error.message.split("(")[1]
+    assert (error.backend, error.method, error.attempts) == ("openai", "chat", 1)
+    assert tls_app_server.requests == 0
 
 
 def test_an_organization_with_a_line_break_is_refused_before_sending(llm_server):

@@ -8,7 +8,8 @@ types with the same messages: 400/404/409/413/422 and other 4xx -> ``BadRequestE
 ``AuthenticationError``, 429 -> ``RateLimitError`` (with ``retry_after``), 408 and 5xx
 -> ``TransientError``. The other helpers map what happens around a status:
 connection failures and timeouts -> ``TransientError``; a URL or header the client
-refuses to send -> ``ConfigurationError`` (never retried: sending again cannot help);
+refuses to send, and a server certificate that cannot be verified ->
+``ConfigurationError`` (never retried: sending again cannot help);
 a 2xx body that is not JSON, or nested too deeply to decode -> ``MalformedResponseError``;
 :func:`httpx_error` maps the exceptions of ``httpx``, which both official clients use,
 the way httpx's own ``map_httpcore_exceptions`` maps httpcore's; and
@@ -54,6 +55,7 @@ __all__ = [
     "refused_locally",
     "retry_after_seconds",
     "status_error",
+    "tls_verification_error",
     "unexpected_error",
 ]
 
@@ -202,6 +204,19 @@ def connection_error(backend: Backend, request: Request, exc: BaseException) -> 
         detail = backend.scrub(f"{type(exc).__name__}: {exc}")
         message = f"connection to {backend.base_url} failed: {detail}"
     return TransientError(message, **_context(request))
+
+
+def tls_verification_error(
+    backend: Backend, request: Request, exc: BaseException
+) -> BackendError:
+    """The server's TLS certificate could not be verified: trying again cannot help."""
+    reason = getattr(exc, "verify_message", None) or str(exc)
+    return ConfigurationError(
+        f"the TLS certificate of {backend.base_url} could not be verified "
+        f"({backend.scrub(str(reason))}); check base_url, or the certificates this "
+        "machine trusts (the SSL_CERT_FILE environment variable names a bundle)",
+        **_context(request),
+    )
 
 
 def invalid_url_error(backend: Backend, request: Request, exc: BaseException) -> BackendError:

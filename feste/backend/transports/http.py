@@ -19,6 +19,7 @@ bodies built here.
 from __future__ import annotations
 
 import secrets
+import ssl
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -30,6 +31,7 @@ from feste.backend.transports._errors import (
     invalid_url_error,
     refused_locally,
     status_error,
+    tls_verification_error,
     unexpected_error,
 )
 from feste.backend.transports._json import CODEC
@@ -165,6 +167,8 @@ class HTTPTransport(BaseTransport):
             status, answer_headers, content = await connections.request(
                 head, data, head_request=http_method == "HEAD"
             )
+        except ssl.SSLCertVerificationError as exc:
+            failure = tls_verification_error(backend, request, exc)
         except (WireError, TimeoutError, OSError) as exc:
             failure = connection_error(backend, request, exc)
         except BackendError:
