@@ -940,7 +940,9 @@ def test_https_requests_reuse_one_tls_connection(tls_app_server, certificate_aut
     certificate_authority.configure_trust(client_tls)
 
     async def scenario() -> None:
-        pool = ConnectionPool("https", HOST, tls_app_server.port, connect_timeout=10, tls=client_tls)
+        pool = ConnectionPool(
+            "https", HOST, tls_app_server.port, connect_timeout=10, tls=client_tls
+        )
         try:
             first = await pool.request(get("/plain"))
             second = await pool.request(get("/plain"))
