@@ -206,9 +206,7 @@ def connection_error(backend: Backend, request: Request, exc: BaseException) -> 
     return TransientError(message, **_context(request))
 
 
-def tls_verification_error(
-    backend: Backend, request: Request, exc: BaseException
-) -> BackendError:
+def tls_verification_error(backend: Backend, request: Request, exc: BaseException) -> BackendError:
     """The server's TLS certificate could not be verified: trying again cannot help."""
     reason = getattr(exc, "verify_message", None) or str(exc)
     return ConfigurationError(
