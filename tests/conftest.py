@@ -1,18 +1,52 @@
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
+import ssl
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from aiohttp import web
 
 from feste.backend.local import BUNDLED_MODELS, DEFAULT_MODEL
 from feste.cache import base
 
 pytest_plugins = ["feste.testing.fixtures"]
+
+
+@pytest.fixture
+def serve_app() -> Iterator[Callable[..., int]]:
+    """``serve_app(app, tls=None)`` runs an aiohttp ``app`` on 127.0.0.1 on a loop of
+    its own in a thread (over TLS with an ``ssl.SSLContext``) and returns its port; the
+    apps stop after the test. For answers the ``feste.testing`` server does not make."""
+    stops: list[Callable[[], None]] = []
+
+    def serve(app: web.Application, tls: ssl.SSLContext | None = None) -> int:
+        loop = asyncio.new_event_loop()
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+        loop.run_until_complete(site.start())
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+        stops.append(stop)
+        return int(runner.addresses[0][1])
+
+    yield serve
+    for stop in reversed(stops):
+        stop()
 
 
 @pytest.fixture

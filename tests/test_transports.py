@@ -8,7 +8,6 @@ import email.utils
 import json
 import pickle
 import socket
-import threading
 import time
 
 import cohere
@@ -420,23 +419,12 @@ class StaticServer:
 
 
 @pytest.fixture
-def static_server():
+def static_server(serve_app):
     server = StaticServer()
     app = web.Application()
     app.router.add_post("/{path:.*}", server.answer)
-    server_loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    server_loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    server_loop.run_until_complete(site.start())
-    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    thread = threading.Thread(target=server_loop.run_forever, daemon=True)
-    thread.start()
-    yield server
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), server_loop).result(10)
-    server_loop.call_soon_threadsafe(server_loop.stop)
-    thread.join()
-    server_loop.close()
+    server.url = f"http://127.0.0.1:{serve_app(app)}"
+    return server
 
 
 class UsageRecorder(RunObserver):

@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
-import threading
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import suppress
 from typing import Any
 
@@ -274,29 +273,19 @@ def _raw_deflate(data: bytes) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-def serve_app(server: AppServer, tls: ssl.SSLContext | None = None) -> Iterator[AppServer]:
-    """Run ``server``'s app on its own loop in a thread (over TLS with ``tls``)."""
+def started(serve_app: Callable[..., int], tls: ssl.SSLContext | None = None) -> AppServer:
+    """An :class:`AppServer` served in a thread (over TLS with ``tls``)."""
+    server = AppServer()
     app = web.Application()
     app.add_routes(server.routes())
-    server_loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    server_loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, HOST, 0, ssl_context=tls)
-    server_loop.run_until_complete(site.start())
-    server.port = runner.addresses[0][1]
+    server.port = serve_app(app, tls)
     server.url = f"{'https' if tls else 'http'}://{HOST}:{server.port}"
-    thread = threading.Thread(target=server_loop.run_forever, daemon=True)
-    thread.start()
-    yield server
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), server_loop).result(10)
-    server_loop.call_soon_threadsafe(server_loop.stop)
-    thread.join()
-    server_loop.close()
+    return server
 
 
 @pytest.fixture
-def app_server():
-    yield from serve_app(AppServer())
+def app_server(serve_app):
+    return started(serve_app)
 
 
 @pytest.fixture
@@ -306,10 +295,10 @@ def certificate_authority():
 
 
 @pytest.fixture
-def tls_app_server(certificate_authority):
+def tls_app_server(serve_app, certificate_authority):
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     certificate_authority.issue_cert(HOST).configure_cert(server_tls)
-    yield from serve_app(AppServer(), server_tls)
+    return started(serve_app, server_tls)
 
 
 def get(path: str) -> bytes:
