@@ -267,6 +267,28 @@ def test_backend_error_in_raise_mode_names_backend_and_task(llm_server):
     assert llm_server.stats()["status_counts"]["400"] == 1
 
 
+def test_raise_mode_sends_nothing_after_the_first_error(llm_server):
+    # One request at a time: the task whose request failed must not go on with the
+    # next call of its lane (a failure is settled before the next job is taken).
+    llm = chat_backend(llm_server, max_concurrency=1)
+    calls = [llm.chat(f"bad {i} [[status:400]]") for i in range(3)]
+    with pytest.raises(BadRequestError):
+        feste.compute(calls)
+    assert llm_server.stats()["requests"] == 1
+
+
+def test_answers_settle_in_order_with_one_request_at_a_time(llm_server):
+    # Settling a successful answer is put off to a callback: every value still lands,
+    # in its place, and each call's on_task_done runs once.
+    llm = chat_backend(llm_server, max_concurrency=1)
+    done = []
+    calls = [llm.chat(f"q{i}") for i in range(5)]
+    results = feste.compute(calls, on_task_done=lambda key, value: done.append(value))[0]
+    assert results == [CHAT.format(f"q{i}") for i in range(5)]
+    assert sorted(done) == results
+    assert llm_server.stats()["requests"] == 5
+
+
 def test_raise_mode_cancels_in_flight_requests(llm_server_factory):
     server = llm_server_factory(latency=0.01)
     llm = chat_backend(server)
@@ -661,6 +683,10 @@ INTERRUPTED_SCRIPT = textwrap.dedent(
 )
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted_while_hanging(server, script: str) -> tuple[int, str, str]:
     """Run ``script`` against ``server``, Ctrl-C it once 8 requests hang; its outcome."""
     process = subprocess.Popen(
@@ -668,6 +694,9 @@ def interrupted_while_hanging(server, script: str) -> tuple[int, str, str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as in a terminal: a shell that started pytest in the background made
+        # it ignore SIGINT, and a child that inherits that never sees the interrupt.
+        preexec_fn=_default_sigint,
     )
     try:
         assert wait_until(lambda: server.stats()["in_flight"] == 8, timeout=60)

@@ -45,16 +45,19 @@ are in flight or waiting for admission (calls waiting to retry hold no admission
 do not count), and under a cap (four times its ``max_concurrency`` and at least 64,
 else 1024): a call is started when it can be admitted, not parked at the limiter.
 Inline nodes run as soon as they are ready. At the start, the nodes that need nothing
-are readied best first in slices of ``_START_SLICE``, with a turn of the loop between
-slices, so the first requests leave while the rest of a large graph is readied
-(Python tasks are handed to the workers once all are readied, and batch groups opened
-then wait their ``batch_window`` from the end of the start); and a
-task whose call is settled goes on with the next call of its lane when there is room,
-so the next request leaves without waiting for a new task to start. The limiters
-(:mod:`feste.limits`) then decide when a started call is sent, serving waiters by the
-same chain priority (``feste._calls.call_priority``) and then in arrival order: when
-requests are scarce, a chain of five dependent calls next to hundreds of independent
-ones is not sent last.
+are readied best first in slices (``_FIRST_START_SLICE``, then ``_START_SLICE``), with a
+turn of the loop between slices, so the first requests leave while the rest of a large
+graph is readied (Python tasks are handed to the workers once all are readied, and batch
+groups opened then wait their ``batch_window`` from the end of the start). A task whose
+request is answered goes on with the next call of its lane when there is room, so the
+next request leaves without waiting for a new task to start; the keys of an answer
+without failures are settled a moment later, by one callback for all the answers read
+in the same turn of the loop, so their bookkeeping never holds back the next requests
+(a failure is settled at once: a run that stops at its first error sends nothing more).
+The limiters (:mod:`feste.limits`) then decide when a started call is sent, serving
+waiters by the same chain priority (``feste._calls.call_priority``) and then in arrival
+order: when requests are scarce, a chain of five dependent calls next to hundreds of
+independent ones is not sent last.
 
 State
 -----
@@ -154,6 +157,8 @@ CANCEL_GRACE = 5.0  # seconds to wait for cancelled work to wind down
 _NO_LANE_CAP = 1024
 # Nodes readied at the start between two yields to the loop (see Engine._start).
 _START_SLICE = 256
+# The first slice is smaller: the first requests leave sooner.
+_FIRST_START_SLICE = 64
 # The lane of calls routed to Batch API jobs: no cap (a job holds up to 50,000 calls).
 _UNCAPPED = sys.maxsize
 
@@ -225,6 +230,13 @@ def _argument(arg: Any, values: Mapping[Hashable, Any]) -> Any:
     return arg
 
 
+def _has_failure(values: list[Any]) -> bool:
+    for value in values:  # noqa: SIM110 - a loop: this runs for every answer
+        if isinstance(value, ItemFailure):
+            return True
+    return False
+
+
 def _copied(error: BaseException) -> BaseException:
     """A separate error object, so each key's failure is labelled on its own."""
     try:
@@ -235,9 +247,13 @@ def _copied(error: BaseException) -> BaseException:
 
 def _nest(keys: Any, lookup: Callable[[Hashable], Any]) -> Any:
     """Results in the shape of ``keys`` (lists become tuples, as in dask's schedulers)."""
-    if isinstance(keys, list):
-        return tuple(_nest(item, lookup) for item in keys)
-    return lookup(keys)
+    if not isinstance(keys, list):
+        return lookup(keys)
+    # A loop, not a generator: it runs once per output at the end of every run.
+    nested = []
+    for item in keys:
+        nested.append(_nest(item, lookup) if isinstance(item, list) else lookup(item))
+    return tuple(nested)
 
 
 def _flat_keys(keys: Any, into: list[Hashable]) -> list[Hashable]:
@@ -444,6 +460,8 @@ class Engine:
         self._flush_soon: list[_Group] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sequence = 0
+        # Jobs whose answers are in, settled by the next _settle_unsettled (see _sent).
+        self._unsettled: list[tuple[_Job, list[Any]]] = []
 
         self._pool: ThreadWorkers | None = None
         self._chunks_in_flight = 0
@@ -629,21 +647,25 @@ class Engine:
             ready.sort(key=priority.__getitem__)
         self._starting = True
         try:
-            for first in range(0, len(ready), _START_SLICE):
+            first = 0
+            size = _FIRST_START_SLICE
+            while first < len(ready):
                 if first:
                     await asyncio.sleep(0)  # the requests started so far go out
                     if self._closed:
                         return
                 self._pumping = True
                 try:
-                    for key in ready[first : first + _START_SLICE]:
+                    for key in ready[first : first + size]:
                         if self.kind[key] == _DATA:
                             self._finish(key, self.nodes[key].value)
                         else:
                             self._ready(key)
                 finally:
                     self._pumping = False
-                if first + _START_SLICE < len(ready):
+                first += size
+                size = _START_SLICE
+                if first < len(ready):
                     self._pump()
         finally:
             self._starting = False
@@ -1050,12 +1072,49 @@ class Engine:
             next_job = self._sent(job, lane, outcome)
 
     def _sent(self, job: _Job, lane: _Lane, outcome: list[Any] | BaseException) -> _Job | None:
-        """Settle the keys of ``job`` (its values, or the error of its whole request);
-        return the lane's next job when the finishing task should send it."""
+        """The request of ``job`` is over: return the lane's next job when the finishing
+        task should send it, and settle ``job``'s keys.
+
+        A job whose items all succeeded is settled a moment later, by one callback for
+        every answer that arrived in the same turn of the loop: the bookkeeping of a
+        value (storing it, readying its users, progress) then never holds back the next
+        requests of the answers read with it. A failure is settled at once, before any
+        next job is taken, so a run that stops at its first error sends nothing more.
+        """
         lane.outstanding -= 1
-        self.running -= 1
         if self._closed:
+            self.running -= 1
             return None
+        if isinstance(outcome, BaseException) or _has_failure(outcome):
+            self.running -= 1
+            self._settle(job, outcome)
+            if self._closed:
+                return None
+        else:
+            self._unsettled.append((job, outcome))
+            if len(self._unsettled) == 1:
+                assert self._loop is not None
+                self._loop.call_soon(self._settle_unsettled, context=self._context)
+        next_job = None
+        if lane.heap and lane.has_room() and not self._pumping:
+            *_, next_job = heapq.heappop(lane.heap)
+            lane.outstanding += 1
+            self.running += 1
+        self._pump()
+        return next_job
+
+    def _settle_unsettled(self) -> None:
+        """Settle the successful jobs :meth:`_sent` put off (see there)."""
+        unsettled, self._unsettled = self._unsettled, []
+        for job, outcome in unsettled:
+            # Counted as running until settled: the run is not stuck meanwhile.
+            self.running -= 1
+            if not self._closed:
+                self._settle(job, outcome)
+        self._pump()
+
+    def _settle(self, job: _Job, outcome: list[Any] | BaseException) -> None:
+        """Settle the keys of ``job``: its values, or the error of its whole request."""
         try:
             if isinstance(outcome, BaseException):
                 for index, key in enumerate(job.keys):
@@ -1066,7 +1125,7 @@ class Engine:
                         describe_call(error, job.items[index], job.call_sites[index])
                     self._fail(key, error)
                     if self._closed:
-                        return None
+                        return
             elif job.whole:
                 values = job.merge(outcome) if job.merge is not None else outcome
                 self._finish(job.keys[0], values)
@@ -1077,17 +1136,9 @@ class Engine:
                     else:
                         self._finish(key, value)
                     if self._closed:
-                        return None
+                        return
         except BaseException as error:
             self._abort(error)
-            return None
-        next_job = None
-        if lane.heap and lane.has_room() and not self._pumping:
-            *_, next_job = heapq.heappop(lane.heap)
-            lane.outstanding += 1
-            self.running += 1
-        self._pump()
-        return next_job
 
     # -- Python tasks in the worker pool ----------------------------------------------
 
