@@ -191,7 +191,12 @@ def test_calls_of_one_line_share_their_node_function_and_backends_pickle_the_sam
     other = dict(other_line.dask)[other_line.key].func
     assert other is not functions[0]
     assert other.call_site != functions[0].call_site
-    # The shared node functions stay out of the backend's pickle.
+    # Calls without parameters get the backend's defaults, merged once but each a dict
+    # of its own node.
+    kwargs = [dict(value.dask)[value.key].kwargs for value in values]
+    assert kwargs[0] == kwargs[1] == {"model": "text-embedding-3-small"}
+    assert kwargs[0] is not kwargs[1]
+    # The shared node functions and merged defaults stay out of the backend's pickle.
     assert pickle.dumps(llm) == before
     assert len({value.key for value in values}) == 3
     assert llm.embed("text 0").key == values[0].key  # the call site is not identity

@@ -273,6 +273,7 @@ class Backend(abc.ABC):
         state.pop("_fingerprint", None)
         # Node functions shared by calls (feste.task): rebuilt where they are needed.
         state.pop("_call_functions", None)
+        state.pop("_default_params", None)  # a cache of call_params
         if state.get("_client") is not None:
             # Official client objects hold sockets and locks; they cannot travel.
             state["_client"] = None
@@ -440,6 +441,21 @@ class Backend(abc.ABC):
         model...), the constructor's defaults that the method accepts, a typed parameter
         object (or mapping) and the call's keywords. Parameters left at None are dropped.
         """
+        if typed is None and not keywords:
+            # Most calls pass no parameters: theirs are the defaults, merged once per
+            # method (a backend's defaults never change) and copied for each node.
+            merged_once = self.__dict__.get("_default_params")
+            if merged_once is None:
+                merged_once = self.__dict__["_default_params"] = {}
+            params = merged_once.get(method)
+            if params is None:
+                params = merged_once[method] = self._merged_params(method, None, {})
+            return dict(params)
+        return self._merged_params(method, typed, keywords)
+
+    def _merged_params(
+        self, method: str, typed: Any, keywords: Mapping[str, Any]
+    ) -> dict[str, Any]:
         spec = self.spec(method)
         self.check_params(method, keywords)
         merged = dict(self.method_defaults.get(method, ()))
