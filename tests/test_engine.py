@@ -277,7 +277,7 @@ def test_raise_mode_sends_nothing_after_the_first_error(llm_server):
     assert llm_server.stats()["requests"] == 1
 
 
-def test_answers_settle_in_order_with_one_request_at_a_time(llm_server):
+def test_every_answer_settles_once_with_one_request_at_a_time(llm_server):
     # Settling a successful answer is put off to a callback: every value still lands,
     # in its place, and each call's on_task_done runs once.
     llm = chat_backend(llm_server, max_concurrency=1)
