@@ -57,6 +57,7 @@ from typing import Any
 from feste import context
 from feste._batch_jobs import BatchJobStatus, SendOnline, batch_jobs, batch_route
 from feste._reports import CachedCalls, RequestReport, RequestTiming, apply_truncation_policy
+from feste._timeouts import deadlines
 from feste.backend.base import Backend
 from feste.backend.spec import chunk_items
 from feste.backend.transports import BaseTransport, make_transport
@@ -294,6 +295,7 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
     observer = current_observer.get()
     loop = asyncio.get_running_loop()
     deadline = None if policy.call_timeout is None else loop.time() + policy.call_timeout
+    timeouts = deadlines(loop)
     limiters = gates.limiters
     tokens = request.estimated_tokens
     attempt = 0
@@ -333,8 +335,14 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
             if deadline is not None:
                 timeout = min(timeout, max(0.0, deadline - loop.time()))
             try:
-                async with asyncio.timeout(timeout):
+                guard = timeouts.start(loop, timeout)
+                try:
                     response = await transport.send(request)
+                except asyncio.CancelledError:
+                    guard.timed_out()
+                    raise
+                finally:
+                    guard.stop()
             except TimeoutError:
                 if cut_by_deadline:
                     raise _deadline_error(request, policy, "waiting for an answer") from None

@@ -45,8 +45,9 @@ are in flight or waiting for admission (calls waiting to retry hold no admission
 do not count), and under a cap (four times its ``max_concurrency`` and at least 64,
 else 1024): a call is started when it can be admitted, not parked at the limiter.
 Inline nodes run as soon as they are ready. At the start, the nodes that need nothing
-are readied best first in slices (``_FIRST_START_SLICE``, then ``_START_SLICE``), with a
-turn of the loop between slices, so the first requests leave while the rest of a large
+are readied best first in slices of ``_START_SLICE`` units of work (a call or an async
+task counts ``_CALL_UNITS``, any other node one), with a turn of the loop between slices,
+so the first requests leave, and their connections open, while the rest of a large
 graph is readied (Python tasks are handed to the workers once all are readied, and batch
 groups opened then wait their ``batch_window`` from the end of the start). A task whose
 request is answered goes on with the next call of its lane when there is room, so the
@@ -147,6 +148,8 @@ _PYTHON = 2  # a plain function: worker pool
 _ASYNC = 3  # an async def function: awaited on the loop
 _CALL = 4  # BackendCall: one request (or coalesced with others of its batch group)
 _BATCH = 5  # BatchCall: one batched request made by the optimizer
+# The kinds that start a task of their own when readied (see _START_SLICE).
+_COSTLY_TO_READY = frozenset({_ASYNC, _CALL, _BATCH})
 
 # Functions cheap enough to run on the loop.
 _INLINE_FUNCTIONS: set[Any] = {take_item, operator.getitem, _dask_identity}
@@ -155,10 +158,12 @@ _CHUNK_SECONDS = {"threads": 0.002, "processes": 0.05}
 _MAX_CHUNK = 256
 CANCEL_GRACE = 5.0  # seconds to wait for cancelled work to wind down
 _NO_LANE_CAP = 1024
-# Nodes readied at the start between two yields to the loop (see Engine._start).
+# Units of work readied at the start between two yields to the loop (see Engine._start):
+# a call (or an async task) costs about four times a plain node to ready, so a slice is
+# 64 calls or 256 plain nodes. Small enough that the connections the first calls open
+# are taken up within a slice or two, large enough that yields cost little.
 _START_SLICE = 256
-# The first slice is smaller: the first requests leave sooner.
-_FIRST_START_SLICE = 64
+_CALL_UNITS = 4
 # The lane of calls routed to Batch API jobs: no cap (a job holds up to 50,000 calls).
 _UNCAPPED = sys.maxsize
 
@@ -646,26 +651,30 @@ class Engine:
         else:
             ready.sort(key=priority.__getitem__)
         self._starting = True
+        kinds = self.kind
         try:
-            first = 0
-            size = _FIRST_START_SLICE
-            while first < len(ready):
-                if first:
+            position = 0
+            while position < len(ready):
+                if position:
                     await asyncio.sleep(0)  # the requests started so far go out
                     if self._closed:
                         return
                 self._pumping = True
+                units = 0
                 try:
-                    for key in ready[first : first + size]:
-                        if self.kind[key] == _DATA:
+                    while position < len(ready) and units < _START_SLICE:
+                        key = ready[position]
+                        position += 1
+                        kind = kinds[key]
+                        if kind == _DATA:
+                            units += 1
                             self._finish(key, self.nodes[key].value)
                         else:
+                            units += _CALL_UNITS if kind in _COSTLY_TO_READY else 1
                             self._ready(key)
                 finally:
                     self._pumping = False
-                first += size
-                size = _START_SLICE
-                if first < len(ready):
+                if position < len(ready):
                     self._pump()
         finally:
             self._starting = False

@@ -274,9 +274,9 @@ def test_a_warm_run_looks_up_in_bulk(server: TestServer, tmp_path: Path) -> None
 
     assert requests(server) == 1000
     assert values[999] == chat_text(MODEL, "bulk 999")
-    # The start readies its nodes in slices (64, then 256 at a time), a turn of the loop
-    # apart: the 1,000 calls are looked up in one query per slice, not one per call.
-    assert CountingStore.lookups == 5, CountingStore.lookups
+    # The start readies 64 async tasks per turn of the loop: the 1,000 calls they make
+    # are looked up in one query per turn (16), not one per call.
+    assert CountingStore.lookups == 16, CountingStore.lookups
 
 
 # -- pure=False and runs -------------------------------------------------------------------
