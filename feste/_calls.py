@@ -42,6 +42,10 @@ Every scheduler reaches a provider through this module: the async engine awaits
    structured outputs, whole answers) carries the parsed answer through the cache and
    is finished in :func:`run_call`; an answer that does not validate is re-asked up
    to ``Backend.repair_retries`` times (each re-ask is a call of its own, cached too).
+7. :func:`prepare_call` builds a call's request before its turn (the async engine
+   builds its queued calls while it waits for answers); :func:`run_call` then sends
+   that request instead of building it. Without a cache only: with one, a call is
+   looked up first and a hit needs no request.
 """
 
 from __future__ import annotations
@@ -75,11 +79,13 @@ from feste.limits import admit, admit_free, release_all, run_limits
 
 __all__ = [
     "CachedCalls",
+    "PreparedCall",
     "RequestReport",
     "RetryWaits",
     "RunObserver",
     "call_priority",
     "current_observer",
+    "prepare_call",
     "retry_waits",
     "run_batch",
     "run_call",
@@ -414,8 +420,45 @@ async def _send_attempts(backend: Backend, request: Request, timing: RequestTimi
         return parsed
 
 
+class PreparedCall:
+    """The request of one call, built before its turn to be sent (see :func:`prepare_call`)."""
+
+    __slots__ = ("batch", "request")
+
+    def __init__(self, batch: bool, request: Request) -> None:
+        self.batch = batch
+        self.request = request
+
+
+def prepare_call(
+    backend: Backend, method: str, item: Any, params: Mapping[str, Any]
+) -> PreparedCall | None:
+    """Build the request of one call ahead of sending it: the async engine builds its
+    lanes' next calls while it would otherwise wait for answers, so an answer's next
+    request leaves without being built first.
+
+    None where the request is built when the call is sent, as always: with a result
+    cache on (the call is looked up first, and a hit needs no request), or when building
+    fails (the call then fails where it runs, with its own error).
+    """
+    if calls_cache() is not None:
+        return None
+    batch, sent_params = batch_route(backend, method, params)
+    try:
+        request = backend.build_request(method, [item], sent_params)
+    except Exception:
+        return None
+    return PreparedCall(batch, request)
+
+
 async def run_call(
-    backend: Backend, method: str, item: Any, params: Mapping[str, Any], *, pure: bool = True
+    backend: Backend,
+    method: str,
+    item: Any,
+    params: Mapping[str, Any],
+    *,
+    pure: bool = True,
+    prepared: PreparedCall | None = None,
 ) -> Any:
     """One call: build its request, send it, return its value.
 
@@ -423,9 +466,14 @@ async def run_call(
     the limiter) and a sent call's value is stored before it is returned. ``pure=False``
     calls are cached only within a named run. A call the backend ``finishes`` (point 5
     of the module docstring) is finished here, after the cache, re-asked when its
-    answer does not validate and ``repair_retries`` allows.
+    answer does not validate and ``repair_retries`` allows. ``prepared`` is the call's
+    request from :func:`prepare_call`, sent instead of building it again.
     """
-    answer = await _answer(backend, method, item, params, pure)
+    if prepared is not None:
+        parsed = await send(backend, prepared.request, batch=prepared.batch)
+        answer = parsed.values[0]
+    else:
+        answer = await _answer(backend, method, item, params, pure)
     if not backend.finishes(method, params):
         return answer
     repairs = 0

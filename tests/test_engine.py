@@ -289,6 +289,63 @@ def test_every_answer_settles_once_with_one_request_at_a_time(llm_server):
     assert llm_server.stats()["requests"] == 5
 
 
+class BuildCountingOpenAI(OpenAI):
+    """Records each request it builds, and whether a task of the run built it (the
+    call being sent) or the engine built it ahead, outside any task."""
+
+    def build_request(self, method, items, params):
+        built = self.__dict__.setdefault("_test_built", [])
+        built.append((items[0][-1]["content"], asyncio.current_task() is not None))
+        return super().build_request(method, items, params)
+
+
+def test_queued_calls_have_their_requests_built_ahead_once(llm_server_factory):
+    # Four calls start at once and build their requests as they are sent; the other
+    # 60 wait in their lane and are built while the first answers are awaited (100 ms
+    # away), each once.
+    server = llm_server_factory(latency=0.1)
+    llm = BuildCountingOpenAI(base_url=server.openai_base_url, api_key="k", max_concurrency=4)
+    prompts = [f"q{i}" for i in range(64)]
+    results = feste.compute([llm.chat(prompt) for prompt in prompts])[0]
+
+    assert results == [CHAT.format(prompt) for prompt in prompts]
+    built = llm.__dict__["_test_built"]
+    assert sorted(prompt for prompt, _ in built) == sorted(prompts)
+    # Those built by the tasks sending them are the four that left first.
+    in_tasks = [prompt for prompt, in_task in built if in_task]
+    assert len(in_tasks) == 4
+    first_sent = [texts[0] for texts in server.stats()["inputs"]["/v1/chat/completions"][:4]]
+    assert sorted(in_tasks) == sorted(first_sent)
+    assert server.stats()["requests"] == 64
+
+
+@feste_task
+def not_a_prompt(number):
+    return number
+
+
+def test_a_queued_call_whose_request_cannot_be_built_fails_with_its_own_error(
+    llm_server_factory,
+):
+    # Built ahead, the bad call's request fails to build; it is then built where it is
+    # sent, and fails there as it would have, alone.
+    server = llm_server_factory(latency=0.05)
+    llm = chat_backend(server, max_concurrency=1)
+    calls = [llm.chat(f"q{i}") for i in range(3)] + [llm.chat(not_a_prompt(42))]
+    results = feste.compute(calls, errors="return")[0]
+
+    assert results[:3] == [CHAT.format(f"q{i}") for i in range(3)]
+    failure = results[3]
+    assert isinstance(failure, Failure)
+    assert isinstance(failure.exception, BadRequestError)
+    assert failure.exception.args[0] == (
+        "expected a prompt string or a list of messages like "
+        "[{'role': 'user', 'content': 'some text'}], got int"
+    )
+    assert "test_engine.py" in str(failure.exception)  # where the call was made
+    assert server.stats()["requests"] == 3
+
+
 def test_raise_mode_cancels_in_flight_requests(llm_server_factory):
     server = llm_server_factory(latency=0.01)
     llm = chat_backend(server)

@@ -55,6 +55,10 @@ next request leaves without waiting for a new task to start; the keys of an answ
 without failures are settled a moment later, by one callback for all the answers read
 in the same turn of the loop, so their bookkeeping never holds back the next requests
 (a failure is settled at once: a run that stops at its first error sends nothing more).
+The requests of single calls waiting in a lane are built ahead
+(``feste._calls.prepare_call``), in a turn of the loop of their own after the start, a
+millisecond at a time and at most ``_PREPARE_AHEAD`` per lane: the loop builds them
+while it waits for answers, and an answer's next request only has to be sent.
 The limiters (:mod:`feste.limits`) then decide when a started call is sent, serving
 waiters by the same chain priority (``feste._calls.call_priority``) and then in arrival
 order: when requests are scarce, a chain of five dependent calls next to hundreds of
@@ -116,7 +120,15 @@ from dask.order import order as dask_order
 
 from feste import context
 from feste._batch_jobs import batch_route
-from feste._calls import RetryWaits, call_priority, retry_waits, run_batch, run_call
+from feste._calls import (
+    PreparedCall,
+    RetryWaits,
+    call_priority,
+    prepare_call,
+    retry_waits,
+    run_batch,
+    run_call,
+)
 from feste._nodes import BackendCall, BatchCall, describe_item_failures, take_item
 from feste._progress import RunProgress
 from feste.backend.types import ItemFailure
@@ -164,6 +176,10 @@ _NO_LANE_CAP = 1024
 # are taken up within a slice or two, large enough that yields cost little.
 _START_SLICE = 256
 _CALL_UNITS = 4
+# Requests of queued calls built ahead, at most per lane, and for at most so many
+# seconds at a time (see Engine._prepare_lanes).
+_PREPARE_AHEAD = 4096
+_PREPARE_SECONDS = 0.001
 # The lane of calls routed to Batch API jobs: no cap (a job holds up to 50,000 calls).
 _UNCAPPED = sys.maxsize
 
@@ -283,13 +299,28 @@ class _Lane:
     admission) lets another one start; the limiters still decide every admission.
     """
 
-    __slots__ = ("__weakref__", "cap", "heap", "limit", "outstanding", "retrying", "waits", "wake")
+    __slots__ = (
+        "__weakref__",
+        "cap",
+        "heap",
+        "limit",
+        "outstanding",
+        "prepared",
+        "retrying",
+        "to_prepare",
+        "waits",
+        "wake",
+    )
 
     def __init__(self, cap: int, limit: int, wake: weakref.WeakMethod[Callable[[], None]]) -> None:
         self.cap = cap
         self.limit = limit
         self.heap: list[tuple[float, int, int, _Job]] = []
         self.outstanding = 0
+        # Single calls queued here, in queue order, whose requests are still to build
+        # (see Engine._prepare_lanes), and how many queued calls hold a built one.
+        self.to_prepare: collections.deque[_Job] = collections.deque()
+        self.prepared = 0
         # Started calls now waiting to retry (told by the sender through ``waits``).
         self.retrying = 0
         # The engine's pump (weakly: no cycle keeps the engine): a call that begins to
@@ -300,6 +331,16 @@ class _Lane:
     def has_room(self) -> bool:
         outstanding = self.outstanding
         return outstanding < self.cap and outstanding - self.retrying < self.limit
+
+    def take(self) -> _Job:
+        """The next job to start (the lane must have one)."""
+        *_, job = heapq.heappop(self.heap)
+        self.outstanding += 1
+        if job.prepared is None:
+            job.prepared = False  # started before its turn to be built: built when sent
+        elif job.prepared is not False:
+            self.prepared -= 1
+        return job
 
 
 class _LaneWaits(RetryWaits):
@@ -337,6 +378,7 @@ class _Job:
         "merge",
         "method",
         "params",
+        "prepared",
         "whole",
     )
 
@@ -366,6 +408,9 @@ class _Job:
         self.merge: Callable[[list[Any]], list[Any]] | None = None
         # The longest chain of calls through this request: served first when scarce.
         self.chain_priority = 0.0
+        # A single call's request, built while it waited in its lane (see
+        # Engine._prepare_lanes); False when it is built where it is sent.
+        self.prepared: PreparedCall | bool | None = None
 
 
 class _Group:
@@ -467,6 +512,7 @@ class Engine:
         self._sequence = 0
         # Jobs whose answers are in, settled by the next _settle_unsettled (see _sent).
         self._unsettled: list[tuple[_Job, list[Any]]] = []
+        self._prepare_scheduled = False
 
         self._pool: ThreadWorkers | None = None
         self._chunks_in_flight = 0
@@ -745,9 +791,17 @@ class Engine:
                 for group in groups:
                     self._flush_group(group)
             if self._lanes:
+                to_prepare = False
                 for lane in self._lanes.values():
                     if lane.heap and lane.has_room():
                         self._start_lane(lane)
+                    if lane.to_prepare and lane.prepared < _PREPARE_AHEAD:
+                        to_prepare = True
+                # Not while the start readies its slices: its first requests go first.
+                if to_prepare and not self._prepare_scheduled and not self._starting:
+                    self._prepare_scheduled = True
+                    assert self._loop is not None
+                    self._loop.call_soon(self._prepare_lanes, context=self._context)
         except BaseException as exc:
             self._abort(exc)
             return
@@ -1028,13 +1082,49 @@ class Engine:
     def _queue_job(self, lane: _Lane, priority: int, job: _Job) -> None:
         self._sequence += 1
         heapq.heappush(lane.heap, (-job.chain_priority, priority, self._sequence, job))
+        if len(job.items) == 1 and not job.whole:
+            lane.to_prepare.append(job)
+        else:
+            job.prepared = False
+
+    def _prepare_lanes(self) -> None:
+        """Build the requests of queued single calls before their turn to be sent.
+
+        Scheduled by the pump, so the building happens in a turn of the loop of its own:
+        while the loop would wait for answers (a wave of requests is out), not between
+        an answer and the next request. Calls are built in the order they were queued,
+        at most ``_PREPARE_AHEAD`` held per lane, and for at most ``_PREPARE_SECONDS``
+        at a time (then the rest waits for the next turn), so answers that arrive
+        meanwhile wait little.
+        """
+        self._prepare_scheduled = False
+        if self._closed:
+            return
+        give_up_at = time.perf_counter() + _PREPARE_SECONDS
+        built = 0
+        for lane in self._lanes.values():
+            queue = lane.to_prepare
+            while queue and lane.prepared < _PREPARE_AHEAD:
+                job = queue.popleft()
+                if job.prepared is not None:
+                    continue  # started before its turn to be built
+                prepared = prepare_call(job.backend, job.method, job.items[0], job.params)
+                if prepared is None:
+                    job.prepared = False
+                    continue
+                job.prepared = prepared
+                lane.prepared += 1
+                built += 1
+                if built % 16 == 0 and time.perf_counter() > give_up_at:
+                    self._prepare_scheduled = True
+                    assert self._loop is not None
+                    self._loop.call_soon(self._prepare_lanes, context=self._context)
+                    return
 
     def _start_lane(self, lane: _Lane) -> None:
         heap = lane.heap
         while heap and lane.has_room():
-            *_, job = heapq.heappop(heap)
-            lane.outstanding += 1
-            self._spawn(self._send(job, lane))
+            self._spawn(self._send(lane.take(), lane))
 
     async def _send(self, job: _Job, lane: _Lane) -> None:
         """The one place backend calls are made: await each request, settle its keys.
@@ -1053,9 +1143,15 @@ class Engine:
             outcome: list[Any] | BaseException
             try:
                 if len(job.items) == 1 and not job.whole:
+                    prepared = job.prepared
                     values = [
                         await run_call(
-                            job.backend, job.method, job.items[0], job.params, pure=job.dedupe
+                            job.backend,
+                            job.method,
+                            job.items[0],
+                            job.params,
+                            pure=job.dedupe,
+                            prepared=prepared if isinstance(prepared, PreparedCall) else None,
                         )
                     ]
                 elif job.items:
@@ -1106,8 +1202,7 @@ class Engine:
                 self._loop.call_soon(self._settle_unsettled, context=self._context)
         next_job = None
         if lane.heap and lane.has_room() and not self._pumping:
-            *_, next_job = heapq.heappop(lane.heap)
-            lane.outstanding += 1
+            next_job = lane.take()
             self.running += 1
         self._pump()
         return next_job
