@@ -75,7 +75,7 @@ from feste.errors import (
     StructuredOutputError,
     TransientError,
 )
-from feste.limits import admit, admit_free, release_all, run_limits
+from feste.limits import NOT_RESERVED, admit, admit_free, release_all, run_limits
 
 __all__ = [
     "CachedCalls",
@@ -229,8 +229,12 @@ async def send(backend: Backend, request: Request, *, batch: bool = False) -> Pa
     # is never sent (BudgetExceeded); failed attempts are not billed, so cost nothing.
     # A Batch API call is reserved at batch prices unless an expired job may send it
     # online (batch_api_on_expiry="online"): then at the online ones, the upper bound.
-    batch_priced = batch and context.get("batch_api_on_expiry") != "online"
-    reservation = await run_limits().reserve(backend, request, batch=batch_priced)
+    scope = run_limits()
+    if scope.budget is None:
+        reservation = NOT_RESERVED  # no max_cost: nothing to set aside (most runs)
+    else:
+        batch_priced = batch and context.get("batch_api_on_expiry") != "online"
+        reservation = await scope.reserve(backend, request, batch=batch_priced)
     try:
         if batch:
             parsed = await _send_to_batch_job(backend, request, timing)
@@ -245,7 +249,7 @@ async def send(backend: Backend, request: Request, *, batch: bool = False) -> Pa
     if reported:
         observer.request_ended(request, timing.report(request, parsed.usage, None))
     if parsed.truncated:
-        apply_truncation_policy(run_limits(), request, parsed)
+        apply_truncation_policy(scope, request, parsed)
     return parsed
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "BatchCall",
     "call_now",
     "describe_item_failures",
+    "flatten_keys",
     "take_item",
 ]
 
@@ -166,6 +167,17 @@ def describe_item_failures(
             site = call_sites[index] if index < len(call_sites) else None
             describe_call(value.error, items[index], site)
     return results
+
+
+def flatten_keys(keys: Any, into: list[Any]) -> list[Any]:
+    """Append the keys in ``keys`` (one key, or nested lists of keys) to ``into``, in
+    order, and return it. A loop, not dask's generator: it runs once per output."""
+    if isinstance(keys, list):
+        for item in keys:
+            flatten_keys(item, into)
+    else:
+        into.append(keys)
+    return into
 
 
 def take_item(batch_result: list[Any], index: int) -> Any:

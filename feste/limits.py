@@ -100,6 +100,7 @@ __all__ = [
     "Gates",
     "Limiter",
     "Limits",
+    "NOT_RESERVED",
     "Quota",
     "Reservation",
     "RunLimits",
@@ -882,7 +883,8 @@ class Reservation:
             self.budget.end(self, 0.0)
 
 
-_NOT_RESERVED = Reservation(None, 0.0, "")
+#: The reservation of a request made without a budget: settling or releasing it does nothing.
+NOT_RESERVED = Reservation(None, 0.0, "")
 
 
 class _BudgetWaiter:
@@ -1038,7 +1040,7 @@ class RunLimits:
         without ``max_cost``), at Batch API prices when ``batch``; raises
         :class:`BudgetExceeded` when it cannot fit."""
         if self.budget is None:
-            return _NOT_RESERVED
+            return NOT_RESERVED
         estimate = request_cost_estimate(backend, request, batch=batch)
         if estimate.dollars is None:
             raise unpriced_error(request.provider, estimate.model)

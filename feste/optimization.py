@@ -85,10 +85,9 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from dask.core import flatten
 from dask.task_spec import GraphNode, List, Task, TaskRef
 
-from feste._nodes import BackendCall, BatchCall, take_item
+from feste._nodes import BackendCall, BatchCall, flatten_keys, take_item
 from feste.backend.spec import chunk_items
 
 __all__ = [
@@ -123,7 +122,7 @@ class Optimizer:
                 raise TypeError(f"Optimizer takes Optimization instances, got {optimization!r}")
 
     def optimize(self, graph: Mapping[Any, Any], keys: Any) -> dict[Any, Any]:
-        flat_keys = list(flatten(keys)) if isinstance(keys, list) else [keys]
+        flat_keys = flatten_keys(keys, [])
         optimized = dict(graph)
         for optimization in self.optimizations:
             optimized = optimization.apply(optimized, flat_keys)
@@ -228,6 +227,9 @@ class BatchOptimization(Optimization):
         """group -> level-1 member keys in graph order; empty if nothing to fuse."""
         candidates: list[tuple[Any, Any]] = []
         group_cache: dict[Any, Any] = {}
+        # Whether each call function's method is batchable at all (most graphs hold a
+        # few functions, shared by many nodes): chat calls are skipped at once.
+        batchable: dict[int, bool] = {}
         # Only candidates that wait for other nodes need the call levels: a call with
         # no dependencies is level 1 by definition.
         any_dependent = False
@@ -236,6 +238,11 @@ class BatchOptimization(Optimization):
                 continue
             func = node.func
             if type(func) is not BackendCall or len(node.args) != 1:
+                continue
+            can_batch = batchable.get(id(func))
+            if can_batch is None:
+                can_batch = batchable[id(func)] = func.spec.batchable
+            if not can_batch:
                 continue
             group = self._group_of(func, node.kwargs, group_cache)
             if group is not None:

@@ -440,6 +440,8 @@ def _usage(body: dict[str, Any], model: str | None) -> Usage | None:
 
 def _token_count(value: Any) -> int | None:
     """A count of tokens as reported (missing: 0), or None for anything but a number."""
+    if type(value) is int:  # the usual answer, checked first
+        return value if value >= 0 else None
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, (int, float)):

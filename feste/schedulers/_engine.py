@@ -129,7 +129,13 @@ from feste._calls import (
     run_batch,
     run_call,
 )
-from feste._nodes import BackendCall, BatchCall, describe_item_failures, take_item
+from feste._nodes import (
+    BackendCall,
+    BatchCall,
+    describe_item_failures,
+    flatten_keys,
+    take_item,
+)
 from feste._progress import RunProgress
 from feste.backend.types import ItemFailure
 from feste.errors import Failure, GraphError, annotate_task_error, describe_call
@@ -275,15 +281,6 @@ def _nest(keys: Any, lookup: Callable[[Hashable], Any]) -> Any:
     for item in keys:
         nested.append(_nest(item, lookup) if isinstance(item, list) else lookup(item))
     return tuple(nested)
-
-
-def _flat_keys(keys: Any, into: list[Hashable]) -> list[Hashable]:
-    if isinstance(keys, list):
-        for item in keys:
-            _flat_keys(item, into)
-    else:
-        into.append(keys)
-    return into
 
 
 # -- the engine -----------------------------------------------------------------------
@@ -467,7 +464,7 @@ class Engine:
             graph = convert_legacy_graph(dict(graph))
         self.graph = graph
         self.keys = keys
-        self.output_list = _flat_keys(keys, [])
+        self.output_list = flatten_keys(keys, [])
         self.outputs = set(self.output_list)
         self.on_output = on_output
 
@@ -1191,21 +1188,26 @@ class Engine:
             self.running -= 1
             return None
         if isinstance(outcome, BaseException) or _has_failure(outcome):
+            settled_now = True
             self.running -= 1
             self._settle(job, outcome)
             if self._closed:
                 return None
         else:
+            settled_now = False
             self._unsettled.append((job, outcome))
             if len(self._unsettled) == 1:
                 assert self._loop is not None
                 self._loop.call_soon(self._settle_unsettled, context=self._context)
-        next_job = None
         if lane.heap and lane.has_room() and not self._pumping:
-            next_job = lane.take()
             self.running += 1
+            next_job = lane.take()
+            if not settled_now:
+                return next_job  # nothing else changed: the pump would find nothing new
+            self._pump()
+            return next_job
         self._pump()
-        return next_job
+        return None
 
     def _settle_unsettled(self) -> None:
         """Settle the successful jobs :meth:`_sent` put off (see there)."""
