@@ -86,6 +86,7 @@ __all__ = [
     "call_priority",
     "current_observer",
     "prepare_call",
+    "prepares_calls",
     "retry_waits",
     "run_batch",
     "run_call",
@@ -434,6 +435,12 @@ class PreparedCall:
         self.request = request
 
 
+def prepares_calls() -> bool:
+    """Whether :func:`prepare_call` builds requests in this context: not with a result
+    cache on, where calls are looked up before anything is built."""
+    return calls_cache() is None
+
+
 def prepare_call(
     backend: Backend, method: str, item: Any, params: Mapping[str, Any]
 ) -> PreparedCall | None:
@@ -445,7 +452,7 @@ def prepare_call(
     cache on (the call is looked up first, and a hit needs no request), or when building
     fails (the call then fails where it runs, with its own error).
     """
-    if calls_cache() is not None:
+    if not prepares_calls():
         return None
     batch, sent_params = batch_route(backend, method, params)
     try:

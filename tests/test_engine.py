@@ -319,6 +319,19 @@ def test_queued_calls_have_their_requests_built_ahead_once(llm_server_factory):
     assert server.stats()["requests"] == 64
 
 
+def test_with_a_cache_on_requests_are_built_where_calls_are_sent(llm_server_factory, tmp_path):
+    # A call is looked up before its request is built (a hit needs none): nothing is
+    # built ahead, and every request is built once, by the task that sends it.
+    server = llm_server_factory(latency=0.05)
+    llm = BuildCountingOpenAI(base_url=server.openai_base_url, api_key="k", max_concurrency=2)
+    prompts = [f"q{i}" for i in range(6)]
+    results = feste.compute([llm.chat(prompt) for prompt in prompts], cache=str(tmp_path / "c.db"))
+
+    assert results[0] == [CHAT.format(prompt) for prompt in prompts]
+    built = llm.__dict__["_test_built"]
+    assert sorted(built) == [(prompt, True) for prompt in prompts]
+
+
 @feste_task
 def not_a_prompt(number):
     return number

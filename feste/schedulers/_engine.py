@@ -125,6 +125,7 @@ from feste._calls import (
     RetryWaits,
     call_priority,
     prepare_call,
+    prepares_calls,
     retry_waits,
     run_batch,
     run_call,
@@ -510,6 +511,7 @@ class Engine:
         # Jobs whose answers are in, settled by the next _settle_unsettled (see _sent).
         self._unsettled: list[tuple[_Job, list[Any]]] = []
         self._prepare_scheduled = False
+        self._prepares_calls = False
 
         self._pool: ThreadWorkers | None = None
         self._chunks_in_flight = 0
@@ -652,6 +654,8 @@ class Engine:
         self.progress = RunProgress.start(self.nodes)
         self.events.progress = self.progress
         self._context = contextvars.copy_context()
+        # Requests are built ahead unless a result cache is on (see _prepare_lanes).
+        self._prepares_calls = self._context.run(prepares_calls)
         try:
             await self._start()
             if not self._finished.done():
@@ -1079,7 +1083,7 @@ class Engine:
     def _queue_job(self, lane: _Lane, priority: int, job: _Job) -> None:
         self._sequence += 1
         heapq.heappush(lane.heap, (-job.chain_priority, priority, self._sequence, job))
-        if len(job.items) == 1 and not job.whole:
+        if self._prepares_calls and len(job.items) == 1 and not job.whole:
             lane.to_prepare.append(job)
         else:
             job.prepared = False
