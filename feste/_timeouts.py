@@ -71,13 +71,16 @@ class Deadlines:
     """The deadlines of the guarded awaits on one event loop, checked by one timer.
 
     It refers to its loop weakly and keeps no timer handle (a handle refers to its
-    loop): a timer made stale by an earlier one still fires, and finds less to do.
+    loop): a timer made stale by an earlier one still fires, and does nothing, told by
+    its number. A timer may also fire a little early (uvloop's timers count whole
+    milliseconds): what is not due yet is then checked again.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = weakref.ref(loop)
         self.guards: set[Guard] = set()
-        self._armed_for: float | None = None  # the earliest time a timer is set for
+        self._armed_for: float | None = None  # when the live timer is set for
+        self._timer_number = 0  # the live timer's; older timers are stale
 
     def start(self, loop: asyncio.AbstractEventLoop, timeout: float) -> Guard:
         """Guard the current task's next await on ``loop`` (the running loop, whose
@@ -91,18 +94,19 @@ class Deadlines:
         self.guards.add(guard)
         armed_for = self._armed_for
         if armed_for is None or deadline < armed_for - _MIN_INTERVAL:
-            self._armed_for = deadline
-            loop.call_at(deadline, self._check)
+            self._arm(loop, deadline)
         return guard
 
-    def _check(self) -> None:
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        self._timer_number += 1
+        self._armed_for = when
+        loop.call_at(when, self._check, self._timer_number)
+
+    def _check(self, timer_number: int) -> None:
         loop = self._loop()
-        if loop is None:
-            return
+        if loop is None or timer_number != self._timer_number:
+            return  # a stale timer: an earlier one was set since
         now = loop.time()
-        armed_for = self._armed_for
-        if armed_for is not None and armed_for > now:
-            return  # a stale timer: an earlier one was set since, and is still to come
         self._armed_for = None
         earliest: float | None = None
         for guard in list(self.guards):
@@ -115,9 +119,7 @@ class Deadlines:
             elif earliest is None or guard.deadline < earliest:
                 earliest = guard.deadline
         if earliest is not None:
-            when = max(earliest, now + _MIN_INTERVAL)
-            self._armed_for = when
-            loop.call_at(when, self._check)
+            self._arm(loop, max(earliest, now + _MIN_INTERVAL))
 
 
 _tables: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = (

@@ -1,4 +1,8 @@
-"""The deadline table that times out the sender's awaits (feste._timeouts)."""
+"""The deadline table that times out the sender's awaits (feste._timeouts).
+
+Every test runs on asyncio's own loop and on uvloop's, whose timers count whole
+milliseconds and may fire a little before their time.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,34 @@ import asyncio
 import gc
 import time
 import weakref
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 
 from feste._timeouts import deadlines
+
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_factory(request: pytest.FixtureRequest) -> Callable[[], asyncio.AbstractEventLoop]:
+    """Makes new loops of the kind named by the parameter."""
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
+
+
+@pytest.fixture
+def run(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> Run:
+    """Runs a coroutine on a new loop of that kind."""
+
+    def run_on_loop(coroutine: Coroutine[Any, Any, Any]) -> Any:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(coroutine)
+
+    return run_on_loop
 
 
 async def _guarded(awaitable: Any, timeout: float) -> Any:
@@ -26,7 +53,7 @@ async def _guarded(awaitable: Any, timeout: float) -> Any:
         guard.stop()
 
 
-def test_an_await_past_its_deadline_raises_timeout_error() -> None:
+def test_an_await_past_its_deadline_raises_timeout_error(run: Run) -> None:
     async def main() -> None:
         with pytest.raises(TimeoutError):
             await _guarded(asyncio.sleep(30), 0.02)
@@ -35,20 +62,20 @@ def test_an_await_past_its_deadline_raises_timeout_error() -> None:
         assert task is not None and task.cancelling() == 0
         assert await _guarded(asyncio.sleep(0, "answer"), 5) == "answer"
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_an_await_within_its_deadline_is_never_cancelled_later() -> None:
+def test_an_await_within_its_deadline_is_never_cancelled_later(run: Run) -> None:
     async def main() -> str:
         await _guarded(asyncio.sleep(0), 0.02)
         # Past the stopped guard's deadline: nothing cancels this task.
         await asyncio.sleep(0.1)
         return "done"
 
-    assert asyncio.run(main()) == "done"
+    assert run(main()) == "done"
 
 
-def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
+def test_a_cancellation_from_elsewhere_stays_a_cancellation(run: Run) -> None:
     async def main() -> None:
         task = asyncio.create_task(_guarded(asyncio.sleep(30), 10))
         await asyncio.sleep(0.01)
@@ -56,10 +83,10 @@ def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_a_cancellation_when_the_deadline_also_passed_stays_a_cancellation() -> None:
+def test_a_cancellation_when_the_deadline_also_passed_stays_a_cancellation(run: Run) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         task = asyncio.create_task(_guarded(asyncio.sleep(30), 0.05))
@@ -73,10 +100,10 @@ def test_a_cancellation_when_the_deadline_also_passed_stays_a_cancellation() -> 
             await task
         assert guard.fired
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_an_earlier_deadline_added_later_fires_first() -> None:
+def test_an_earlier_deadline_added_later_fires_first(run: Run) -> None:
     async def main() -> None:
         slow = asyncio.create_task(_guarded(asyncio.sleep(30), 20))
         await asyncio.sleep(0)
@@ -89,10 +116,10 @@ def test_an_earlier_deadline_added_later_fires_first() -> None:
         with pytest.raises(asyncio.CancelledError):
             await slow
 
-    asyncio.run(main())
+    run(main())
 
 
-def test_many_awaits_time_out_each_at_its_deadline() -> None:
+def test_many_awaits_time_out_each_at_its_deadline(run: Run) -> None:
     async def main() -> list[str]:
         async def one(timeout: float) -> str:
             try:
@@ -106,12 +133,32 @@ def test_many_awaits_time_out_each_at_its_deadline() -> None:
         assert deadlines(loop).guards == set()
         return outcomes
 
-    outcomes = asyncio.run(main())
+    outcomes = run(main())
     assert outcomes == [f"timed out {0.01 * (i % 5 + 1)}" for i in range(50)]
 
 
-def test_a_closed_loop_is_not_kept_alive_by_its_table() -> None:
-    loop = asyncio.new_event_loop()
+def test_awaits_one_after_another_each_time_out(run: Run) -> None:
+    # Each deadline is earlier than the timer set for the one before it was, and a
+    # timer that fires a little early finds its guard not yet due: every await still
+    # times out, none runs its full 0.5 s.
+    async def main() -> list[bool]:
+        outcomes = []
+        for index in range(20):
+            try:
+                await _guarded(asyncio.sleep(0.5), 0.0123 + index * 0.0007)
+            except TimeoutError:
+                outcomes.append(True)
+            else:
+                outcomes.append(False)
+        return outcomes
+
+    assert run(main()) == [True] * 20
+
+
+def test_a_closed_loop_is_not_kept_alive_by_its_table(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    loop = loop_factory()
 
     async def main() -> None:
         with pytest.raises(TimeoutError):

@@ -1102,7 +1102,7 @@ class Engine:
         if self._closed:
             return
         give_up_at = time.perf_counter() + _PREPARE_SECONDS
-        built = 0
+        tried = 0
         for lane in self._lanes.values():
             queue = lane.to_prepare
             while queue and lane.prepared < _PREPARE_AHEAD:
@@ -1111,12 +1111,12 @@ class Engine:
                     continue  # started before its turn to be built
                 prepared = prepare_call(job.backend, job.method, job.items[0], job.params)
                 if prepared is None:
-                    job.prepared = False
-                    continue
-                job.prepared = prepared
-                lane.prepared += 1
-                built += 1
-                if built % 16 == 0 and time.perf_counter() > give_up_at:
+                    job.prepared = False  # built where it is sent, and fails there
+                else:
+                    job.prepared = prepared
+                    lane.prepared += 1
+                tried += 1
+                if tried % 16 == 0 and time.perf_counter() > give_up_at:
                     self._prepare_scheduled = True
                     assert self._loop is not None
                     self._loop.call_soon(self._prepare_lanes, context=self._context)
