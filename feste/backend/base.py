@@ -235,7 +235,9 @@ class Backend(abc.ABC):
         return cached
 
     def __setattr__(self, name: str, value: Any) -> None:
+        # What is worked out once from the settings is worked out again after a change.
         self.__dict__.pop("_identity", None)
+        self.__dict__.pop("_default_params", None)
         super().__setattr__(name, value)
 
     def _token_state(self) -> Any:
@@ -443,7 +445,7 @@ class Backend(abc.ABC):
         """
         if typed is None and not keywords:
             # Most calls pass no parameters: theirs are the defaults, merged once per
-            # method (a backend's defaults never change) and copied for each node.
+            # method (until an attribute is set: __setattr__) and copied for each node.
             merged_once = self.__dict__.get("_default_params")
             if merged_once is None:
                 merged_once = self.__dict__["_default_params"] = {}

@@ -59,6 +59,7 @@ from dask._task_spec import DataNode, GraphNode, Task, TaskRef, convert_legacy_g
 from feste import context
 from feste._calls import CachedCalls, RequestReport, RunObserver, current_observer
 from feste._loop import run_sync
+from feste._nodes import flatten_keys
 from feste._progress import RunProgress
 from feste.backend.types import Request, Usage
 from feste.errors import CancelledError, Failure, SchedulerError
@@ -449,15 +450,6 @@ def _nest(keys: Any, lookup: Any) -> Any:
     return lookup(keys)
 
 
-def _flat(keys: Any, into: list[Hashable]) -> list[Hashable]:
-    if isinstance(keys, list):
-        for item in keys:
-            _flat(item, into)
-    else:
-        into.append(keys)
-    return into
-
-
 class ClusterScheduler:
     """``get(graph, keys, **options)`` on a ``distributed.Client`` (see the module
     docstring). Keywords are feste options for this computation; anything else is
@@ -480,7 +472,7 @@ class ClusterScheduler:
             return 1
 
     async def _run(self, graph: Mapping[Hashable, Any], keys: Any) -> Any:
-        outputs = _flat(keys, [])
+        outputs = flatten_keys(keys, [])
         run_id = uuid.uuid4().hex[:16]
         if not all(isinstance(node, GraphNode) for node in graph.values()):
             graph = convert_legacy_graph(dict(graph))
